@@ -1,0 +1,346 @@
+"""Typed run configuration: dataclasses with a docstring per field, YAML presets, CLI overrides.
+
+Precedence is CLI > file > defaults (torchtitan's rule). Overrides are `section.field=value` with the value
+parsed as YAML (so `teacher.lr=1e-5`, `distill.strategies=[1,2]`, `eval.steps=[0,10,20]` all work).
+Everything is validated up front, before any compute: unknown keys, wrong types, impossible combinations
+(strategy 2 without an unlearned checkpoint, unknown loss names, ...) raise `ConfigError` naming the field.
+The resolved config is written to `<run_dir>/config.yaml` so a run can be reproduced or resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or inconsistent; the message names the field."""
+
+
+TEACHER_LOSSES = ("grpo", "ppo", "sapo", "cispo", "ce", "mse", "sft")
+ONPOLICY_LOSSES = ("grpo", "sapo", "ppo", "cispo")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+@dataclass
+class ModelConfig:
+    base: str = "toy"
+    """HF checkpoint directory of the base policy, or "toy" for the locally warmed-up tiny Qwen3 model."""
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    dp: int = 1
+    """Data-parallel size (world size = tp * pp * dp)."""
+    micro_batch_size: int = 64
+    """Sequences per micro-batch in Megatron forward/backward (gradient accumulation fills a mini-batch)."""
+    fp8: bool = False
+    """Transformer Engine FP8 (hybrid recipe) on GPU; refused on CPU."""
+
+
+@dataclass
+class DataConfig:
+    train: str = "toy"
+    """Prompt dataset (JSONL or Parquet with `problem`, `answer`, optional `id`), or "toy"."""
+    eval: str = "toy"
+    """Held-out benchmark file (same format), or "toy"."""
+    prompts_per_batch: int = 128
+    """Prompts in one fixed rollout batch (stage 1 / 2 operate on it)."""
+    eval_prompts: int = 256
+    """How many eval problems to use (the first N of the file)."""
+    instruction: str = ""
+    """Text appended to each problem before the chat template (e.g. a \\boxed{} instruction)."""
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "local"
+    """"local" (in-process transformers engine, CPU default) or "sglang"."""
+    n_samples: int = 8
+    """Samples per prompt."""
+    temperature: float = 1.0
+    """Sampling temperature; trainer log-probs use the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling (behaviour log-probs are of the unfiltered tempered distribution)."""
+    max_new_tokens: int = 40
+    """Response length cap."""
+    sglang_urls: list[str] = field(default_factory=list)
+    """Attach to running SGLang servers (engine=sglang); empty = launch one per node."""
+    reward_mode: str = "strict"
+    """math-verify mode: "strict" (last \\boxed{} only) or "loose"."""
+
+
+@dataclass
+class TeacherConfig:
+    loss: str = "ce"
+    """Stage-1 loss: grpo | ppo | sapo | cispo | ce | mse | sft (SFT on positives, the Tab. 9 recovery)."""
+    steps: int = 60
+    """Optimizer steps over the fixed batch (mini-batches cycle through it, epochs as needed)."""
+    mini_batch_size: int = 256
+    """Sequences per optimizer step."""
+    lr: float = 1e-4
+    """Adam learning rate."""
+    warmup_steps: int = 0
+    """Linear LR warm-up steps."""
+    beta: float = 0.05
+    """CE / MSE scale on the summed log-ratio (paper: 0.001-0.05)."""
+    agg: str = "seq-mean-token-sum"
+    """Loss aggregation (token-mean | seq-mean-token-mean | seq-mean-token-sum)."""
+    ce_reduce: str = "sum"
+    """CE: aggregate the log-ratio over tokens by "sum" (paper eq. 3) or "mean"."""
+    eps_low: float = 0.2
+    """PPO/GRPO lower clip."""
+    eps_high: float = 0.28
+    """PPO/GRPO upper clip."""
+    tau_pos: float = 1.0
+    """SAPO gate temperature for A > 0."""
+    tau_neg: float = 1.05
+    """SAPO gate temperature for A < 0."""
+    kl_coef: float = 0.0
+    """Optional KL(pi || pi_old) loss weight in stage 1."""
+    save_every: int = 10
+    """Checkpoint (and keep) every k steps; early ones are the unlearned policies for strategy 2."""
+    negative_weight: float = 1.0
+    """Weight of negative samples (unlearning strength, paper Tab. 9)."""
+    init: str = "base"
+    """Start from "base" or from another teacher's checkpoint, "<teacher_name>@<step>" (recovery teachers)."""
+    early_stop_patience: int = 0
+    """Stop when validation accuracy has not improved for this many evaluations (0 = off)."""
+
+
+@dataclass
+class DistillConfig:
+    strategies: list[int] = field(default_factory=lambda: [1])
+    """Signals: 1 = log pi_T - log pi_old, 2 = log pi_T - log pi_U, 3 = log pi_cur - log pi_weak."""
+    ensemble: str = "sum"
+    """How several strategies combine: "sum" of whitened signals or "sequential" (steps split evenly)."""
+    teacher: str = "ce"
+    """Name of the stage-1 teacher run (a key of `teachers`) whose last checkpoint is pi_T."""
+    teacher_step: int = -1
+    """Teacher checkpoint step (-1 = last)."""
+    unlearned_step: int = 10
+    """Strategy 2: step of the teacher's early checkpoint used as pi_U."""
+    weak: str = ""
+    """Strategy 3: checkpoint directory of the weaker earlier policy."""
+    sign_mask: str = "none"
+    """Keep only "pos" / "neg" signal parts on positive samples (paper Tab. 12), or "none"."""
+    steps: int = 20
+    """Distillation optimizer steps."""
+    mini_batch_size: int = 256
+    """Sequences per step."""
+    lr: float = 3e-5
+    """Adam learning rate."""
+    eps_low: float = 0.2
+    """PPO clip (lower)."""
+    eps_high: float = 0.28
+    """PPO clip (upper)."""
+    kl_coef: float = 0.0
+    """KL(pi || pi_old) loss weight (paper Tab. 5: 0.05-0.2)."""
+    kl_estimator: str = "k3"
+    """k1 | k2 | k3."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight (paper Tab. 6b uses 0.5)."""
+    signal_clip: float = 0.0
+    """Clip whitened signals to [-c, c] (0 = off)."""
+
+
+@dataclass
+class OnPolicyConfig:
+    loss: str = "grpo"
+    """On-policy baseline loss: grpo | sapo | ppo | cispo."""
+    steps: int = 8
+    """Rollout -> one update iterations; the rollout budget is steps * prompts_per_step * n_samples."""
+    prompts_per_step: int = 16
+    """Prompts per on-policy step."""
+    lr: float = 3e-5
+    """Adam learning rate."""
+
+
+@dataclass
+class EvalConfig:
+    k: int = 4
+    """Samples per problem for AVG@K / pass@K."""
+    temperature: float = 1.0
+    """Eval sampling temperature."""
+    top_p: float = 1.0
+    """Eval nucleus sampling."""
+    every: int = 10
+    """Evaluate every k optimizer steps in teacher / distill / on-policy runs (0 = only at the end)."""
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/erpd"
+    """Everything a run writes: config, rollouts, checkpoints, signals, metrics, eval, report."""
+    seed: int = 1234
+    """Global seed (sampling, init, data order)."""
+    iterations: int = 1
+    """ERPD batches (the student becomes the next base)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    teachers: dict[str, TeacherConfig] = field(default_factory=lambda: {"ce": TeacherConfig()})
+    """Named stage-1 runs over the same fixed batch (e.g. {"ce": ..., "mse": ...})."""
+    students: dict[str, DistillConfig] = field(default_factory=lambda: {"s1_ce": DistillConfig()})
+    """Named stage-2 distillations (each from the base policy)."""
+    onpolicy: OnPolicyConfig | None = None
+    """On-policy baseline with the same rollout budget (None = skip)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- (de)serialisation
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def _coerce(tp, value, where: str):
+    """Turn a YAML value into `tp`, raising ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of name -> settings")
+        return {str(k): _coerce(vt, v or {}, f"{where}.{k}") for k, v in value.items()}
+    if origin is list:
+        (et,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(et, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, where: str = "config"):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_path(d: dict, path: list[str], value):
+    for key in path[:-1]:
+        d = d.setdefault(key, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {key} is not a section")
+    d[path[-1]] = value
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    """defaults <- base dict (e.g. a recipe) <- YAML file <- `a.b=value` overrides; then validate."""
+    data: dict = {}
+    if base:
+        data = _deep_merge(data, base)
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+        data = _deep_merge(data, loaded)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. teacher.lr=1e-5)")
+        key, raw = item.split("=", 1)
+        _set_path(data, key.strip().split("."), yaml.safe_load(raw))
+    cfg = from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    from erpd_megatron.utils.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate(cfg: RunConfig) -> None:
+    """All checks that can run before any compute."""
+    m = cfg.model
+    for name in ("tp", "pp", "dp", "micro_batch_size"):
+        if getattr(m, name) < 1:
+            raise ConfigError(f"model.{name} must be >= 1, got {getattr(m, name)}")
+    if cfg.rollout.engine not in ("local", "sglang"):
+        raise ConfigError(f"rollout.engine must be 'local' or 'sglang', got {cfg.rollout.engine!r}")
+    if cfg.rollout.reward_mode not in ("strict", "loose"):
+        raise ConfigError(f"rollout.reward_mode must be 'strict' or 'loose', got {cfg.rollout.reward_mode!r}")
+    if cfg.rollout.n_samples < 1 or cfg.rollout.temperature <= 0:
+        raise ConfigError("rollout.n_samples must be >= 1 and rollout.temperature > 0")
+    for name, t in cfg.teachers.items():
+        where = f"teachers.{name}"
+        if t.loss not in TEACHER_LOSSES:
+            raise ConfigError(f"{where}.loss: unknown loss {t.loss!r}; valid: {list(TEACHER_LOSSES)}")
+        if t.agg not in AGG_MODES:
+            raise ConfigError(f"{where}.agg: unknown aggregation {t.agg!r}; valid: {list(AGG_MODES)}")
+        if t.ce_reduce not in ("sum", "mean"):
+            raise ConfigError(f"{where}.ce_reduce must be 'sum' or 'mean'")
+        if t.steps < 0 or t.save_every < 1 or t.mini_batch_size < 1:
+            raise ConfigError(f"{where}: steps >= 0, save_every >= 1, mini_batch_size >= 1 required")
+        if t.init != "base":
+            src, _, step = t.init.partition("@")
+            if src not in cfg.teachers or src == name or not step.lstrip("-").isdigit():
+                raise ConfigError(f"{where}.init: expected 'base' or '<other teacher>@<step>', got {t.init!r}")
+    for name, s in cfg.students.items():
+        where = f"students.{name}"
+        bad = [x for x in s.strategies if x not in (1, 2, 3)]
+        if not s.strategies or bad:
+            raise ConfigError(f"{where}.strategies: expected a non-empty list from [1, 2, 3], got {s.strategies}")
+        if s.ensemble not in ("sum", "sequential"):
+            raise ConfigError(f"{where}.ensemble must be 'sum' or 'sequential'")
+        if s.sign_mask not in ("none", "pos", "neg"):
+            raise ConfigError(f"{where}.sign_mask must be none | pos | neg")
+        if s.kl_estimator not in ("k1", "k2", "k3"):
+            raise ConfigError(f"{where}.kl_estimator must be k1 | k2 | k3")
+        if (1 in s.strategies or 2 in s.strategies) and s.teacher not in cfg.teachers:
+            raise ConfigError(f"{where}.teacher: {s.teacher!r} is not a configured teacher {sorted(cfg.teachers)}")
+        if 2 in s.strategies:
+            t = cfg.teachers[s.teacher]
+            if s.unlearned_step <= 0 or s.unlearned_step % t.save_every or s.unlearned_step > t.steps:
+                raise ConfigError(
+                    f"{where}: strategy 2 needs an unlearned checkpoint, but unlearned_step={s.unlearned_step} is not "
+                    f"a saved step of teacher {s.teacher!r} (saves every {t.save_every} up to {t.steps})"
+                )
+        if 3 in s.strategies and not s.weak:
+            raise ConfigError(f"{where}: strategy 3 needs `weak` (a checkpoint of a weaker earlier policy)")
+    if cfg.onpolicy is not None and cfg.onpolicy.loss not in ONPOLICY_LOSSES:
+        raise ConfigError(f"onpolicy.loss: unknown loss {cfg.onpolicy.loss!r}; valid: {list(ONPOLICY_LOSSES)}")
