@@ -1,0 +1,387 @@
+"""Losses against float64 re-implementations written as explicit per-token Python loops, hand-derived
+values and closed-form gradients (PPO clip, SAPO gate 4p(1-p), CE/MSE)."""
+
+import math
+
+import pytest
+import torch
+
+from erpd_megatron.algorithms import losses as L
+
+torch.set_num_threads(1)
+AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+
+
+def make_batch(seed=0, B=5, T=12, spread=0.5, nan_pad=True):
+    """Right-padded batch whose responses start at different offsets; NaN in the padding on purpose."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(B, T)
+    starts, lens = [1, 3, 2, 5, 4][:B], [6, 9, 3, 7, 0][:B]  # last row: empty response
+    for b in range(B):
+        mask[b, starts[b] : starts[b] + lens[b]] = 1
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    lp = old + (torch.rand(B, T, generator=g, dtype=torch.float64) * 2 - 1) * spread
+    adv = torch.randn(B, T, generator=g, dtype=torch.float64)
+    if nan_pad:
+        lp = torch.where(mask.bool(), lp, torch.nan)
+        old = torch.where(mask.bool(), old, torch.inf)
+    return lp.requires_grad_(), old, adv, mask
+
+
+def rows(mask):
+    """[(b, [t, ...])] response positions per row, as plain Python."""
+    return [(b, [t for t in range(mask.shape[1]) if mask[b, t] > 0]) for b in range(mask.shape[0])]
+
+
+def ref_aggregate(per_tok, mask, agg):
+    """per_tok: dict (b, t) -> float."""
+    rs = [(b, ts) for b, ts in rows(mask) if ts]
+    if not rs:
+        return 0.0
+    if agg == "token-mean":
+        vals = [per_tok[b, t] for b, ts in rs for t in ts]
+        return sum(vals) / len(vals)
+    seqs = [sum(per_tok[b, t] for t in ts) / (len(ts) if agg == "seq-mean-token-mean" else 1) for b, ts in rs]
+    return sum(seqs) / len(seqs)
+
+
+def ref_ppo(lp, old, adv, mask, el, eh, agg, dual=None):
+    per = {}
+    for b, ts in rows(mask):
+        for t in ts:
+            r = math.exp(float(lp[b, t]) - float(old[b, t]))
+            a = float(adv[b, t])
+            val = max(-r * a, -min(max(r, 1 - el), 1 + eh) * a)
+            if dual is not None and a < 0:
+                val = min(val, -dual * a)
+            per[b, t] = val
+    return ref_aggregate(per, mask, agg)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("dual", [None, 1.5])
+def test_grpo_matches_loop_reference(agg, dual):
+    lp, old, adv, mask = make_batch(spread=0.6)
+    loss, met = L.grpo_loss(lp, old, adv, mask, agg=agg, dual_clip=dual)
+    assert loss.item() == pytest.approx(ref_ppo(lp.detach(), old, adv, mask, 0.2, 0.28, agg, dual), abs=1e-12)
+    # the data really exercises both clip sides (otherwise this test could not fail on them)
+    assert met["grpo/clip_frac_low"] > 0 and met["grpo/clip_frac_high"] > 0
+    assert met["grpo/clip_frac"] == pytest.approx(met["grpo/clip_frac_low"] + met["grpo/clip_frac_high"])
+    assert all(isinstance(v, float) and k.startswith("grpo/") for k, v in met.items())
+    loss.backward()
+    assert torch.isfinite(lp.grad).all() and (lp.grad[mask == 0] == 0).all()
+
+
+def test_grpo_advantage_per_sequence_broadcast():
+    lp, old, _, mask = make_batch()
+    adv_seq = torch.tensor([1.0, -0.5, 2.0, -1.0, 0.3], dtype=torch.float64)
+    a, _ = L.grpo_loss(lp, old, adv_seq, mask)
+    b, _ = L.grpo_loss(lp, old, adv_seq[:, None].expand(-1, mask.shape[1]), mask)
+    assert a.item() == b.item()
+
+
+def test_ppo_clip_gradient_closed_form():
+    """Gradient w.r.t. lp is -A r / N inside the region (or on the pessimistic side) and exactly 0 when clipped."""
+    el, eh = 0.2, 0.28
+    # (ratio, advantage, clipped?)
+    cases = [(1.5, 1.0, True), (1.1, 1.0, False), (0.5, 1.0, False), (0.5, -1.0, True), (0.9, -2.0, False), (1.6, -1.0, False)]
+    r = torch.tensor([[c[0] for c in cases]], dtype=torch.float64)
+    adv = torch.tensor([[c[1] for c in cases]], dtype=torch.float64)
+    old = torch.full_like(r, -1.0)
+    lp = (old + torch.log(r)).requires_grad_()
+    mask = torch.ones_like(r)
+    loss, met = L.grpo_loss(lp, old, adv, mask, eps_low=el, eps_high=eh)
+    loss.backward()
+    n = len(cases)
+    for i, (ri, ai, clipped) in enumerate(cases):
+        expect = 0.0 if clipped else -ai * ri / n
+        assert lp.grad[0, i].item() == pytest.approx(expect, abs=1e-12), cases[i]
+    assert met["grpo/clip_frac_high"] == pytest.approx(1 / n)
+    assert met["grpo/clip_frac_low"] == pytest.approx(1 / n)
+
+
+def test_dual_clip_caps_negative_advantage():
+    r = torch.tensor([[5.0, 2.0]], dtype=torch.float64)
+    adv = torch.tensor([[-1.0, -1.0]], dtype=torch.float64)
+    old = torch.zeros_like(r)
+    lp = torch.log(r).requires_grad_()
+    loss, met = L.grpo_loss(lp, old, adv, torch.ones_like(r), dual_clip=3.0)
+    loss.backward()
+    # token 0: max(5, 1.28) = 5 capped to 3 (grad 0); token 1: max(2, 1.28) = 2 < 3, grad -A r / 2 = 1
+    assert loss.item() == pytest.approx((3.0 + 2.0) / 2)
+    assert lp.grad[0, 0].item() == 0.0 and lp.grad[0, 1].item() == pytest.approx(1.0)
+    assert met["grpo/dual_clip_frac"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="dual_clip"):
+        L.grpo_loss(lp, old, adv, torch.ones_like(r), dual_clip=0.9)
+
+
+def ref_sapo(lp, old, adv, mask, tp, tn, agg):
+    per = {}
+    for b, ts in rows(mask):
+        for t in ts:
+            r = math.exp(float(lp[b, t]) - float(old[b, t]))
+            a = float(adv[b, t])
+            tau = tp if a > 0 else tn
+            per[b, t] = -(1 / (1 + math.exp(-tau * (r - 1)))) * 4 / tau * a
+    return ref_aggregate(per, mask, agg)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_sapo_matches_loop_reference(agg):
+    lp, old, adv, mask = make_batch(seed=1, spread=1.0)
+    loss, met = L.sapo_loss(lp, old, adv, mask, agg=agg)
+    assert loss.item() == pytest.approx(ref_sapo(lp.detach(), old, adv, mask, 1.0, 1.05, agg), abs=1e-12)
+    assert 0 < met["sapo/grad_weight_mean"] < 1
+
+
+def test_sapo_default_agg_is_seq_mean_token_mean():
+    lp, old, adv, mask = make_batch(seed=2)
+    assert L.sapo_loss(lp, old, adv, mask)[0].item() == pytest.approx(
+        ref_sapo(lp.detach(), old, adv, mask, 1.0, 1.05, "seq-mean-token-mean"), abs=1e-12
+    )
+
+
+def test_sapo_gate_gradient_is_4p_1_minus_p():
+    """d f / d r = 4 p (1 - p), p = sigmoid(tau (r - 1)), with tau_pos for A > 0 and tau_neg for A < 0."""
+    r = torch.tensor([[0.3], [0.9], [1.0], [1.2], [2.5], [0.7], [1.0], [3.0]], dtype=torch.float64, requires_grad=True)
+    adv = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0], dtype=torch.float64)
+    tp, tn = 1.0, 1.05
+    loss, _ = L.sapo_loss(torch.log(r), torch.zeros_like(r), adv, torch.ones_like(r), tau_pos=tp, tau_neg=tn)
+    loss.backward()
+    n = r.shape[0]
+    for i in range(n):
+        tau = tp if adv[i] > 0 else tn
+        p = 1 / (1 + math.exp(-tau * (r[i, 0].item() - 1)))
+        # loss = -(1/n) sum f(r_i) A_i  =>  dloss/dr_i = -A_i f'(r_i) / n
+        assert r.grad[i, 0].item() == pytest.approx(-adv[i].item() * 4 * p * (1 - p) / n, rel=1e-12)
+    # at r = 1 the gate's slope is exactly 1: SAPO equals the on-policy gradient there
+    assert r.grad[2, 0].item() == pytest.approx(-1.0 / n)
+
+
+def ref_cispo_grad(lp, old, adv, mask, eh):
+    """dL/dlp for token-mean CISPO: -min(r, 1+eh) A / N."""
+    n = int(mask.sum())
+    g = torch.zeros_like(lp)
+    for b, ts in rows(mask):
+        for t in ts:
+            r = math.exp(float(lp[b, t]) - float(old[b, t]))
+            g[b, t] = -min(r, 1 + eh) * float(adv[b, t]) / n
+    return g
+
+
+def test_cispo_keeps_gradient_on_clipped_tokens():
+    lp, old, adv, mask = make_batch(seed=3, spread=0.8)
+    loss, met = L.cispo_loss(lp, old, adv, mask)
+    loss.backward()
+    assert torch.allclose(lp.grad, ref_cispo_grad(lp.detach(), old, adv, mask, 0.28), atol=1e-12)
+    assert met["cispo/clip_frac_high"] > 0
+    high = (torch.exp(lp.detach() - old) > 1.28) & mask.bool()
+    assert (lp.grad[high] != 0).all()  # PPO would zero these for A > 0
+
+
+def test_ppo_value_loss_reference_and_gradient():
+    values = torch.tensor([[0.0, 0.5, 1.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    old_v = torch.tensor([[0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    ret = torch.tensor([[1.0, 1.0, -1.0, 3.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    loss, met = L.ppo_value_loss(values, old_v, ret, mask, clip_range=0.2)
+    # by hand: token0 max(1, 1)=1; token1 max(.25, .64)=.64 (clipped, grad 0); token2 max(4, 1.44)=4;
+    # token3 max(1, 7.84)=7.84 (clipped, grad 0)
+    assert loss.item() == pytest.approx(0.5 * (1 + 0.64 + 4 + 7.84) / 4)
+    loss.backward()
+    expect = [0.5 * 2 * (0 - 1) / 4, 0.0, 0.5 * 2 * (1 - (-1)) / 4, 0.0]
+    assert values.grad[0].tolist() == pytest.approx(expect)
+    assert met["value/clip_frac"] == pytest.approx(0.5)
+
+
+def ref_ce_mse(lp, ref, rewards, mask, beta, agg, kind):
+    out = []
+    for b, ts in rows(mask):
+        if not ts:
+            continue
+        s = sum(float(lp[b, t]) - float(ref[b, t]) for t in ts)
+        s = beta * (s / len(ts) if agg == "mean" else s)
+        y = float(rewards[b])
+        if kind == "ce":
+            sig = 1 / (1 + math.exp(-s))
+            out.append(-(y * math.log(sig) + (1 - y) * math.log(1 - sig)))
+        else:
+            out.append((s - y) ** 2)
+    return sum(out) / len(out)
+
+
+@pytest.mark.parametrize("agg", ["sum", "mean"])
+@pytest.mark.parametrize("kind", ["ce", "mse"])
+def test_ce_mse_match_reference_and_gradient(agg, kind):
+    lp, ref, _, mask = make_batch(seed=4, spread=2.0)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    beta = 0.3
+    fn = L.ce_loss if kind == "ce" else L.mse_loss
+    loss, met = fn(lp, ref, rewards, mask, beta=beta, agg=agg)
+    assert loss.item() == pytest.approx(ref_ce_mse(lp.detach(), ref, rewards, mask, beta, agg, kind), abs=1e-12)
+    loss.backward()
+    # closed form: dL/dlp_t = c * (dL/ds) * ds/dlp_t, with 4 non-empty sequences
+    for b, ts in rows(mask):
+        if not ts:
+            continue
+        diff = sum(float(lp[b, t].detach()) - float(ref[b, t]) for t in ts)
+        k = beta / len(ts) if agg == "mean" else beta
+        s = k * diff
+        dl_ds = (1 / (1 + math.exp(-s)) - rewards[b].item()) if kind == "ce" else 2 * (s - rewards[b].item())
+        for t in ts:
+            assert lp.grad[b, t].item() == pytest.approx(dl_ds * k / 4, abs=1e-12)
+    assert f"{kind}/loss" in met
+
+
+def test_ce_defaults_and_label_check():
+    lp, ref, _, mask = make_batch(seed=5)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    loss, _ = L.ce_loss(lp, ref, rewards, mask)  # defaults beta 0.05, sum
+    assert loss.item() == pytest.approx(ref_ce_mse(lp.detach(), ref, rewards, mask, 0.05, "sum", "ce"), abs=1e-12)
+    with pytest.raises(ValueError, match="binary labels"):
+        L.ce_loss(lp, ref, rewards * 2 - 1, mask)
+    with pytest.raises(ValueError, match="rewards has shape"):
+        L.ce_loss(lp, ref, rewards[:3], mask)
+    with pytest.raises(ValueError, match="'sum' or 'mean'"):
+        L.mse_loss(lp, ref, rewards, mask, agg="token-mean")
+
+
+def test_kl_penalty_hand_values():
+    lp = torch.tensor([[math.log(0.5), math.log(0.2), 0.0]], dtype=torch.float64)
+    ref = torch.tensor([[math.log(0.25), math.log(0.2), -40.0]], dtype=torch.float64)
+    d = math.log(2.0)
+    k1 = L.kl_penalty(lp, ref, "k1", clamp=None)
+    k2 = L.kl_penalty(lp, ref, "k2", clamp=None)
+    k3 = L.kl_penalty(lp, ref, "k3", clamp=None)
+    assert k1[0, :2].tolist() == pytest.approx([d, 0.0])
+    assert k2[0, :2].tolist() == pytest.approx([d * d / 2, 0.0])
+    assert k3[0, :2].tolist() == pytest.approx([0.5 + d - 1, 0.0])  # exp(-d) + d - 1
+    assert L.kl_penalty(lp, ref, "k1")[0, 2].item() == 10.0  # d = 40 clamped to 10
+    assert L.kl_penalty(lp, ref, "k3", clamp=5.0)[0, 2].item() == 5.0
+    assert L.kl_penalty(ref, lp, "k3", clamp=None)[0, 2].item() == pytest.approx(math.expm1(20) - 20)  # exp arg clamped
+    with pytest.raises(ValueError, match="estimator"):
+        L.kl_penalty(lp, ref, "k4")
+
+
+def test_entropy_from_logits_reference():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 7, generator=g, dtype=torch.float64) * 3
+    for temp in (1.0, 0.6):
+        h = L.entropy_from_logits(logits, temperature=temp)
+        for i in range(2):
+            for j in range(3):
+                z = [x / temp for x in logits[i, j].tolist()]
+                zmax = max(z)
+                e = [math.exp(x - zmax) for x in z]
+                p = [x / sum(e) for x in e]
+                assert h[i, j].item() == pytest.approx(-sum(q * math.log(q) for q in p), abs=1e-12)
+    assert L.entropy_from_logits(torch.zeros(1, 1, 512)).item() == pytest.approx(math.log(512), rel=1e-6)
+    # large logits stay finite (no exp overflow)
+    assert torch.isfinite(L.entropy_from_logits(torch.tensor([[1e4, 0.0, -1e4]]))).all()
+
+
+def test_distill_loss_terms():
+    lp, old, adv, mask = make_batch(seed=6, spread=0.6)
+    ref = old - 0.1
+    ent = torch.rand(mask.shape, dtype=torch.float64)
+    loss, met = L.distill_loss(
+        lp, old, adv, mask, kl_coef=0.1, kl_estimator="k2", ref_logprobs=ref, entropy=ent, entropy_coef=0.5
+    )
+    pg = ref_ppo(lp.detach(), old, adv, mask, 0.2, 0.28, "token-mean")
+    toks = [(b, t) for b, ts in rows(mask) for t in ts]
+    kl = sum(0.5 * (float(lp[b, t]) - float(ref[b, t])) ** 2 for b, t in toks) / len(toks)
+    h = sum(float(ent[b, t]) for b, t in toks) / len(toks)
+    assert loss.item() == pytest.approx(pg + 0.1 * kl - 0.5 * h, abs=1e-12)
+    assert met["distill/pg_loss"] == pytest.approx(pg) and met["distill/entropy"] == pytest.approx(h)
+    # without extras it is exactly the clipped surrogate, KL defaults to the trust region around pi_old
+    plain, _ = L.distill_loss(lp, old, adv, mask)
+    assert plain.item() == pytest.approx(pg, abs=1e-12)
+    kl_old, m2 = L.distill_loss(lp, old, adv, mask, kl_coef=1.0)
+    k3 = sum(math.expm1(float(old[b, t] - lp[b, t])) - float(old[b, t] - lp[b, t]) for b, t in toks) / len(toks)
+    assert m2["distill/kl_loss"] == pytest.approx(k3, abs=1e-12)
+    with pytest.raises(ValueError, match="entropy"):
+        L.distill_loss(lp, old, adv, mask, entropy_coef=0.1)
+
+
+POLICY = ["grpo", "ppo", "sapo", "cispo", "distill"]
+
+
+@pytest.mark.parametrize("name", POLICY + ["ce", "mse"])
+@pytest.mark.parametrize("agg", AGGS)
+def test_empty_mask_gives_zero_loss_with_grad(name, agg):
+    lp, old, adv, mask = make_batch()
+    mask = torch.zeros_like(mask)
+    fn = L.get_loss(name)
+    if name in L.SEQUENCE_REWARD_LOSSES:
+        loss, met = fn(lp, old, torch.ones(5, dtype=torch.float64), mask)
+    else:
+        loss, met = fn(lp, old, adv, mask, agg=agg)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert (lp.grad == 0).all()
+    assert all(math.isfinite(v) for v in met.values())
+
+
+def test_masked_out_nan_does_not_leak():
+    """NaN/inf outside the response mask must affect neither the loss nor its gradient."""
+    lp, old, adv, mask = make_batch(nan_pad=True)
+    lp2 = torch.where(mask.bool(), lp.detach(), 0.0).requires_grad_()
+    old2 = torch.where(mask.bool(), old, 0.0)
+    for name in POLICY:
+        a, _ = L.get_loss(name)(lp, old, adv, mask)
+        b, _ = L.get_loss(name)(lp2, old2, adv, mask)
+        assert a.item() == pytest.approx(b.item(), abs=1e-12)
+    a.backward()
+    assert torch.isfinite(lp.grad).all()
+
+
+def test_bad_inputs_name_the_argument():
+    lp, old, adv, mask = make_batch(nan_pad=False)
+    bad = lp.detach().clone()
+    idx = mask.nonzero()[:3]
+    bad[idx[:, 0], idx[:, 1]] = torch.nan
+    with pytest.raises(ValueError, match="logprobs contains NaN at 3 response positions"):
+        L.grpo_loss(bad, old, adv, mask)
+    bad_old = old.clone()
+    bad_old[idx[0, 0], idx[0, 1]] = -torch.inf
+    with pytest.raises(ValueError, match="old_logprobs contains inf at 1"):
+        L.sapo_loss(lp, bad_old, adv, mask)
+    with pytest.raises(ValueError, match=r"old_logprobs has shape \(5, 11\)"):
+        L.grpo_loss(lp, old[:, :-1], adv, mask)
+    with pytest.raises(ValueError, match="advantages has shape"):
+        L.grpo_loss(lp, old, adv[:, :3], mask)
+    with pytest.raises(ValueError, match="mask has shape"):
+        L.cispo_loss(lp, old, adv, mask[:4])
+    with pytest.raises(ValueError, match="0/1"):
+        L.grpo_loss(lp, old, adv, mask * 0.5)
+    bad_adv = adv.clone()
+    bad_adv[idx[0, 0], idx[0, 1]] = torch.nan
+    with pytest.raises(ValueError, match="advantages contains NaN"):
+        L.distill_loss(lp, old, bad_adv, mask)
+    with pytest.raises(ValueError, match="agg must be one of"):
+        L.grpo_loss(lp, old, adv, mask, agg="mean")
+    with pytest.raises(ValueError, match="ref_logprobs contains NaN"):
+        L.ce_loss(lp, torch.where(mask.bool(), torch.nan, old), torch.ones(5), mask)
+
+
+def test_registry():
+    assert set(L.LOSSES) == {"grpo", "ppo", "sapo", "cispo", "ce", "mse", "distill"}
+    with pytest.raises(ValueError, match="valid names: ce, cispo, distill, grpo, mse, ppo, sapo"):
+        L.get_loss("dpo")
+    lp, old, adv, mask = make_batch()
+    _, met = L.get_loss("ppo")(lp, old, adv, mask)
+    assert "ppo/clip_frac" in met
+
+
+def test_aggregate_hand_values():
+    x = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0], [9.0, 9.0, 9.0, 9.0]])
+    m = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    assert L.aggregate(x, m, "token-mean").item() == pytest.approx(10 / 4)
+    assert L.aggregate(x, m, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
+    assert L.aggregate(x, m, "seq-mean-token-sum").item() == pytest.approx((6 + 4) / 2)
+
+
+def test_bf16_inputs_compute_in_float32():
+    lp, old, adv, mask = make_batch(nan_pad=False)
+    loss, _ = L.grpo_loss(lp.detach().bfloat16(), old.bfloat16(), adv.bfloat16(), mask)
+    assert loss.dtype == torch.float32
