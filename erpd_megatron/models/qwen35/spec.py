@@ -1,0 +1,119 @@
+"""Block spec of the Qwen3.5 hybrid text model for megatron-core's GPTModel (local, portable modules).
+
+`qwen35_block_spec(transformer_config, model_cfg, vp_stage=None)` returns a TransformerBlockSubmodules whose
+`layer_specs` are the layers of THIS pipeline stage (following `layer_types`) and whose `layer_norm` is the
+zero-centred final norm. Full-attention layers are megatron's SelfAttention with the output gate
+(`transformer_config.attention_output_gate=True`, qkv rows per query group [q, gate, k, v]), zero-centred
+q/k norms; partial rotary (0.25) comes from GPTModel's `rotary_percent`. Linear layers are gdn.GatedDeltaNet.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from .gdn import GatedDeltaNet
+from .norms import ZeroCenteredRMSNorm
+
+
+@dataclass(frozen=True)
+class Qwen35Dims:
+    layer_types: tuple[str, ...]
+    linear_num_key_heads: int
+    linear_num_value_heads: int
+    linear_key_head_dim: int
+    linear_value_head_dim: int
+    linear_conv_kernel_dim: int
+    rms_norm_eps: float
+
+    @classmethod
+    def from_any(cls, cfg) -> Qwen35Dims:
+        """From an HF config dict (top level or `text_config`), or an object carrying those fields or `.hf`."""
+        if not isinstance(cfg, dict):
+            hybrid = getattr(cfg, "hybrid", None)  # erpd_megatron.megatron.model.ModelConfig
+            if hybrid is not None:
+                d = {k: getattr(hybrid, k) for k in dir(hybrid) if k.startswith(("linear_", "layer_types"))}
+                return cls.from_any({**d, "num_hidden_layers": cfg.num_layers, "rms_norm_eps": cfg.rms_norm_eps})
+            if hasattr(cfg, "to_hf"):
+                return cls.from_any(cfg.to_hf())
+            cfg = {k: getattr(cfg, k) for k in dir(cfg) if not k.startswith("_")}
+        if isinstance(cfg.get("text_config"), dict):
+            cfg = cfg["text_config"]
+        n = cfg.get("num_hidden_layers", cfg.get("num_layers"))
+        types = cfg.get("layer_types")
+        if types is None:
+            interval = cfg.get("full_attention_interval", 4)
+            types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n)]
+        return cls(
+            layer_types=tuple(types),
+            linear_num_key_heads=cfg.get("linear_num_key_heads", 16),
+            linear_num_value_heads=cfg.get("linear_num_value_heads", 32),
+            linear_key_head_dim=cfg.get("linear_key_head_dim", 128),
+            linear_value_head_dim=cfg.get("linear_value_head_dim", 128),
+            linear_conv_kernel_dim=cfg.get("linear_conv_kernel_dim", 4),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        )
+
+
+def _base_layer_spec():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from erpd_megatron.megatron.attention import SDPACoreAttention
+
+    spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
+
+
+def qwen35_layer_specs(dims: Qwen35Dims, base_layer_spec=None) -> list:
+    """One ModuleSpec per layer of the whole model (all stages)."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    base = base_layer_spec if base_layer_spec is not None else _base_layer_spec()
+    specs = []
+    for kind in dims.layer_types:
+        spec = copy.deepcopy(base)
+        sub = spec.submodules
+        sub.input_layernorm = ZeroCenteredRMSNorm
+        sub.pre_mlp_layernorm = ZeroCenteredRMSNorm
+        if kind == "full_attention":
+            sub.self_attention.submodules.q_layernorm = ZeroCenteredRMSNorm
+            sub.self_attention.submodules.k_layernorm = ZeroCenteredRMSNorm
+        elif kind == "linear_attention":
+            sub.self_attention = ModuleSpec(
+                module=GatedDeltaNet,
+                params=dict(
+                    num_key_heads=dims.linear_num_key_heads,
+                    num_value_heads=dims.linear_num_value_heads,
+                    key_head_dim=dims.linear_key_head_dim,
+                    value_head_dim=dims.linear_value_head_dim,
+                    conv_kernel=dims.linear_conv_kernel_dim,
+                    eps=dims.rms_norm_eps,
+                ),
+            )
+        else:
+            raise ValueError(f"Qwen3.5: unknown layer type {kind!r} in layer_types")
+        specs.append(spec)
+    return specs
+
+
+def qwen35_block_spec(transformer_config, model_cfg, vp_stage: int | None = None, base_layer_spec=None):
+    """TransformerBlockSubmodules for the local layers of this PP (and virtual PP) stage."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    dims = Qwen35Dims.from_any(model_cfg)
+    if len(dims.layer_types) != transformer_config.num_layers:
+        raise ValueError(
+            f"Qwen3.5: layer_types has {len(dims.layer_types)} entries, num_layers={transformer_config.num_layers}"
+        )
+    # Qwen3.5 full attention always has the output gate (q_proj rows [query, gate] per head). The flag is
+    # read by megatron's SelfAttention when the layers are built, i.e. after this function returns.
+    gate = getattr(getattr(model_cfg, "hybrid", None), "attn_output_gate", True)
+    if not gate:
+        raise ValueError("Qwen3.5 without the attention output gate is not supported")
+    transformer_config.attention_output_gate = True
+    all_specs = qwen35_layer_specs(dims, base_layer_spec)
+    n_local = get_num_layers_to_build(transformer_config, vp_stage=vp_stage)
+    offset = get_transformer_layer_offset(transformer_config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=all_specs[offset : offset + n_local], layer_norm=ZeroCenteredRMSNorm)
