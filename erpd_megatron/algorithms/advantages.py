@@ -68,7 +68,9 @@ def grpo_advantages(
 
 def outcome_token_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
     """Place each sequence's outcome reward [B] on its last response token -> [B, T]."""
-    m = as_mask(mask, torch.empty(mask.shape, dtype=torch.float32, device=mask.device)).bool()
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        raise ValueError(f"mask must be a [B, T] tensor, got {getattr(mask, 'shape', type(mask).__name__)}")
+    m = as_mask(mask, mask.float()).bool()
     if not isinstance(rewards, Tensor) or tuple(rewards.shape) != (m.shape[0],):
         raise ValueError(f"rewards must have shape ({m.shape[0]},), got {getattr(rewards, 'shape', rewards)}")
     check_tensor("rewards", rewards.float())
