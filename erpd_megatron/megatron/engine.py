@@ -1,0 +1,389 @@
+"""PolicyEngine: token log-probs and training steps of a megatron-core model (TP / PP / DP).
+
+One object per policy (teacher, student, signal policies). It owns the model chunks (wrapped in
+megatron DDP), a megatron optimizer (Adam; DistributedOptimizer by default) and an LR schedule.
+
+Batches follow the brief's token layout: right-padded `input_ids [B, T]`, `attention_mask`,
+`response_mask` plus any per-row / per-token tensors the loss needs. Every rank passes the same
+full batch; each DP rank works on its contiguous slice of rows and results are gathered, so
+`forward_logprobs` returns the full [B, T] on every rank.
+
+Padding: causal attention on right-padded rows is exact for the real tokens (they never see the
+padding behind them), so no padding mask is built; positions past a row's length get log-prob 0.
+The batch is trimmed to its longest row before the forward (all micro-batches share one shape,
+as pipeline parallelism requires).
+
+Gradient accumulation: megatron's forward_backward_func runs the micro-batches (1F1B with PP) and
+divides each micro-batch loss by the number of micro-batches; DDP averages over DP ranks. So the
+gradient is that of the mean over micro-batches of `loss_fn(micro-batch)` -- equal to the
+full-batch loss for per-sequence means and for token means of equal-length micro-batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from erpd_megatron.megatron.logprobs import DEFAULT_CHUNK_ELEMS, token_logprobs
+from erpd_megatron.megatron.model import (
+    BuildOptions,
+    ModelConfig,
+    build_model,
+    layer_offset,
+    local_to_global_name,
+)
+from erpd_megatron.megatron.parallel import ParallelConfig, init_parallel, validate_layout
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[torch.Tensor, dict, torch.Tensor | None], tuple[torch.Tensor, dict]]
+
+
+@dataclass
+class OptimConfig:
+    """Adam + LR schedule + clipping. Steps count optimizer steps."""
+
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # max global grad norm; 0 disables
+    warmup_steps: int = 0  # linear warmup: lr * (step + 1) / warmup_steps
+    decay_steps: int | None = None  # steps after warmup to reach min_lr; None = constant lr
+    decay_style: str = "constant"  # "constant" | "linear" | "cosine"
+    micro_batch_size: int = 4  # rows per micro-batch (per DP rank)
+    distributed_optimizer: bool = True  # shard optimizer state over DP (megatron DistributedOptimizer)
+
+    def lr_at(self, step: int) -> float:
+        """LR used by optimizer step number `step` (0-based)."""
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.decay_style == "constant" or not self.decay_steps:
+            return self.lr
+        t = min(1.0, (step - self.warmup_steps) / self.decay_steps)
+        if self.decay_style == "linear":
+            f = 1.0 - t
+        elif self.decay_style == "cosine":
+            f = 0.5 * (1.0 + math.cos(math.pi * t))
+        else:
+            raise ValueError(f"OptimConfig.decay_style={self.decay_style!r}: constant | linear | cosine")
+        return self.min_lr + (self.lr - self.min_lr) * f
+
+
+class PolicyEngine:
+    """Megatron model + optimizer with `forward_logprobs` and `train_step` (see module docstring)."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        par: ParallelConfig,
+        optim_cfg: OptimConfig | None = None,
+        build_opts: BuildOptions | None = None,
+        *,
+        seed: int = 1234,
+        temperature: float = 1.0,
+        logprob_chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+        trainable: bool = True,
+    ):
+        from megatron.core import parallel_state as ps
+
+        self.model_cfg, self.par = model_cfg, par
+        self.optim_cfg = optim_cfg or OptimConfig()
+        self.build_opts = build_opts or BuildOptions()
+        self.temperature = temperature
+        self.logprob_chunk_elems = logprob_chunk_elems
+        if par.cp > 1:
+            raise NotImplementedError("PolicyEngine: context parallelism is not wired into the engine yet")
+        world = dist.get_world_size() if dist.is_initialized() else par.world_size
+        validate_layout(model_cfg, par, world)
+        if not ps.model_parallel_is_initialized():
+            init_parallel(par, seed)
+        elif (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+              ps.get_data_parallel_world_size()) != (par.tp, par.pp, par.dp):
+            raise ValueError(f"megatron parallel state is initialised with another layout than {par}")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
+            torch.device("cpu")
+        self.modules = build_model(model_cfg, par, self.build_opts)  # bare GPTModels
+        self.tcfg = self.modules[0].config  # shared by all chunks; the schedules read it
+        self.model = self._wrap_ddp(self.modules)
+        self.optimizer = self._make_optimizer() if trainable else None
+        self.step = 0  # optimizer steps taken
+        self.trainer_state: dict = {}  # free-form, saved with checkpoints (data position, ...)
+        self._set_lr()
+
+    # ------------------------------------------------------------------ setup
+    def _wrap_ddp(self, modules):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=self.optim_cfg.distributed_optimizer,
+            average_in_collective=False,
+        )
+        wrapped = [
+            DistributedDataParallel(config=self.tcfg, ddp_config=ddp_cfg, module=m, disable_bucketing=(i > 0))
+            for i, m in enumerate(modules)
+        ]
+        for w in wrapped:
+            w.broadcast_params()  # DP replicas start identical (they already are when seeded alike)
+        return wrapped
+
+    def _make_optimizer(self):
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        o = self.optim_cfg
+        ocfg = OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            bf16=self.tcfg.bf16,
+            fp16=self.tcfg.fp16,
+            params_dtype=self.tcfg.params_dtype,
+            use_distributed_optimizer=o.distributed_optimizer,
+        )
+        opt = get_megatron_optimizer(ocfg, self.model)
+        # what megatron's training loop wires into the model config before forward_backward_func
+        self.tcfg.finalize_model_grads_func = finalize_model_grads
+        self.tcfg.grad_scale_func = opt.scale_loss
+        self.tcfg.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
+        return opt
+
+    def _set_lr(self):
+        if self.optimizer is None:
+            return
+        lr = self.optim_cfg.lr_at(self.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.lr = lr
+
+    # ------------------------------------------------------------------ batching
+    def _prepare(self, batch: dict, for_train: bool):
+        """DP slice, row padding to whole micro-batches, trim to the longest row; returns micro-batches."""
+        from megatron.core import parallel_state as ps
+
+        ids = batch["input_ids"]
+        if ids.dim() != 2:
+            raise ValueError(f"batch['input_ids'] must be [B, T], got shape {tuple(ids.shape)}")
+        B, T = ids.shape
+        am = batch.get("attention_mask")
+        if am is None:
+            am = torch.ones_like(ids)
+        t_used = int(am.sum(1).max().item()) if B else 1
+        t_used = max(t_used, 2)
+        t_used = min(T, t_used)
+        dp, mbs = self.par.dp, self.optim_cfg.micro_batch_size
+        if for_train:
+            if B % dp:
+                raise ValueError(f"train_step: batch of {B} rows is not divisible by dp={dp}")
+            local = B // dp
+            mbs = min(mbs, local)
+            if local % mbs:
+                raise ValueError(f"train_step: {local} rows per DP rank are not divisible by micro_batch_size={mbs}")
+            rows_per_rank = local
+        else:
+            per = math.ceil(B / dp)
+            mbs = min(mbs, per)
+            rows_per_rank = math.ceil(per / mbs) * mbs
+        dp_rank = ps.get_data_parallel_rank()
+        idx = torch.arange(dp_rank * rows_per_rank, (dp_rank + 1) * rows_per_rank)
+        idx = idx.clamp(max=B - 1)  # forward-only padding rows repeat the last row; dropped afterwards
+
+        def cut(v):
+            if not torch.is_tensor(v) or v.dim() == 0 or v.shape[0] != B:
+                return v
+            v = v[idx]
+            if v.dim() >= 2 and v.shape[1] == T:
+                v = v[:, :t_used]
+            return v.to(self.device) if v.device != self.device else v
+
+        local_batch = {k: cut(v) for k, v in batch.items()}
+        local_batch.setdefault("attention_mask", am[idx][:, :t_used].to(self.device))
+        micro = []
+        for s in range(0, rows_per_rank, mbs):
+            micro.append({k: (v[s:s + mbs] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows_per_rank
+                              else v) for k, v in local_batch.items()})
+        return micro, mbs, t_used, rows_per_rank, B, T
+
+    def _forward_step(self, loss_builder, with_entropy: bool, temperature: float):
+        from megatron.core import parallel_state as ps
+
+        vocab = self.model_cfg.vocab_size
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            ids = mb["input_ids"]
+            pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
+            out = model(input_ids=ids, position_ids=pos, attention_mask=None)
+
+            def loss_func(logits):
+                lp, ent = token_logprobs(
+                    logits, ids, vocab_size=vocab, temperature=temperature,
+                    tp_group=ps.get_tensor_model_parallel_group(), with_entropy=with_entropy,
+                    chunk_elems=self.logprob_chunk_elems,
+                )
+                m = mb["attention_mask"].to(lp.dtype)
+                lp = lp * m
+                ent = ent * m if ent is not None else None
+                return loss_builder(lp, mb, ent)
+
+            return out, loss_func
+
+        return forward_step
+
+    def _run(self, micro, mbs, t_used, forward_step, forward_only):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        fwd_bwd = get_forward_backward_func()
+        n = len(micro)
+        iters = [iter(micro) for _ in self.model] if len(self.model) > 1 else iter(micro)
+        return fwd_bwd(
+            forward_step_func=forward_step,
+            data_iterator=iters,
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=n,
+            seq_length=t_used,
+            micro_batch_size=mbs,
+            forward_only=forward_only,
+        )
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def forward_logprobs(self, batch: dict, with_entropy: bool = False, temperature: float | None = None):
+        """Token log-probs [B, T] (float32, aligned with input_ids, 0 at position 0 and padding) on every rank.
+
+        With `with_entropy=True` returns (logprobs, entropy), both [B, T].
+        """
+        from megatron.core import parallel_state as ps
+
+        temperature = self.temperature if temperature is None else temperature
+        micro, mbs, t_used, rows, B, T = self._prepare(batch, for_train=False)
+        for m in self.model:
+            m.eval()
+
+        def builder(lp, mb, ent):
+            out = {"lp": lp} if ent is None else {"lp": lp, "ent": ent}
+            return lp.new_zeros(()), out
+
+        store = self._run(micro, mbs, t_used, self._forward_step(builder, with_entropy, temperature), True)
+        for m in self.model:
+            m.train()
+        k = 2 if with_entropy else 1
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            local = torch.stack([
+                torch.cat([d["lp"] for d in store], 0),
+                *([torch.cat([d["ent"] for d in store], 0)] if with_entropy else []),
+            ])
+        else:
+            local = torch.empty(k, rows, t_used, device=self.device)
+        if self.par.pp > 1:
+            dist.broadcast(local, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        if self.par.dp > 1:
+            parts = [torch.empty_like(local) for _ in range(self.par.dp)]
+            dist.all_gather(parts, local.contiguous(), group=ps.get_data_parallel_group())
+            local = torch.cat(parts, dim=1)
+        full = local.new_zeros(k, B, T)
+        full[:, :, :t_used] = local[:, :B]
+        full = full.cpu() if batch["input_ids"].device.type == "cpu" else full
+        return (full[0], full[1]) if with_entropy else full[0]
+
+    def forward_backward(self, batch: dict, loss_fn: LossFn, need_entropy: bool = False,
+                         temperature: float | None = None) -> dict[str, float]:
+        """Accumulate gradients of `loss_fn` over the batch (no optimizer step). Returns metrics."""
+        temperature = self.temperature if temperature is None else temperature
+        micro, mbs, t_used, _, _, _ = self._prepare(batch, for_train=True)
+        for m in self.model:
+            m.zero_grad_buffer()
+        if self.optimizer is not None:
+            self.optimizer.zero_grad()
+
+        def builder(lp, mb, ent):
+            loss, metrics = loss_fn(lp, mb, ent)
+            vals = {k: float(v) for k, v in metrics.items()}
+            vals["loss"] = float(loss.detach())
+            return loss, vals
+
+        store = self._run(micro, mbs, t_used, self._forward_step(builder, need_entropy, temperature), False)
+        return self._reduce_metrics(store)
+
+    def train_step(self, batch: dict, loss_fn: LossFn, need_entropy: bool = False,
+                   temperature: float | None = None) -> dict[str, float]:
+        """One optimizer step on the batch: micro-batched forward/backward, clip, Adam, LR schedule."""
+        if self.optimizer is None:
+            raise RuntimeError("this PolicyEngine was built with trainable=False")
+        self._set_lr()
+        metrics = self.forward_backward(batch, loss_fn, need_entropy, temperature)
+        ok, grad_norm, _ = self.optimizer.step()
+        metrics["train/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["train/lr"] = self.lr
+        metrics["train/update_ok"] = float(bool(ok))
+        if ok:
+            self.step += 1
+        self._set_lr()
+        return metrics
+
+    def _reduce_metrics(self, store: list[dict]) -> dict[str, float]:
+        """Mean over micro-batches and DP ranks, from the last pipeline stage to every rank."""
+        from megatron.core import parallel_state as ps
+
+        last = ps.is_pipeline_last_stage(ignore_virtual=True)
+        keys = sorted(store[0]) if (last and store) else None
+        if self.par.pp > 1:
+            obj = [keys]
+            dist.broadcast_object_list(obj, src=ps.get_pipeline_model_parallel_last_rank(),
+                                       group=ps.get_pipeline_model_parallel_group(), device=self._obj_device())
+            keys = obj[0]
+        if not keys:
+            return {}
+        if last:
+            vals = torch.tensor([[d.get(k, float("nan")) for k in keys] for d in store], dtype=torch.float64)
+            vals = vals.nanmean(0).to(self.device)
+        else:
+            vals = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
+        if self.par.pp > 1:
+            dist.broadcast(vals, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        if self.par.dp > 1:
+            dist.all_reduce(vals, group=ps.get_data_parallel_group())
+            vals /= self.par.dp
+        return dict(zip(keys, vals.tolist()))
+
+    def _obj_device(self):
+        return self.device if self.device.type == "cuda" else None
+
+    # ------------------------------------------------------------------ parameters, checkpoints
+    def named_parameters_global(self):
+        """Yield (global Megatron name, local TP shard) for this rank's parameters (layer index global)."""
+        from megatron.core import parallel_state as ps
+
+        pp_rank = ps.get_pipeline_model_parallel_rank()
+        for vp, m in enumerate(self.modules):
+            off = layer_offset(self.model_cfg, self.par, pp_rank, vp if self.par.vpp else None)
+            for name, p in m.named_parameters():
+                yield local_to_global_name(name, off), p
+
+    def save(self, directory: str, trainer_state: dict | None = None) -> str:
+        from erpd_megatron.megatron.checkpoint import save_checkpoint
+
+        if trainer_state is not None:
+            self.trainer_state = dict(trainer_state)
+        return save_checkpoint(self, directory)
+
+    def load(self, directory: str, model_only: bool = False) -> dict:
+        from erpd_megatron.megatron.checkpoint import load_checkpoint
+
+        return load_checkpoint(self, directory, model_only=model_only)
