@@ -77,7 +77,7 @@ def clip_fractions(
 
 def explained_variance(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> float:
     """1 - Var(target - pred) / Var(target) over masked entries (population variances).
-    If Var(target) is 0: 1.0 for a perfect prediction, else 0.0 (as scikit-learn's force_finite)."""
+    If Var(target) is 0: 1.0 when Var(target - pred) is 0 too, else 0.0 (scikit-learn's force_finite)."""
     if mask is None:
         mask = torch.ones_like(pred, dtype=torch.bool)
     p, m = _inputs("pred", pred, mask)

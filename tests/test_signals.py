@@ -1,0 +1,137 @@
+"""Token signals: strategies, whitening vs a statistics-module loop, sign masks (paper Tab. 12),
+ensembles and the sequential schedule."""
+
+import math
+import statistics
+
+import pytest
+import torch
+
+from erpd_megatron.algorithms import signals as S
+
+torch.set_num_threads(1)
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, T = 4, 10
+    mask = torch.zeros(B, T)
+    for b, (s, n) in enumerate([(1, 6), (4, 5), (2, 8), (3, 2)]):
+        mask[b, s : s + n] = 1
+    lps = {k: torch.where(mask.bool(), -torch.rand(B, T, generator=g, dtype=torch.float64) * 4, torch.nan)
+           for k in ("teacher", "old", "unlearned", "current", "weak")}
+    return lps, mask
+
+
+def masked_values(x, mask):
+    return [x[b, t].item() for b in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[b, t]]
+
+
+@pytest.mark.parametrize("strategy,num,den", [(1, "teacher", "old"), (2, "teacher", "unlearned"), (3, "current", "weak")])
+def test_strategies(strategy, num, den):
+    lps, mask = batch()
+    s = S.strategy_signal(strategy, lps, mask)
+    assert masked_values(s, mask) == masked_values(lps[num] - lps[den], mask)
+    assert (s[mask == 0] == 0).all()  # NaN padding never leaks
+
+
+def test_strategy_errors_and_evolving():
+    lps, mask = batch()
+    with pytest.raises(ValueError, match="missing \\['unlearned'\\]"):
+        S.strategy_signal(2, {"teacher": lps["teacher"]}, mask)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        S.strategy_signal(4, lps, mask)
+    cur = lps["current"].clone().requires_grad_()
+    ev = S.evolving_signal(lps["teacher"], cur, mask)
+    assert not ev.requires_grad  # the signal is a fixed target, never differentiated
+    assert masked_values(ev, mask) == masked_values(lps["teacher"] - lps["current"], mask)
+    bad = lps["old"].clone()
+    bad[0, 2] = math.nan
+    with pytest.raises(ValueError, match="old log-probs contains NaN at 1"):
+        S.strategy_signal(1, {**lps, "old": bad}, mask)
+
+
+def test_whiten_matches_statistics_reference():
+    lps, mask = batch(1)
+    raw = S.strategy_signal(1, lps, mask)
+    w = S.whiten(raw, mask)
+    vals = masked_values(raw, mask)
+    mu, sd = statistics.fmean(vals), statistics.stdev(vals)
+    assert masked_values(w, mask) == pytest.approx([(v - mu) / (sd + 1e-8) for v in vals], abs=1e-10)
+    got = masked_values(w, mask)
+    assert statistics.fmean(got) == pytest.approx(0.0, abs=1e-12)
+    assert statistics.stdev(got) == pytest.approx(1.0, abs=1e-6)
+    assert (w[mask == 0] == 0).all()
+
+
+@pytest.mark.parametrize("value", [0.0, 0.1, -3.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_whiten_constant_empty_single_give_zeros(value, dtype):
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    w = S.whiten(torch.full(mask.shape, value, dtype=dtype), mask)
+    assert (w == 0).all()
+    assert (S.whiten(torch.randn(2, 8, dtype=dtype), torch.zeros(2, 8)) == 0).all()
+    one = torch.zeros(2, 8)
+    one[0, 3] = 1
+    assert (S.whiten(torch.randn(2, 8, dtype=dtype), one) == 0).all()
+
+
+def test_clip_and_sign_mask():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    s = torch.tensor([[-2.0, 0.5, 3.0, 9.0], [-1.0, 2.0, -0.5, 0.1]], dtype=torch.float64)
+    assert S.clip_signal(s, mask, -1.0, 1.0).tolist() == [[-1.0, 0.5, 1.0, 0.0], [-1.0, 1.0, -0.5, 0.1]]
+    assert S.clip_signal(s, mask, low=0.0).tolist() == [[0.0, 0.5, 3.0, 0.0], [0.0, 2.0, 0.0, 0.1]]
+    pos = torch.tensor([True, False])
+    # positive sample (row 0) keeps only its > 0 part; the negative sample (row 1) is untouched
+    assert S.sign_mask(s, mask, pos, "positive").tolist() == [[0.0, 0.5, 3.0, 0.0], [-1.0, 2.0, -0.5, 0.1]]
+    assert S.sign_mask(s, mask, pos, "negative").tolist() == [[-2.0, 0.0, 0.0, 0.0], [-1.0, 2.0, -0.5, 0.1]]
+    assert S.sign_mask(s, mask, pos, "both").tolist() == [[-2.0, 0.5, 3.0, 0.0], [-1.0, 2.0, -0.5, 0.1]]
+    with pytest.raises(ValueError, match="keep must be one of"):
+        S.sign_mask(s, mask, pos, "neg")
+    with pytest.raises(ValueError, match="reversed"):
+        S.clip_signal(s, mask, 1.0, -1.0)
+
+
+def test_make_signal_order_sign_mask_then_whiten():
+    lps, mask = batch(2)
+    raw = S.strategy_signal(2, lps, mask)
+    pos = torch.tensor([True, False, True, False])
+    got = S.make_signal(raw, mask, positive_samples=pos, keep="negative", clip_whitened=1.5)
+    # independent: zero the > 0 tokens of positive rows, then whiten the masked values, then clip
+    vals, where = [], []
+    for b in range(4):
+        for t in range(10):
+            if mask[b, t]:
+                v = raw[b, t].item()
+                vals.append(min(v, 0.0) if pos[b] else v)
+                where.append((b, t))
+    mu, sd = statistics.fmean(vals), statistics.stdev(vals)
+    for v, (b, t) in zip(vals, where):
+        assert got[b, t].item() == pytest.approx(max(-1.5, min(1.5, (v - mu) / (sd + 1e-8))), abs=1e-10)
+    with pytest.raises(ValueError, match="positive_samples"):
+        S.make_signal(raw, mask, keep="positive")
+    assert torch.equal(S.make_signal(raw, mask, normalize=False), raw)
+
+
+def test_ensemble_is_sum_of_whitened():
+    lps, mask = batch(3)
+    s1 = S.strategy_signal(1, lps, mask)
+    s2 = S.strategy_signal(2, lps, mask) * 50  # scale must not matter after whitening
+    e = S.ensemble([s1, s2], mask)
+    assert torch.allclose(e, S.whiten(s1, mask) + S.whiten(s2 / 50, mask), atol=1e-10)
+    ew = S.ensemble([s1, s2], mask, weights=[1.0, 0.5])
+    assert torch.allclose(ew, S.whiten(s1, mask) + 0.5 * S.whiten(s2, mask))
+    with pytest.raises(ValueError):
+        S.ensemble([], mask)
+    with pytest.raises(ValueError, match="weights"):
+        S.ensemble([s1], mask, weights=[1.0, 2.0])
+
+
+def test_sequential_index():
+    seq = [S.sequential_index(k, [16, 16]) for k in range(40)]
+    assert seq == [0] * 16 + [1] * 24  # stays on the last signal after its block
+    assert [S.sequential_index(k, [2, 3], cycle=True) for k in range(8)] == [0, 0, 1, 1, 1, 0, 0, 1]
+    with pytest.raises(ValueError):
+        S.sequential_index(-1, [4])
+    with pytest.raises(ValueError):
+        S.sequential_index(0, [4, 0])
