@@ -49,7 +49,7 @@ def ref_ppo(lp, old, adv, mask, el, eh, agg, dual=None):
     per = {}
     for b, ts in rows(mask):
         for t in ts:
-            r = math.exp(float(lp[b, t]) - float(old[b, t]))
+            r = math.exp(float(lp[b, t].detach()) - float(old[b, t]))
             a = float(adv[b, t])
             val = max(-r * a, -min(max(r, 1 - el), 1 + eh) * a)
             if dual is not None and a < 0:
@@ -84,7 +84,14 @@ def test_ppo_clip_gradient_closed_form():
     """Gradient w.r.t. lp is -A r / N inside the region (or on the pessimistic side) and exactly 0 when clipped."""
     el, eh = 0.2, 0.28
     # (ratio, advantage, clipped?)
-    cases = [(1.5, 1.0, True), (1.1, 1.0, False), (0.5, 1.0, False), (0.5, -1.0, True), (0.9, -2.0, False), (1.6, -1.0, False)]
+    cases = [
+        (1.5, 1.0, True),
+        (1.1, 1.0, False),
+        (0.5, 1.0, False),
+        (0.5, -1.0, True),
+        (0.9, -2.0, False),
+        (1.6, -1.0, False),
+    ]
     r = torch.tensor([[c[0] for c in cases]], dtype=torch.float64)
     adv = torch.tensor([[c[1] for c in cases]], dtype=torch.float64)
     old = torch.full_like(r, -1.0)
@@ -119,7 +126,7 @@ def ref_sapo(lp, old, adv, mask, tp, tn, agg):
     per = {}
     for b, ts in rows(mask):
         for t in ts:
-            r = math.exp(float(lp[b, t]) - float(old[b, t]))
+            r = math.exp(float(lp[b, t].detach()) - float(old[b, t]))
             a = float(adv[b, t])
             tau = tp if a > 0 else tn
             per[b, t] = -(1 / (1 + math.exp(-tau * (r - 1)))) * 4 / tau * a
@@ -164,7 +171,7 @@ def ref_cispo_grad(lp, old, adv, mask, eh):
     g = torch.zeros_like(lp)
     for b, ts in rows(mask):
         for t in ts:
-            r = math.exp(float(lp[b, t]) - float(old[b, t]))
+            r = math.exp(float(lp[b, t].detach()) - float(old[b, t]))
             g[b, t] = -min(r, 1 + eh) * float(adv[b, t]) / n
     return g
 
@@ -199,7 +206,7 @@ def ref_ce_mse(lp, ref, rewards, mask, beta, agg, kind):
     for b, ts in rows(mask):
         if not ts:
             continue
-        s = sum(float(lp[b, t]) - float(ref[b, t]) for t in ts)
+        s = sum(float(lp[b, t].detach()) - float(ref[b, t]) for t in ts)
         s = beta * (s / len(ts) if agg == "mean" else s)
         y = float(rewards[b])
         if kind == "ce":
@@ -289,7 +296,7 @@ def test_distill_loss_terms():
     )
     pg = ref_ppo(lp.detach(), old, adv, mask, 0.2, 0.28, "token-mean")
     toks = [(b, t) for b, ts in rows(mask) for t in ts]
-    kl = sum(0.5 * (float(lp[b, t]) - float(ref[b, t])) ** 2 for b, t in toks) / len(toks)
+    kl = sum(0.5 * (float(lp[b, t].detach()) - float(ref[b, t])) ** 2 for b, t in toks) / len(toks)
     h = sum(float(ent[b, t]) for b, t in toks) / len(toks)
     assert loss.item() == pytest.approx(pg + 0.1 * kl - 0.5 * h, abs=1e-12)
     assert met["distill/pg_loss"] == pytest.approx(pg) and met["distill/entropy"] == pytest.approx(h)
@@ -297,7 +304,7 @@ def test_distill_loss_terms():
     plain, _ = L.distill_loss(lp, old, adv, mask)
     assert plain.item() == pytest.approx(pg, abs=1e-12)
     kl_old, m2 = L.distill_loss(lp, old, adv, mask, kl_coef=1.0)
-    k3 = sum(math.expm1(float(old[b, t] - lp[b, t])) - float(old[b, t] - lp[b, t]) for b, t in toks) / len(toks)
+    k3 = sum(math.expm1(float(old[b, t] - lp[b, t].detach())) - float(old[b, t] - lp[b, t].detach()) for b, t in toks) / len(toks)
     assert m2["distill/kl_loss"] == pytest.approx(k3, abs=1e-12)
     with pytest.raises(ValueError, match="entropy"):
         L.distill_loss(lp, old, adv, mask, entropy_coef=0.1)

@@ -18,8 +18,10 @@ def batch(seed=0):
     mask = torch.zeros(B, T)
     for b, (s, n) in enumerate([(1, 6), (4, 5), (2, 8), (3, 2)]):
         mask[b, s : s + n] = 1
-    lps = {k: torch.where(mask.bool(), -torch.rand(B, T, generator=g, dtype=torch.float64) * 4, torch.nan)
-           for k in ("teacher", "old", "unlearned", "current", "weak")}
+    lps = {
+        k: torch.where(mask.bool(), -torch.rand(B, T, generator=g, dtype=torch.float64) * 4, torch.nan)
+        for k in ("teacher", "old", "unlearned", "current", "weak")
+    }
     return lps, mask
 
 
@@ -27,7 +29,9 @@ def masked_values(x, mask):
     return [x[b, t].item() for b in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[b, t]]
 
 
-@pytest.mark.parametrize("strategy,num,den", [(1, "teacher", "old"), (2, "teacher", "unlearned"), (3, "current", "weak")])
+@pytest.mark.parametrize(
+    "strategy,num,den", [(1, "teacher", "old"), (2, "teacher", "unlearned"), (3, "current", "weak")]
+)
 def test_strategies(strategy, num, den):
     lps, mask = batch()
     s = S.strategy_signal(strategy, lps, mask)

@@ -28,7 +28,9 @@ def _inputs(name: str, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return zero_outside(upcast(x.detach()), m), m
 
 
-def reverse_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, per: str = "token", estimator: str = "k1") -> float:
+def reverse_kl(
+    logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, per: str = "token", estimator: str = "k1"
+) -> float:
     """Reverse KL estimate from new-policy samples. estimator "k1" (unbiased, log-ratio) or "k3"
     (exp(-d) + d - 1, non-negative, lower variance); both estimate the same KL."""
     if per not in ("token", "sequence"):

@@ -35,7 +35,9 @@ STRATEGIES: dict[int, tuple[str, str]] = {
 SIGN_KEEP = ("both", "positive", "negative")
 
 
-def log_ratio_signal(numerator: Tensor, denominator: Tensor, mask: Tensor, names=("numerator", "denominator")) -> Tensor:
+def log_ratio_signal(
+    numerator: Tensor, denominator: Tensor, mask: Tensor, names=("numerator", "denominator")
+) -> Tensor:
     """s_t = numerator_t - denominator_t on response tokens, 0 elsewhere (no gradient)."""
     check_tensor(names[0], numerator, finite=False)
     m = as_mask(mask, numerator)
