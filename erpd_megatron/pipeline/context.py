@@ -1,0 +1,201 @@
+"""What every stage shares: run dir, tokenizer, datasets, reward, the rollout engine and Megatron policies.
+
+One object per process. Under torchrun (TP/PP/DP > 1) every rank builds the Megatron policy; only rank 0
+owns the rollout engine, the reward pool and the files it writes (weights reach it through the
+resharding path, `rollout/weight_sync.py`). On one CPU process everything lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from erpd_megatron.config import RunConfig
+from erpd_megatron.pipeline.rundir import RunDir
+
+log = logging.getLogger("erpd")
+
+
+@dataclass
+class Context:
+    cfg: RunConfig
+    run: RunDir
+    base_hf: Path
+    """HF directory of the base policy (config, weights, tokenizer)."""
+    tokenizer: object
+    model_cfg: object
+    """erpd_megatron.megatron.model.ModelConfig of the base policy."""
+    train_prompts: list = field(default_factory=list)
+    eval_prompts: list = field(default_factory=list)
+    _engine: object = None
+    _ref_engine: object = None
+    _reward: object = None
+    _par: object = None
+
+    # ------------------------------------------------------------------ parallel / ranks
+    @property
+    def par(self):
+        if self._par is None:
+            from erpd_megatron.megatron.parallel import ParallelConfig, init_parallel
+
+            m = self.cfg.model
+            self._par = ParallelConfig(tp=m.tp, pp=m.pp, dp=m.dp)
+            init_parallel(self._par, seed=self.cfg.seed)
+        return self._par
+
+    @property
+    def is_main(self) -> bool:
+        return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+    def barrier(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    # ------------------------------------------------------------------ rollout side (rank 0)
+    @property
+    def engine(self):
+        """The rollout engine (LocalEngine on CPU); holds whatever weights were pushed last."""
+        if self._engine is None:
+            if self.cfg.rollout.engine == "sglang":
+                from erpd_megatron.rollout.sglang_engine import SGLangEngine
+
+                self._engine = SGLangEngine.from_config(self.cfg.rollout, model_path=str(self.base_hf))
+            else:
+                from erpd_megatron.rollout.local_engine import LocalEngine
+
+                self._engine = LocalEngine.from_pretrained(self.base_hf)
+                self._engine.tokenizer = self.tokenizer
+        return self._engine
+
+    @property
+    def ref_engine(self):
+        """Frozen base policy, only used to score log pi_base(y) for the reported reverse KL."""
+        if self._ref_engine is None:
+            from erpd_megatron.rollout.local_engine import LocalEngine
+
+            self._ref_engine = LocalEngine.from_pretrained(self.base_hf)
+        return self._ref_engine
+
+    @property
+    def reward(self):
+        if self._reward is None:
+            from erpd_megatron.rewards.math import MathReward
+
+            self._reward = MathReward(num_workers=2, timeout_s=5.0, mode=self.cfg.rollout.reward_mode)
+        return self._reward
+
+    def close(self) -> None:
+        if self._reward is not None:
+            self._reward.close()
+            self._reward = None
+
+    # ------------------------------------------------------------------ Megatron side (all ranks)
+    def new_policy(self, lr: float = 0.0, total_steps: int = 1, warmup_steps: int = 0, init: Path | None = None):
+        """A PolicyEngine holding the model weights of the Megatron checkpoint `init` (default: the base)."""
+        from erpd_megatron.megatron.engine import OptimConfig, PolicyEngine
+
+        optim = OptimConfig(lr=lr, min_lr=lr, warmup_steps=warmup_steps, clip_grad=1.0,
+                            micro_batch_size=self.cfg.model.micro_batch_size)
+        engine = PolicyEngine(self.model_cfg, self.par, optim, seed=self.cfg.seed,
+                              temperature=self.cfg.rollout.temperature)
+        engine.load(str(init or self.base_ckpt(0)), model_only=True)
+        return engine
+
+    def base_ckpt(self, iteration: int) -> Path:
+        """Megatron checkpoint of the base policy of `iteration` (0: imported from HF; i: student of i-1)."""
+        if iteration == 0:
+            if not (self.run.base / "latest").exists():
+                if self.is_main:
+                    from checkpoints_conv.convert import import_hf
+
+                    import_hf(self.base_hf, self.run.base, tp=1, pp=1)
+                self.barrier()
+            return self.run.base
+        marker = self.run.root / f"iter_{iteration - 1}" / "student.txt"
+        return Path(marker.read_text().strip())
+
+    def push_weights(self, policy, version) -> None:
+        """Megatron -> rollout engine through the resharding path (TP gather, PP broadcast, HF names)."""
+        from erpd_megatron.rollout.weight_sync import iter_hf_buckets
+
+        buckets = iter_hf_buckets(policy.model, self.model_cfg)
+        if self.is_main:
+            self.engine.update_weights(buckets, version=version)
+        else:  # non-zero ranks still take part in the collectives
+            for _ in buckets:
+                pass
+
+
+def resolve_base(cfg: RunConfig, run: RunDir) -> Path:
+    """HF directory of the base policy; "toy" warms up the tiny Qwen3 model (cached in the run dir)."""
+    if cfg.model.base == "toy":
+        from erpd_megatron.toy.warmup import ensure_base_model
+
+        return ensure_base_model(run.root / "hf_base")
+    p = Path(cfg.model.base)
+    if not (p / "config.json").exists():
+        raise FileNotFoundError(f"model.base: {p} is not a Hugging Face checkpoint directory (no config.json)")
+    return p
+
+
+def load_prompts(cfg: RunConfig, run: RunDir):
+    """(train, eval) prompt lists. "toy" writes the toy task's JSONL files into the run dir first."""
+    from erpd_megatron.data.prompts import load_prompts as _load
+
+    paths = []
+    for which, spec, n in (("train", cfg.data.train, cfg.data.prompts_per_batch * max(cfg.iterations, 1) * 4),
+                           ("eval", cfg.data.eval, cfg.data.eval_prompts)):
+        if spec == "toy":
+            from erpd_megatron.toy import task
+
+            path = run.root / "data" / f"toy_{which}.jsonl"
+            if not path.exists():
+                probs = (task.train_problems if which == "train" else task.eval_problems)(n, seed=cfg.seed)
+                task.write_jsonl(probs, path)
+            spec = str(path)
+        paths.append(spec)
+    train, evals = _load(paths[0]), _load(paths[1])
+    return train, evals[: cfg.data.eval_prompts]
+
+
+def build_context(cfg: RunConfig) -> Context:
+    from transformers import AutoTokenizer
+
+    from erpd_megatron.megatron.model import ModelConfig
+
+    run = RunDir(Path(cfg.run_dir))
+    run.root.mkdir(parents=True, exist_ok=True)
+    base = resolve_base(cfg, run)
+    tok = AutoTokenizer.from_pretrained(base)
+    model_cfg = ModelConfig.from_hf(json.loads((base / "config.json").read_text()))
+    train, evals = load_prompts(cfg, run)
+    return Context(cfg=cfg, run=run, base_hf=base, tokenizer=tok, model_cfg=model_cfg,
+                   train_prompts=train, eval_prompts=evals)
+
+
+class Timer:
+    """Wall-clock accumulated per method across resumes (stored beside the metrics)."""
+
+    def __init__(self, run: RunDir, method: str):
+        self.path = run.root / "metrics" / f"{method}.wall.json"
+        self.prev = json.loads(self.path.read_text())["wall_s"] if self.path.exists() else 0.0
+        self.t0 = time.perf_counter()
+
+    def total(self) -> float:
+        return self.prev + time.perf_counter() - self.t0
+
+    def save(self) -> None:
+        from erpd_megatron.utils.io import atomic_write_json
+
+        atomic_write_json(self.path, {"wall_s": self.total()})
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("ERPD_LOG", "INFO"), format="%(asctime)s %(name)s %(message)s",
+                        datefmt="%H:%M:%S")

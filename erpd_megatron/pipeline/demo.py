@@ -1,0 +1,25 @@
+"""`erpd demo` (what `make demo` runs): the full ERPD pipeline on the tiny toy model on CPU, no downloads.
+
+Same code path as a real run (`erpd run --config erpd_megatron/presets/demo.yaml`): warm-up of the toy base
+(cached), collect, CE + MSE teachers, strategy-1 / strategy-2 students, on-policy GRPO, evaluation along
+every path, report. Rerunning resumes; `erpd demo run_dir=runs/demo2` starts elsewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PRESET = Path(__file__).resolve().parent.parent / "presets" / "demo.yaml"
+
+
+def main(argv: list[str]) -> int:
+    from erpd_megatron.pipeline.run import main_run
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    rc = main_run(["--config", str(PRESET), *argv])
+    run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("run_dir=")), "runs/demo")
+    print(f"\nERPD demo finished: report at {Path(run_dir) / 'report.md'} "
+          f"(summary.json and accuracy_vs_kl.png beside it)")
+    return rc

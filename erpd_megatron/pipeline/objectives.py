@@ -1,0 +1,85 @@
+"""Config -> per-micro-batch loss closures for the Megatron engine (`train_step(batch, loss_fn)`).
+
+The maths lives in `erpd_megatron/algorithms` (pure functions); this file only picks the function and its
+hyper-parameters and says which batch columns feed it. Every closure has the engine's signature
+`loss_fn(logprobs [b,T], micro_batch: dict, entropy [b,T] | None) -> (loss, metrics)`.
+
+Batch columns used: `response_mask`, `old_logprobs` (the base policy's log-probs recomputed by Megatron at
+collect time, so ratios start at exactly 1), `rewards` [B], `advantages` ([B] or [B,T]), `signal` [B,T].
+"""
+
+from __future__ import annotations
+
+from erpd_megatron.algorithms import losses as L
+from erpd_megatron.config import DistillConfig, OnPolicyConfig, TeacherConfig
+
+
+def _with_kl(loss_fn, kl_coef: float, estimator: str = "k3"):
+    """Adds kl_coef * KL(pi || pi_old) (token mean of the k-estimator) to a stage-1 loss."""
+    if not kl_coef:
+        return loss_fn
+
+    def fn(lp, mb, entropy=None):
+        loss, metrics = loss_fn(lp, mb, entropy)
+        mask = mb["response_mask"]
+        kl = L.aggregate(L.kl_penalty(lp, mb["old_logprobs"], estimator, mask=mask), mask, "token-mean")
+        return loss + kl_coef * kl, {**metrics, "kl_loss/value": float(kl)}
+
+    return fn
+
+
+def _sample_weights(mb, negative_weight: float):
+    """Per-sequence weight: negative samples (reward <= 0.5) get `negative_weight` (paper Tab. 9 unlearning)."""
+    return 1.0 + (negative_weight - 1.0) * (mb["rewards"] <= 0.5).float()
+
+
+def teacher_objective(t: TeacherConfig):
+    """Stage-1 loss of a teacher run."""
+    name = t.loss
+
+    if name in ("ce", "mse"):
+        fn = L.ce_loss if name == "ce" else L.mse_loss
+
+        def loss_fn(lp, mb, entropy=None):
+            mask = mb["response_mask"]
+            if t.negative_weight != 1.0:  # weight sequences through the mask: every token of a sequence scales
+                mask = mask * _sample_weights(mb, t.negative_weight)[:, None]
+            target = (mb["rewards"] > 0.5).float() if name == "ce" else mb["rewards"]
+            return fn(lp, mb["old_logprobs"], target, mask, beta=t.beta, agg=t.ce_reduce)
+
+    elif name == "sft":  # SFT on positive samples only (paper Tab. 9 recovery from an unlearned policy)
+
+        def loss_fn(lp, mb, entropy=None):
+            pos = (mb["rewards"] > 0.5).float()[:, None] * mb["response_mask"]
+            nll = L.aggregate(-lp, pos, "token-mean")
+            return nll, {"sft/nll": float(nll), "sft/positive_tokens": float(pos.sum())}
+
+    elif name in ("grpo", "sapo", "cispo"):
+        hp = {"grpo": dict(eps_low=t.eps_low, eps_high=t.eps_high, agg=t.agg),
+              "sapo": dict(tau_pos=t.tau_pos, tau_neg=t.tau_neg, agg=t.agg),
+              "cispo": dict(eps_high=t.eps_high, agg=t.agg)}[name]
+        fn = L.get_loss(name)
+
+        def loss_fn(lp, mb, entropy=None):
+            return fn(lp, mb["old_logprobs"], mb["advantages"], mb["response_mask"], **hp)
+
+    else:
+        raise ValueError(f"teacher loss {name!r} is not available in the pipeline (valid: ce, mse, sft, grpo, sapo, cispo)")
+    return _with_kl(loss_fn, t.kl_coef)
+
+
+def distill_objective(s: DistillConfig):
+    """Stage-2 loss (paper eq. 9): PPO clip with the precomputed whitened signal as advantage."""
+
+    def loss_fn(lp, mb, entropy=None):
+        return L.distill_loss(lp, mb["old_logprobs"], mb["signal"], mb["response_mask"], eps_low=s.eps_low,
+                              eps_high=s.eps_high, kl_coef=s.kl_coef, kl_estimator=s.kl_estimator,
+                              entropy=entropy, entropy_coef=s.entropy_coef)
+
+    return loss_fn
+
+
+def onpolicy_objective(o: OnPolicyConfig, t: TeacherConfig | None = None):
+    """On-policy baseline: one update per fresh batch, so r = 1 and the clip never binds (kept for parity)."""
+    t = t or TeacherConfig(loss=o.loss, agg="token-mean")
+    return teacher_objective(t)

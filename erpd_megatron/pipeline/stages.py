@@ -1,0 +1,226 @@
+"""The ERPD stages over one fixed batch: teachers (stage 1), signals, students (stage 2), and the
+on-policy baseline with the same rollout budget. Each is resumable (see train.py / rundir.py).
+
+Names: a method's checkpoints live in ckpt/<method>/, its metrics in metrics/<method>.jsonl, its evals
+in eval/<method>/. Iteration i > 0 prefixes methods with "it<i>_".
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from erpd_megatron.algorithms import signals as S
+from erpd_megatron.algorithms.advantages import grpo_advantages
+from erpd_megatron.data.rollout_store import RolloutStore
+from erpd_megatron.pipeline import objectives
+from erpd_megatron.pipeline.collect import add_policy_logprobs, batch_prompts, sample_batch
+from erpd_megatron.pipeline.evaluate import evaluate_policy
+from erpd_megatron.pipeline.rundir import minibatch_indices
+from erpd_megatron.pipeline.train import slice_batch, train_loop
+
+log = logging.getLogger("erpd.stages")
+
+
+def method_name(name: str, iteration: int) -> str:
+    return name if iteration == 0 else f"it{iteration}_{name}"
+
+
+def ckpt_at(ctx, method: str, step: int):
+    from erpd_megatron.megatron.checkpoint import iter_dirname
+
+    return ctx.run.ckpt(method) / iter_dirname(step)
+
+
+def load_batch(ctx, store: RolloutStore, batch: int, columns=()) -> dict:
+    t = store.load_tensors(batch, columns=["old_logprobs", *columns], pad_id=ctx.tokenizer.pad_token_id or 0)
+    t["rewards"] = t["rewards"].float()
+    return t
+
+
+def _eval_fn(ctx, method: str, iteration: int, init_is_base: bool):
+    def fn(policy, step):
+        if step == 0 and init_is_base:  # the base itself: reuse its evaluation
+            base = ctx.run.eval_results(method_name("base", iteration)).get(0)
+            if base is not None:
+                ctx.run.write_eval(method, 0, {**base, "method": method}) if ctx.is_main else None
+                return
+        evaluate_policy(ctx, method, step, policy)
+
+    return fn
+
+
+def evaluate_base(ctx, iteration: int) -> None:
+    name = method_name("base", iteration)
+    if 0 not in ctx.run.eval_results(name):
+        policy = ctx.new_policy(init=ctx.base_ckpt(iteration))
+        evaluate_policy(ctx, name, 0, policy)
+
+
+# ----------------------------------------------------------------------------- stage 1
+
+
+def train_teachers(ctx, iteration: int = 0, only: str | None = None) -> None:
+    store = RolloutStore(ctx.run.rollouts)
+    batch = load_batch(ctx, store, iteration)
+    for name, t in ctx.cfg.teachers.items():
+        if only is not None and name != only:
+            continue
+        method = method_name(name, iteration)
+        if t.init == "base":
+            init = ctx.base_ckpt(iteration)
+        else:
+            src, step = t.init.split("@")
+            init = ckpt_at(ctx, method_name(src, iteration), int(step))
+        b = dict(batch)
+        if t.loss in ("grpo", "sapo", "cispo"):
+            b["advantages"] = grpo_advantages(batch["rewards"], batch["group_ids"])
+        train_loop(ctx, method, batch=b, loss_fn=objectives.teacher_objective(t), steps=t.steps,
+                   mini_batch_size=t.mini_batch_size, lr=t.lr, warmup_steps=t.warmup_steps, save_every=t.save_every,
+                   init=init, eval_fn=_eval_fn(ctx, method, iteration, t.init == "base"),
+                   step_metrics=_teacher_metrics)
+
+
+def _teacher_metrics(policy, mb) -> dict:
+    """Mean log-prob of positive / negative samples (the unlearn-and-recover curve, paper Fig. 5) is computed
+    from the step's own forward in the loss metrics when available; here only sizes are added."""
+    r = mb["rewards"]
+    return {"batch/positive_frac": float((r > 0.5).float().mean())}
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+def signal_columns(ctx, student, iteration: int) -> dict[str, tuple]:
+    """Per-token log-prob columns a student needs: column -> (kind, checkpoint path)."""
+    cols = {}
+    if 1 in student.strategies or 2 in student.strategies:
+        tm = method_name(student.teacher, iteration)
+        step = student.teacher_step if student.teacher_step > 0 else ctx.cfg.teachers[student.teacher].steps
+        cols[f"lp_{tm}_s{step}".lower()] = ("teacher", ckpt_at(ctx, tm, step))
+    if 2 in student.strategies:
+        tm = method_name(student.teacher, iteration)
+        cols[f"lp_{tm}_s{student.unlearned_step}".lower()] = ("unlearned", ckpt_at(ctx, tm, student.unlearned_step))
+    if 3 in student.strategies:
+        import hashlib
+
+        cols["lp_weak_" + hashlib.sha1(student.weak.encode()).hexdigest()[:8]] = ("weak", student.weak)
+    return cols
+
+
+def compute_signals(ctx, iteration: int = 0) -> None:
+    """Precompute every needed log-prob column once (stage 2 never loads a teacher)."""
+    store = RolloutStore(ctx.run.rollouts)
+    for student in ctx.cfg.students.values():
+        for col, (_, path) in signal_columns(ctx, student, iteration).items():
+            if col not in store.per_token_columns(iteration):
+                policy = ctx.new_policy(init=path)
+                add_policy_logprobs(ctx, store, iteration, col, policy)
+                del policy
+
+
+def build_signals(ctx, student, batch: dict, iteration: int) -> list[torch.Tensor]:
+    """Whitened [B,T] signal per strategy, in the order of `student.strategies`."""
+    cols = {kind: col for col, (kind, _) in signal_columns(ctx, student, iteration).items()}
+    mask = batch["response_mask"]
+    positive = batch["rewards"] > 0.5
+    raw = {
+        1: lambda: batch[cols["teacher"]] - batch["old_logprobs"],
+        2: lambda: batch[cols["teacher"]] - batch[cols["unlearned"]],
+        3: lambda: batch["old_logprobs"] - batch[cols["weak"]],
+    }
+    keep = {"none": "both", "pos": "positive", "neg": "negative"}[student.sign_mask]
+    out = []
+    for k in student.strategies:
+        out.append(S.make_signal(raw[k]() * mask, mask, positive_samples=positive, keep=keep,
+                                 clip_whitened=student.signal_clip or None))
+    return out
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+
+def train_students(ctx, iteration: int = 0, only: str | None = None) -> None:
+    store = RolloutStore(ctx.run.rollouts)
+    for name, s in ctx.cfg.students.items():
+        if only is not None and name != only:
+            continue
+        method = method_name(name, iteration)
+        cols = list(signal_columns(ctx, s, iteration))
+        batch = load_batch(ctx, store, iteration, cols)
+        sigs = build_signals(ctx, s, batch, iteration)
+        next_batch = None
+        if s.ensemble == "sum" or len(sigs) == 1:
+            batch["signal"] = S.ensemble(sigs, batch["response_mask"]) if len(sigs) > 1 else sigs[0]
+        else:  # sequential: steps split evenly between the signals, in the configured order
+            per = [s.steps // len(sigs)] * len(sigs)
+            per[-1] += s.steps - sum(per)
+            n = batch["input_ids"].shape[0]
+
+            def next_batch(step, policy, batch=batch, sigs=sigs, per=per, n=n, mbs=s.mini_batch_size):
+                b = slice_batch(batch, minibatch_indices(n, mbs, step, ctx.cfg.seed))
+                b["signal"] = slice_batch({"x": sigs[S.sequential_index(step, per)]},
+                                          minibatch_indices(n, mbs, step, ctx.cfg.seed))["x"]
+                return b
+
+        train_loop(ctx, method, batch=None if next_batch else batch, next_batch=next_batch,
+                   loss_fn=objectives.distill_objective(s), steps=s.steps, mini_batch_size=s.mini_batch_size,
+                   lr=s.lr, save_every=_save_every(ctx, s.steps), init=ctx.base_ckpt(iteration),
+                   need_entropy=s.entropy_coef != 0.0, eval_fn=_eval_fn(ctx, method, iteration, True))
+
+
+def promote_student(ctx, iteration: int) -> None:
+    """The first configured student's final checkpoint becomes the base of the next iteration."""
+    from erpd_megatron.utils.io import atomic_write_text
+
+    name, s = next(iter(ctx.cfg.students.items()))
+    path = ckpt_at(ctx, method_name(name, iteration), s.steps)
+    if ctx.is_main:
+        atomic_write_text(ctx.run.root / f"iter_{iteration}" / "student.txt", str(path) + "\n")
+    ctx.barrier()
+
+
+def _save_every(ctx, steps: int) -> int:
+    """Students and the on-policy baseline checkpoint at eval points (every `eval.every`, at least once)."""
+    return min(ctx.cfg.eval.every or steps, steps) or 1
+
+
+# ----------------------------------------------------------------------------- on-policy baseline
+
+
+def onpolicy_steps(ctx) -> int:
+    o = ctx.cfg.onpolicy
+    return o.steps or -(-ctx.cfg.data.prompts_per_batch // o.prompts_per_step)
+
+
+def train_onpolicy(ctx, iteration: int = 0) -> None:
+    """Fully on-policy: sample with the current weights, one update, repeat (same rollout budget as ERPD)."""
+    o = ctx.cfg.onpolicy
+    method = method_name(f"onpolicy_{o.loss}", iteration)
+    store = RolloutStore(ctx.run.root / "rollouts_onpolicy" / method)
+
+    def next_batch(step, policy):
+        if step not in store.batches():
+            ctx.push_weights(policy, version=step)
+            if ctx.is_main:
+                # the baseline sees the same prompts as the fixed batch, in prompts_per_step slices
+                prompts = batch_prompts(ctx, iteration, ctx.cfg.data.prompts_per_batch)
+                k = step * o.prompts_per_step % len(prompts)
+                chunk = (prompts + prompts)[k : k + o.prompts_per_step]
+                sample_batch(ctx, store, step, chunk, version=step, seed=ctx.cfg.seed + 1000 * (iteration + 1) + step)
+            ctx.barrier()
+        if "old_logprobs" not in store.per_token_columns(step):
+            add_policy_logprobs(ctx, store, step, "old_logprobs", policy)
+        b = load_batch(ctx, store, step)
+        b["advantages"] = grpo_advantages(b["rewards"], b["group_ids"])
+        return b
+
+    steps = onpolicy_steps(ctx)
+    from erpd_megatron.config import TeacherConfig
+
+    t = TeacherConfig(loss=o.loss, agg="token-mean")
+    train_loop(ctx, method, batch=None, next_batch=next_batch, loss_fn=objectives.onpolicy_objective(o, t),
+               steps=steps, mini_batch_size=o.prompts_per_step * ctx.cfg.rollout.n_samples, lr=o.lr,
+               save_every=1, eval_every=max(1, steps // 4), init=ctx.base_ckpt(iteration),
+               eval_fn=_eval_fn(ctx, method, iteration, True))

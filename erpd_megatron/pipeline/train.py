@@ -1,0 +1,77 @@
+"""The one training loop every stage uses: teacher (stage 1), distillation (stage 2) and on-policy steps.
+
+    for step in range(resume_step, steps):
+        mini-batch = pure function of (seed, step)  ->  engine.train_step(mini-batch, loss_fn)
+        log metrics; every `save_every` steps: checkpoint (atomic), then evaluate if it is an eval step
+
+A killed run restarts from the newest complete checkpoint; the mini-batch schedule and the engine's saved
+optimizer / RNG state make the continuation identical to an uninterrupted run. An evaluation missing for
+the resume step (killed between checkpoint and eval) is redone first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from erpd_megatron.pipeline.rundir import MetricLog, minibatch_indices
+
+log = logging.getLogger("erpd.train")
+
+
+def slice_batch(batch: dict, rows: list[int]) -> dict:
+    idx = torch.as_tensor(rows, dtype=torch.long)
+    return {k: v.index_select(0, idx) if torch.is_tensor(v) and v.dim() >= 1 else v for k, v in batch.items()}
+
+
+def train_loop(ctx, method: str, *, batch: dict | None, loss_fn, steps: int, mini_batch_size: int, lr: float,
+               save_every: int, init, warmup_steps: int = 0, next_batch=None, eval_fn=None, step_metrics=None,
+               need_entropy: bool = False, eval_every: int | None = None):
+    """Train `method` for `steps` optimizer steps; returns the policy (holding the final weights).
+
+    `batch`: the fixed batch (all rows) for off-policy stages; or None with `next_batch(step, policy)` giving a
+    fresh batch per step (on-policy). `eval_fn(policy, step)` runs at save points that are eval steps.
+    """
+    ckdir = ctx.run.ckpt(method)
+    policy = ctx.new_policy(lr=lr, total_steps=steps, warmup_steps=warmup_steps, init=init)
+    start = 0
+    if (ckdir / "latest").exists():  # megatron/checkpoint.py marks the newest complete save
+        policy.load(str(ckdir))
+        start = policy.step
+    if start:
+        log.info("%s: resuming from step %d (%s)", method, start, ckdir)
+    metrics_log = MetricLog(ctx.run.metrics(method), start, tb_dir=ctx.run.root / "tb" / method if ctx.is_main else None)
+    evaluated = set(ctx.run.eval_results(method)) if eval_fn else set()
+    every = ctx.cfg.eval.every if eval_every is None else eval_every
+    if eval_fn and _is_eval_step(start, steps, save_every, every) and start not in evaluated:
+        eval_fn(policy, start)
+    for step in range(start, steps):
+        t0 = time.perf_counter()
+        if batch is not None:
+            n = batch["input_ids"].shape[0]
+            mb = slice_batch(batch, minibatch_indices(n, mini_batch_size, step, ctx.cfg.seed))
+        else:
+            mb = next_batch(step, policy)
+        metrics = policy.train_step(mb, loss_fn, need_entropy=need_entropy)
+        tokens = float(mb["attention_mask"].sum())
+        metrics["perf/tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
+        metrics["perf/response_length"] = float(mb["response_mask"].sum() / mb["response_mask"].shape[0])
+        if step_metrics is not None:
+            metrics.update(step_metrics(policy, mb))
+        if ctx.is_main:
+            metrics_log.log(step + 1, metrics)
+        done = step + 1
+        if done % save_every == 0 or done == steps:
+            policy.save(str(ckdir))
+            if eval_fn and _is_eval_step(done, steps, save_every, every):
+                eval_fn(policy, done)
+    metrics_log.close()
+    return policy
+
+
+def _is_eval_step(step: int, steps: int, save_every: int, every: int) -> bool:
+    if step == steps or step == 0:
+        return True
+    return bool(every) and step % every == 0 and step % save_every == 0
