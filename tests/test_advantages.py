@@ -52,6 +52,11 @@ def test_grpo_all_equal_group_is_exactly_zero(dtype):
         assert (a[6:] != 0).all()
 
 
+def test_grpo_integer_rewards_give_float_advantages():
+    a = A.grpo_advantages(torch.tensor([1, 0, 0, 0]), group_size=4)
+    assert a.dtype == torch.float32 and a.tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5], abs=1e-5)
+
+
 def test_grpo_bad_input():
     r = torch.ones(6)
     with pytest.raises(ValueError, match="does not divide"):

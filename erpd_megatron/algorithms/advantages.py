@@ -32,9 +32,9 @@ def grpo_advantages(
     Groups come from `group_ids` [N] (any integer labels, any order) or from `group_size` (consecutive
     blocks of that size). std is the Bessel-corrected group standard deviation (torch.std's default).
     """
-    check_tensor(
-        "rewards", rewards.float() if isinstance(rewards, Tensor) and not rewards.is_floating_point() else rewards
-    )
+    if isinstance(rewards, Tensor) and not rewards.is_floating_point():
+        rewards = rewards.float()  # integer / bool rewards: advantages are fractional
+    check_tensor("rewards", rewards)
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
     n = rewards.shape[0]
