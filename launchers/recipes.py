@@ -1,0 +1,276 @@
+"""Launch recipes: one function per model / cluster shape, each returning a typed `Recipe`.
+
+A recipe says what runs (the trainer command `erpd run --config PRESET key=value ...`, or `erpd demo`),
+on what layout (a planner `Layout`: the planner checks it before every launch), and where (Slurm settings:
+account, partition, time, container, mounts, environment, requeue). The executors in `launchers/slurm.py`
+(plain sbatch) and `launchers/nemo.py` (nemo-run) turn the same recipe into equivalent sbatch scripts.
+
+The trainer's parallel sizes are written from the layout (one source of truth): TRAINER_KEYS maps layout
+fields to the trainer's config keys. Layout fields without a trainer key (cp, recompute, seq_len, ...)
+only feed the planner.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from erpd_megatron.planner import Layout
+
+#: layout field -> trainer config key (erpd_megatron/config.py); only these are passed to the trainer
+TRAINER_KEYS: dict[str, str] = {
+    "tp": "model.tp",
+    "pp": "model.pp",
+    "dp": "model.dp",
+    "micro_batch": "model.micro_batch_size",
+}
+
+#: environment of every GPU job (NCCL, CUDA, paths); recipes and `slurm.env.KEY=VALUE` add to it
+DEFAULT_ENV: dict[str, str] = {
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",  # Megatron TP/SP comm-compute overlap needs in-order kernels
+    "NCCL_DEBUG": "WARN",
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",  # a dead rank fails the job instead of hanging until timeout
+    "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+    "OMP_NUM_THREADS": "8",
+}
+
+
+@dataclass
+class SlurmSettings:
+    """Cluster side of a recipe (any field can be overridden as `slurm.FIELD=VALUE`)."""
+
+    account: str = field(default_factory=lambda: os.environ.get("ERPD_SLURM_ACCOUNT", "my_account"))
+    partition: str = field(default_factory=lambda: os.environ.get("ERPD_SLURM_PARTITION", "batch"))
+    time: str = "04:00:00"
+    """wall-clock limit per allocation; the job requeues itself and resumes, so runs may be longer"""
+    job_name: str = ""
+    container_image: str = field(default_factory=lambda: os.environ.get("ERPD_CONTAINER_IMAGE", "erpd-megatron.sqsh"))
+    """enroot/pyxis image (squashfs path or registry URI) with torch, megatron-core and this project's deps"""
+    container_mounts: list[str] = field(default_factory=lambda: ["/models:/models"])
+    code_dir: str = "/workspace/erpd-megatron"
+    """where the repository is mounted in the container (the working directory of every task)"""
+    host_code_dir: str = ""
+    """repository on the cluster's shared file system (default: the launch directory)"""
+    env: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ENV))
+    max_retries: int = 3
+    """requeues after a failure, preemption or time limit; each rerun resumes from the last checkpoint"""
+    requeue_signal_s: int = 300
+    """plain sbatch path: Slurm sends USR1 this many seconds before the time limit, the script requeues"""
+    exclusive: bool = True
+    rdzv_port: int = 29500
+    setup: list[str] = field(default_factory=list)
+    """extra shell lines run in the batch script before the job steps (module load, ...)"""
+    extra_sbatch: dict[str, str] = field(default_factory=dict)
+    """more #SBATCH flags, e.g. {"qos": "high", "reservation": "rl"}"""
+
+
+@dataclass
+class RolloutServers:
+    """Disaggregated rollouts: SGLang servers on their own nodes (second group of a heterogeneous job)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    tp: int = 4
+    port: int = 30000
+    mem_fraction: float = 0.85
+    model_path: str = ""
+
+    def command(self) -> list[str]:
+        # one server per node, data-parallel over the node's GPUs in groups of `tp`
+        return ["python", "-m", "sglang.launch_server", "--model-path", self.model_path,
+                "--tp-size", str(self.tp), "--dp-size", str(self.gpus_per_node // self.tp),
+                "--mem-fraction-static", str(self.mem_fraction), "--host", "0.0.0.0", "--port", str(self.port)]
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str
+    model: str
+    """key of launchers.models.MODELS (the HF config the planner checks)"""
+    layout: Layout
+    trainer: list[str]
+    """trainer command without overrides, e.g. ["erpd", "run", "--config", PRESET]"""
+    overrides: dict[str, str] = field(default_factory=dict)
+    """trainer overrides key -> value (recipe defaults; CLI key=value items are added)"""
+    nodes: int = 1
+    gpus_per_node: int = 8
+    torchrun: bool = True
+    """launch the trainer through torchrun (one process per GPU); False for the CPU demo"""
+    run_root: str = field(default_factory=lambda: os.environ.get("ERPD_RUN_ROOT", "runs"))
+    """run directories live at RUN_ROOT/NAME: rerunning a recipe with the same name resumes it"""
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)
+    rollout_servers: RolloutServers | None = None
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.run_root, self.name)
+
+    def trainer_overrides(self) -> dict[str, str]:
+        """Layout-derived keys, then the recipe's / user's overrides, then the run directory."""
+        out = {key: str(getattr(self.layout, f)) for f, key in TRAINER_KEYS.items()} if self.torchrun else {}
+        out.update(self.overrides)
+        out["run_dir"] = self.run_dir
+        return out
+
+    def trainer_argv(self) -> list[str]:
+        return list(self.trainer) + [f"{k}={v}" for k, v in self.trainer_overrides().items()]
+
+
+# ----------------------------------------------------------------------------------------- recipes
+def cpu_demo() -> Recipe:
+    """The tiny ERPD pipeline on this machine's CPU (what `make demo` runs)."""
+    return Recipe(
+        name="cpu_demo",
+        description="tiny Qwen3 toy task on CPU, one process",
+        model="qwen3-1.7b",  # planner only; the demo's own toy model is far smaller
+        layout=Layout(tp=1, pp=1, dp=1, micro_batch=1, global_batch=1, seq_len=64, param_dtype="fp32",
+                      grad_dtype="fp32", attention="unfused", recompute="none", nodes=None, gpus_per_node=1),
+        trainer=["erpd", "demo"],
+        nodes=1,
+        gpus_per_node=1,
+        torchrun=False,
+    )
+
+
+def qwen3_4b_1node() -> Recipe:
+    """Qwen3-4B ERPD on one node of 8 H100: TP1 x DP8 training, colocated SGLang TP1 rollouts."""
+    return Recipe(
+        name="qwen3_4b_1node",
+        description="Qwen3-4B, 1 x 8 H100, TP1 DP8, colocated SGLang TP1",
+        model="qwen3-4b",
+        layout=Layout(tp=1, pp=1, dp=8, cp=1, micro_batch=1, global_batch=256, seq_len=8192, recompute="selective",
+                      nodes=1, gpus_per_node=8, rollout="colocated", rollout_tp=1, rollout_mem_fraction=0.5),
+        trainer=["erpd", "run", "--config", "erpd_megatron/presets/qwen3_4b.yaml"],
+        overrides={"model.base": "/models/Qwen3-4B", "rollout.engine": "sglang"},
+        nodes=1,
+    )
+
+
+def qwen35_27b() -> Recipe:
+    """Qwen3.5-27B ERPD on 4 x 8 H100: TP4 x PP2 x DP4 training, colocated SGLang TP4 rollouts."""
+    return Recipe(
+        name="qwen35_27b",
+        description="Qwen3.5-27B, 4 x 8 H100, TP4 PP2 DP4, colocated SGLang TP4 (8 engines)",
+        model="qwen3.5-27b",
+        layout=Layout(tp=4, pp=2, dp=4, cp=1, micro_batch=1, global_batch=256, seq_len=8192, recompute="selective",
+                      nodes=4, gpus_per_node=8, rollout="colocated", rollout_tp=4, rollout_mem_fraction=0.5),
+        trainer=["erpd", "run", "--config", "erpd_megatron/presets/qwen35_27b.yaml"],
+        overrides={"model.base": "/models/Qwen3.5-27B", "rollout.engine": "sglang"},
+        nodes=4,
+        slurm=SlurmSettings(time="08:00:00"),
+    )
+
+
+def qwen35_27b_disagg() -> Recipe:
+    """Qwen3.5-27B with separate rollout nodes: 4 training nodes (TP4 PP2 DP4) + 2 SGLang nodes, one
+    heterogeneous Slurm job; the trainer attaches to the servers and pushes weights over NCCL."""
+    r = qwen35_27b()
+    r.name = "qwen35_27b_disagg"
+    r.description = "Qwen3.5-27B, 4 x 8 H100 training + 2 x 8 H100 SGLang TP4 x DP2 servers (heterogeneous job)"
+    r.layout.rollout = "disaggregated"
+    r.layout.rollout_nodes = 2
+    r.layout.rollout_mem_fraction = 0.85
+    r.rollout_servers = RolloutServers(nodes=2, tp=4, mem_fraction=0.85, model_path="/models/Qwen3.5-27B")
+    # filled in by the batch script from the rollout group's host list
+    r.overrides["rollout.sglang_urls"] = "$ROLLOUT_URLS"
+    return r
+
+
+RECIPES: dict[str, typing.Callable[[], Recipe]] = {
+    "cpu_demo": cpu_demo,
+    "qwen3_4b_1node": qwen3_4b_1node,
+    "qwen35_27b": qwen35_27b,
+    "qwen35_27b_disagg": qwen35_27b_disagg,
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]()
+    except KeyError:
+        raise KeyError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}") from None
+
+
+# ----------------------------------------------------------------------------------------- overrides
+_SECTIONS = {"layout": "layout", "slurm": "slurm", "rollout_servers": "rollout_servers"}
+_RECIPE_FIELDS = {"name", "nodes", "gpus_per_node", "run_root", "model"}
+
+
+def _coerce(tp, raw: str, where: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if raw in ("None", "null", ""):
+            return None
+        return _coerce(args[0], raw, where)
+    if tp is bool:
+        v = yaml.safe_load(raw)
+        if not isinstance(v, bool):
+            raise ValueError(f"override {where}: expected true/false, got {raw!r}")
+        return v
+    if tp in (int, float):
+        try:
+            return tp(raw)
+        except ValueError:
+            raise ValueError(f"override {where}: expected {tp.__name__}, got {raw!r}") from None
+    if origin in (list, dict):
+        v = yaml.safe_load(raw)
+        if not isinstance(v, origin):
+            raise ValueError(f"override {where}: expected a {origin.__name__} (YAML), got {raw!r}")
+        return v
+    return raw  # str and Literal[...] (the planner validates the literal choices)
+
+
+def _set_field(obj, name: str, raw: str, where: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    if name not in fields:
+        raise ValueError(f"override {where}: unknown field {name!r} of {type(obj).__name__}; "
+                         f"valid: {sorted(fields)}")
+    hints = typing.get_type_hints(type(obj))
+    setattr(obj, name, _coerce(hints[name], raw, where))
+
+
+def apply_overrides(recipe: Recipe, items: list[str], nodes: int | None = None) -> Recipe:
+    """A copy of `recipe` with `key=value` items applied: `layout.*`, `slurm.*` (incl. `slurm.env.KEY`),
+    `rollout_servers.*` and recipe fields (`nodes`, `name`, `run_root`, ...) change the recipe; any other
+    key is a trainer override. `nodes` (from --nodes) also rescales DP to fill the nodes."""
+    r = copy.deepcopy(recipe)
+    layout_touched = False
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        head, _, rest = key.partition(".")
+        if head == "slurm" and rest.startswith("env."):
+            r.slurm.env[rest[4:]] = raw
+        elif head in _SECTIONS and rest:
+            target = getattr(r, _SECTIONS[head])
+            if target is None:
+                raise ValueError(f"override {key}: recipe {r.name} has no {head} section")
+            _set_field(target, rest, raw, key)
+            layout_touched |= head == "layout"
+        elif not rest and key in _RECIPE_FIELDS:
+            _set_field(r, key, raw, key)
+            if key == "nodes":
+                nodes = r.nodes
+        else:
+            r.overrides[key] = raw
+    if nodes is not None:
+        r.nodes = nodes
+        r.layout.nodes = nodes
+        if "layout.dp" not in " ".join(items):
+            r.layout.dp = max(1, nodes * r.gpus_per_node // (r.layout.tp * r.layout.pp * r.layout.cp))
+    elif layout_touched and r.layout.nodes is not None and not any(i.startswith("layout.dp=") for i in items):
+        # TP/PP/CP changed on a fixed node count: DP fills the nodes
+        r.layout.dp = max(1, r.layout.nodes * r.gpus_per_node // (r.layout.tp * r.layout.pp * r.layout.cp))
+    return r
