@@ -84,19 +84,22 @@ _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}) with balanced braces, else None."""
-    starts = [m.end() for m in _BOXED_RE.finditer(text)]
-    for start in reversed(starts):  # an unclosed last box falls back to the previous closed one
-        depth = 1
-        for i in range(start, len(text)):
-            c = text[i]
-            if c == "{" and text[i - 1] != "\\":
-                depth += 1
-            elif c == "}" and text[i - 1] != "\\":
-                depth -= 1
-                if depth == 0:
-                    return text[start:i]
-    return None
+    """Content of the \\boxed{...} (or \\fbox{...}) that closes last, with balanced braces; else None.
+
+    One linear pass with a brace stack (a rescan per candidate is quadratic on "\\boxed{" * 5000).
+    The box closing last is the final answer, and for nested boxes it is the outer one.
+    """
+    box_starts = {m.end() - 1 for m in _BOXED_RE.finditer(text)}  # index of each box's "{"
+    stack: list[int] = []
+    best = None
+    for i, c in enumerate(text):
+        if c == "{" and (i == 0 or text[i - 1] != "\\"):
+            stack.append(i)
+        elif c == "}" and (i == 0 or text[i - 1] != "\\") and stack:
+            opened = stack.pop()
+            if opened in box_starts:
+                best = (opened + 1, i)
+    return None if best is None else text[best[0] : best[1]]
 
 
 _TEXT_WRAP_RE = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
@@ -295,6 +298,7 @@ class MathReward:
         w.proc.join(timeout=5)
 
     def close(self) -> None:
+        """Ask idle workers to exit (they take ~0.7 s to tear down sympy), then kill what is left."""
         if self._closed:
             return
         self._closed = True
@@ -304,7 +308,9 @@ class MathReward:
                     w.conn.send(None)
             except (OSError, BrokenPipeError):
                 pass
-            w.proc.join(timeout=1)
+        deadline = time.monotonic() + 2.0
+        for w in self._workers:
+            w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
             self._kill(w)
         self._workers = []
 
