@@ -1,0 +1,292 @@
+"""A stand-in for ``python -m sglang.launch_server`` that speaks SGLang 0.5.x's HTTP wire format.
+
+Used by tests/test_sglang_engine.py (not a test module itself). Stdlib HTTP server; torch is
+imported only by the weight endpoints. What it checks and does:
+- ``/generate``: request fields must be sglang's (unknown top-level or sampling field -> 400, like
+  pydantic / msgspec validation there); answers with ``output_ids`` and ``meta_info`` holding
+  ``id``, ``finish_reason`` ({"type": "stop", "matched": id} / {"type": "length", "length": n}),
+  ``prompt_tokens``, ``completion_tokens``, ``weight_version`` and ``output_token_logprobs``
+  ([logprob, token_id, null] triples). The "model" is a formula of (prompt, seed, position), see
+  ``fake_token``; ``--die-after K`` exits the process abruptly on the K-th /generate of the first
+  incarnation (a marker file remembers that it already died once).
+- ``/update_weights_from_tensor``: decodes every TP rank's base64 payload -- with sglang's own
+  ``MultiprocessingSerializer`` + ``FlattenedTensorBucket`` when ``--use-sglang`` (and importable),
+  else with an allowlisted unpickler -- and checks that all ranks agree.
+- ``/init_weights_update_group`` + ``/update_weights_from_distributed``: joins the custom group
+  (gloo here) as ``rank_offset + tp_rank`` and receives one broadcast per tensor, in order.
+- ``/update_weights_from_disk``: reads ``*.safetensors`` of ``model_path``.
+- Control endpoints are logged; ``GET /_events`` returns the log, ``POST /_dump_weights`` saves the
+  received tensors with ``torch.save``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+GENERATE_FIELDS = {"rid", "input_ids", "text", "sampling_params", "return_logprob", "logprob_start_len",
+                   "top_logprobs_num", "stream", "return_text_in_logprobs", "lora_path", "session_params"}
+SAMPLING_FIELDS = {"n", "temperature", "top_p", "top_k", "min_p", "max_new_tokens", "min_new_tokens", "stop",
+                   "stop_token_ids", "ignore_eos", "skip_special_tokens", "no_stop_trim", "sampling_seed",
+                   "frequency_penalty", "presence_penalty", "repetition_penalty"}
+TENSOR_FIELDS = {"serialized_named_tensors", "load_format", "flush_cache", "abort_all_requests", "weight_version"}
+DIST_INIT_FIELDS = {"master_address", "master_port", "rank_offset", "world_size", "group_name", "backend"}
+DIST_UPDATE_FIELDS = {"names", "dtypes", "shapes", "group_name", "flush_cache", "abort_all_requests",
+                      "weight_version"}
+
+
+def fake_token(prompt: list[int], seed: int, k: int, vocab: int) -> tuple[int, float]:
+    """The k-th response token of the fake model and its log-prob."""
+    tok = (sum(prompt) * 31 + len(prompt) * 7 + seed % 1009 * 13 + k * 11) % vocab
+    return tok, -0.01 * (tok + 1) - 0.001 * k
+
+
+class State:
+    def __init__(self, args):
+        self.args = args
+        self.lock = threading.Lock()
+        self.n_generate = 0
+        self.events: list = []
+        self.weights: dict = {}
+        self.weight_version = "default"
+        self.groups: dict = {}
+        self.paused = False
+
+
+def make_handler(state: State):
+    args = state.args
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):  # quiet
+            pass
+
+        def _body(self):
+            n = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(n) if n else b""
+            if raw and self.headers.get("Content-Type", "").split(";")[0] != "application/json":
+                raise ValueError("content-type must be application/json")
+            return json.loads(raw) if raw else None
+
+        def _send(self, status, obj):
+            raw = obj.encode() if isinstance(obj, str) else json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain" if isinstance(obj, str) else "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def do_GET(self):
+            if self.path == "/health":
+                return self._send(200, "")
+            if self.path == "/get_server_info":
+                return self._send(200, {"tp_size": args.tp, "version": "0.5.23-fake", "pid": os.getpid()})
+            if self.path == "/_events":
+                with state.lock:
+                    return self._send(200, {"events": state.events, "weight_version": state.weight_version,
+                                            "pid": os.getpid(), "n_generate": state.n_generate})
+            return self._send(404, {"error": self.path})
+
+        def do_POST(self):
+            try:
+                body = self._body()
+                fn = getattr(self, "h_" + self.path.strip("/").replace("/", "_"), None)
+                if fn is None:
+                    return self._send(404, {"error": self.path})
+                status, obj = fn(body)
+            except Exception as e:  # report, like the real server's 400 for invalid input
+                status, obj = 400, {"success": False, "message": f"{type(e).__name__}: {e}"}
+            return self._send(status, obj)
+
+        def log_event(self, name, **kw):
+            with state.lock:
+                state.events.append({"event": name, **kw})
+
+        # ----------------------------------------------------------- generation
+        def h_generate(self, body):
+            unknown = set(body) - GENERATE_FIELDS
+            if unknown:
+                return 400, {"error": f"unknown GenerateReqInput fields {sorted(unknown)}"}
+            sp = body["sampling_params"]
+            unknown = set(sp) - SAMPLING_FIELDS
+            if unknown:
+                return 400, {"error": f"unknown SamplingParams fields {sorted(unknown)}"}
+            if sp.get("n", 1) != 1 or body.get("return_logprob") is not True:
+                return 400, {"error": "this fake serves n=1 with return_logprob only"}
+            prompt = [int(t) for t in body["input_ids"]]
+            with state.lock:
+                state.n_generate += 1
+                count = state.n_generate
+                state.events.append({"event": "generate", "rid": body["rid"]})
+            if args.die_after and count == args.die_after and not os.path.exists(args.die_marker):
+                open(args.die_marker, "w").close()
+                time.sleep(args.gen_delay / 2)  # let the other in-flight requests arrive first
+                os._exit(17)
+            time.sleep(args.gen_delay)
+            seed = int(sp.get("sampling_seed") or 0)
+            stops = set(sp.get("stop_token_ids") or [])
+            ids, triples, reason = [], [], None
+            for k in range(int(sp["max_new_tokens"])):
+                tok, lp = fake_token(prompt, seed, k, args.vocab)
+                ids.append(tok)
+                triples.append([lp, tok, None])
+                if tok in stops:
+                    reason = {"type": "stop", "matched": tok}
+                    break
+            if reason is None:
+                reason = {"type": "length", "length": len(ids)}
+            with state.lock:
+                state.events.append({"event": "generated", "rid": body["rid"]})
+                version = state.weight_version
+            meta = {"id": body["rid"], "finish_reason": reason, "prompt_tokens": len(prompt),
+                    "weight_version": version, "completion_tokens": len(ids), "cached_tokens": 0,
+                    "output_token_logprobs": triples}
+            return 200, {"text": " ".join(map(str, ids)), "output_ids": ids, "meta_info": meta}
+
+        def h_abort_request(self, body):
+            self.log_event("abort_request", rid=body.get("rid"))
+            return 200, ""
+
+        # ----------------------------------------------------------- control
+        def h_pause_generation(self, body):
+            self.log_event("pause_generation", mode=(body or {}).get("mode"))
+            state.paused = True
+            return 200, {"message": "Generation paused successfully.", "status": "ok"}
+
+        def h_continue_generation(self, body):
+            self.log_event("continue_generation")
+            state.paused = False
+            return 200, {"message": "Generation continued successfully.", "status": "ok"}
+
+        def h_flush_cache(self, body):
+            self.log_event("flush_cache")
+            return 200, "Cache flushed.\n"
+
+        def h_release_memory_occupation(self, body):
+            self.log_event("release_memory_occupation", tags=(body or {}).get("tags"))
+            return 200, ""
+
+        def h_resume_memory_occupation(self, body):
+            self.log_event("resume_memory_occupation", tags=(body or {}).get("tags"))
+            return 200, ""
+
+        # ----------------------------------------------------------- weights
+        def _store(self, named, version):
+            with state.lock:
+                for name, t in named:
+                    state.weights[name] = t.clone()
+                if version is not None:
+                    state.weight_version = version
+
+        def h_update_weights_from_tensor(self, body):
+            import torch
+
+            unknown = set(body) - TENSOR_FIELDS
+            if unknown or body.get("load_format") != "flattened_bucket":
+                return 400, {"success": False, "message": f"bad request fields {sorted(unknown)} / load_format"}
+            payloads = body["serialized_named_tensors"]
+            if len(payloads) != args.tp or not all(isinstance(p, str) for p in payloads):
+                return 400, {"success": False, "message": f"need {args.tp} base64 strings, one per TP rank"}
+            per_rank = [decode_bucket(p, args.use_sglang) for p in payloads]
+            for other in per_rank[1:]:
+                assert [n for n, _ in other] == [n for n, _ in per_rank[0]]
+                assert all(torch.equal(a, b) for (_, a), (_, b) in zip(other, per_rank[0]))
+            self._store(per_rank[0], body.get("weight_version"))
+            self.log_event("update_weights_from_tensor", names=[n for n, _ in per_rank[0]],
+                           decoder="sglang" if args.use_sglang else "erpd")
+            return 200, {"success": True, "message": "Success"}
+
+        def h_init_weights_update_group(self, body):
+            from erpd_megatron.rollout.sglang_wire import init_custom_process_group
+
+            if set(body) != DIST_INIT_FIELDS:
+                return 400, {"success": False, "message": f"fields {sorted(body)}"}
+            assert args.tp == 1, "one TP rank per fake server"
+            pg = init_custom_process_group(
+                backend=body["backend"], init_method=f"tcp://{body['master_address']}:{body['master_port']}",
+                world_size=body["world_size"], rank=body["rank_offset"], group_name=body["group_name"])
+            state.groups[body["group_name"]] = pg
+            self.log_event("init_weights_update_group", rank=body["rank_offset"], world_size=body["world_size"])
+            return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
+
+        def h_update_weights_from_distributed(self, body):
+            import torch
+            import torch.distributed as dist
+
+            unknown = set(body) - DIST_UPDATE_FIELDS
+            if unknown:
+                return 400, {"success": False, "message": f"unknown fields {sorted(unknown)}"}
+            pg = state.groups[body["group_name"]]
+            named = []
+            for name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"]):
+                t = torch.empty(shape, dtype=getattr(torch, dtype))
+                dist.broadcast(t, src=0, group=pg)
+                named.append((name, t))
+            self._store(named, body.get("weight_version"))
+            self.log_event("update_weights_from_distributed", names=body["names"])
+            return 200, {"success": True, "message": "Succeeded to update parameter online."}
+
+        def h_update_weights_from_disk(self, body):
+            from pathlib import Path
+
+            from safetensors.torch import load_file
+
+            named = []
+            for f in sorted(Path(body["model_path"]).glob("*.safetensors")):
+                named.extend(load_file(str(f)).items())
+            self._store(named, body.get("weight_version"))
+            self.log_event("update_weights_from_disk", model_path=body["model_path"])
+            return 200, {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
+
+        def h__dump_weights(self, body):
+            import torch
+
+            with state.lock:
+                torch.save(dict(state.weights), body["path"])
+            return 200, {"success": True}
+
+    return Handler
+
+
+def decode_bucket(payload: str, use_sglang: bool):
+    from erpd_megatron.rollout import sglang_wire
+
+    obj = sglang_wire.deserialize(payload, use_sglang=use_sglang)
+    if use_sglang:
+        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
+        return FlattenedTensorBucket(flattened_tensor=obj["flattened_tensor"],
+                                     metadata=obj["metadata"]).reconstruct_tensors()
+    return sglang_wire.reconstruct_bucket(obj)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--vocab", type=int, default=50)
+    ap.add_argument("--gen-delay", type=float, default=0.0)
+    ap.add_argument("--die-after", type=int, default=0)
+    ap.add_argument("--die-marker", default="")
+    ap.add_argument("--use-sglang", action="store_true")
+    args = ap.parse_args(argv)
+    if args.use_sglang:
+        from erpd_megatron.rollout.sglang_wire import _sglang_classes
+
+        if _sglang_classes() is None:
+            print("sglang not importable", file=sys.stderr)
+            sys.exit(3)
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(State(args)))
+    server.daemon_threads = True
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
