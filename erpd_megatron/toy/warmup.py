@@ -1,0 +1,288 @@
+"""Deterministic supervised warm-up of the tiny Qwen3 base policy for the toy task.
+
+    python -m erpd_megatron.toy.warmup --out runs/toy_base [--steps N --seed S]
+
+Builds a Qwen3ForCausalLM from ``toy_model_config()`` (fp32, tied embeddings), trains it by
+cross-entropy on the scratchpad targets of ``task.py`` (AdamW, linear warm-up then cosine decay,
+response tokens only), and saves an HF checkpoint dir (config.json, model.safetensors,
+generation_config.json, tokenizer files) plus ``warmup.json`` with the accuracy measured at
+temperature 1.0 and greedily on held-out problems, and the learning curve.
+
+Determinism: one CPU thread, ``torch.use_deterministic_algorithms``, all randomness from the seed
+(data order from ``random.Random``, init from ``torch.manual_seed``, sampling from a
+``torch.Generator``). Two runs with the same arguments give bit-identical weights on one machine.
+A second call with the same arguments finds the matching ``warmup.json`` and does nothing.
+See docs/toy_task.md for why this model size and step count (a base on a plateau, not mid-curve).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from erpd_megatron.toy import task as toy_task
+from erpd_megatron.toy.sampling import generate, quiet_math_verify, score
+from erpd_megatron.toy.tokenizer import VOCAB, build_tokenizer
+
+WARMUP_JSON = "warmup.json"
+# Bumped when the recipe changes in a way the config dict does not capture (invalidates caches).
+RECIPE_VERSION = 1
+
+
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def toy_model_config(*, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
+                     head_dim: int = 16, intermediate_size: int = 192, vocab_size: int | None = None,
+                     tie_word_embeddings: bool = True, max_position_embeddings: int = 64) -> dict:
+    """HF config dict of a tiny Qwen3ForCausalLM for the toy tokenizer.
+
+    Heads and KV heads are even so TP=2 is a valid Megatron layout. ``vocab_size`` defaults to the toy
+    vocabulary (24, already a multiple of 8). Ids of pad / bos / eos follow ``tokenizer.VOCAB``.
+    """
+    vocab_size = len(VOCAB) if vocab_size is None else vocab_size
+    if vocab_size < len(VOCAB):
+        raise ValueError(f"toy_model_config: vocab_size {vocab_size} < toy vocabulary {len(VOCAB)}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"toy_model_config: num_heads {num_heads} not divisible by num_kv_heads {num_kv_heads}")
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": max_position_embeddings,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": tie_word_embeddings,
+        "use_cache": True,
+        "initializer_range": 0.02,
+        "pad_token_id": VOCAB.index("<|pad|>"),
+        "bos_token_id": VOCAB.index("<|bos|>"),
+        "eos_token_id": VOCAB.index("<|im_end|>"),
+        "torch_dtype": "float32",
+    }
+
+
+def build_model(config: dict, seed: int = 0):
+    """Randomly initialised Qwen3ForCausalLM (fp32) from an HF config dict, init seeded."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = dict(config)
+    cfg.pop("architectures", None)
+    cfg.pop("model_type", None)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(Qwen3Config(**cfg, attn_implementation="eager"))
+    return model.float()
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    """Everything that determines the warm-up result (the cache key)."""
+
+    steps: int = 600
+    seed: int = 0
+    batch_size: int = 128
+    lr: float = 3e-3
+    lr_warmup_steps: int = 30
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    eval_prompts: int = 256
+    eval_samples: int = 4  # samples per prompt at T=1
+    eval_every: int = 0  # 0: evaluate only at the end; else also every k steps (learning curve)
+    model: dict = field(default_factory=dict)  # overrides of toy_model_config()
+    recipe_version: int = RECIPE_VERSION
+
+
+def _lr_at(step: int, cfg: WarmupConfig) -> float:
+    if step < cfg.lr_warmup_steps:
+        return cfg.lr * (step + 1) / cfg.lr_warmup_steps
+    t = (step - cfg.lr_warmup_steps) / max(1, cfg.steps - cfg.lr_warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _encode_pairs(tokenizer, problems) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt ids (chat template with generation prompt) and response ids (target + eos)."""
+    prompts = [_prompt_ids(tokenizer, p.problem) for p in problems]
+    responses = [tokenizer.encode(p.target, add_special_tokens=False) + [tokenizer.eos_token_id] for p in problems]
+    return prompts, responses
+
+
+def _prompt_ids(tokenizer, problem: str) -> list[int]:
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": problem}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=True)["input_ids"])
+
+
+def _batch(prompts, responses, pad_id):
+    """Right-padded input_ids and the mask of response positions (the project's token layout)."""
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    resp = torch.zeros((len(seqs), t), dtype=torch.float32)
+    attn = torch.zeros((len(seqs), t), dtype=torch.long)
+    for i, (p, s) in enumerate(zip(prompts, seqs)):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+        resp[i, len(p): len(s)] = 1
+    return ids, attn, resp
+
+
+def sft_loss(model, ids, attn, resp) -> torch.Tensor:
+    """Token-mean cross-entropy on response tokens (right padding never attended to by causal tokens)."""
+    logits = model(input_ids=ids, attention_mask=attn).logits.float()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    mask = resp[:, 1:]
+    return (nll * mask).sum() / mask.sum()
+
+
+def evaluate(model, tokenizer, problems, *, samples: int = 4, seed: int = 0, max_new_tokens: int = 40) -> dict:
+    """Accuracy on ``problems``: mean over ``samples`` draws at T=1 and greedy (math_verify scored)."""
+    quiet_math_verify()
+    model.eval()
+    prompts = [_prompt_ids(tokenizer, p.problem) for p in problems]
+    gen = torch.Generator().manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    t1 = generate(model, prompts * samples, eos_id=eos, temperature=1.0, max_new_tokens=max_new_tokens, generator=gen)
+    gr = generate(model, prompts, eos_id=eos, temperature=0.0, max_new_tokens=max_new_tokens)
+    answers = [p.answer for p in problems]
+    acc_t1 = sum(score(tokenizer.decode(r, skip_special_tokens=True), a) for r, a in zip(t1, answers * samples)) / len(t1)
+    acc_gr = sum(score(tokenizer.decode(r, skip_special_tokens=True), a) for r, a in zip(gr, answers)) / len(gr)
+    model.train()
+    return {"acc_t1": acc_t1, "acc_greedy": acc_gr, "n_prompts": len(problems), "samples_t1": samples}
+
+
+@contextlib.contextmanager
+def deterministic_cpu():
+    """One thread + deterministic algorithms inside the block; the caller's settings are restored."""
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det)
+
+
+def _cached(out: Path, cfg: WarmupConfig) -> dict | None:
+    meta = out / WARMUP_JSON
+    if not (meta.is_file() and (out / "model.safetensors").is_file() and (out / "config.json").is_file()):
+        return None
+    try:
+        data = json.loads(meta.read_text())
+    except json.JSONDecodeError:
+        return None
+    return data if data.get("config") == json.loads(json.dumps(asdict(cfg))) else None
+
+
+def warmup(out_dir: str | Path, cfg: WarmupConfig = WarmupConfig(), *, force: bool = False, log=_print) -> dict:
+    """Train (or find cached) the toy base model in ``out_dir``; returns the warmup.json contents."""
+    out = Path(out_dir)
+    if not force and (hit := _cached(out, cfg)) is not None:
+        log(f"[toy.warmup] cached: {out} (acc T=1 {hit['final']['acc_t1']:.3f}, greedy {hit['final']['acc_greedy']:.3f})")
+        return hit
+    t0, c0 = time.perf_counter(), time.process_time()
+    tokenizer = build_tokenizer()
+    model_cfg = toy_model_config(**cfg.model)
+    pool = toy_task.train_pool()
+    heldout = toy_task.eval_problems(cfg.eval_prompts, seed=cfg.seed)
+    rng = random.Random(f"toy-warmup-{cfg.seed}")
+    curve = []
+    with deterministic_cpu():
+        model = build_model(model_cfg, seed=cfg.seed)
+        model.train()
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98),
+                                foreach=False)
+        for step in range(cfg.steps):
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                curve.append({"step": step, **evaluate(model, tokenizer, heldout, samples=cfg.eval_samples, seed=cfg.seed),
+                              "wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(time.process_time() - c0, 2)})
+                log(f"[toy.warmup] {curve[-1]}")
+            batch = [pool[rng.randrange(len(pool))] for _ in range(cfg.batch_size)]
+            ids, attn, resp = _batch(*_encode_pairs(tokenizer, batch), tokenizer.pad_token_id)
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, cfg)
+            loss = sft_loss(model, ids, attn, resp)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if step % 100 == 0 or step == cfg.steps - 1:
+                log(f"[toy.warmup] step {step} loss {loss.item():.4f} lr {_lr_at(step, cfg):.2e} "
+                    f"t {time.perf_counter() - t0:.1f}s cpu {time.process_time() - c0:.1f}s")
+        train_s = time.perf_counter() - t0
+        final = {"step": cfg.steps, **evaluate(model, tokenizer, heldout, samples=cfg.eval_samples, seed=cfg.seed),
+                 "wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(time.process_time() - c0, 2)}
+        curve.append(final)
+    _save(model, tokenizer, out)
+    result = {
+        "config": json.loads(json.dumps(asdict(cfg))),
+        "model_config": model_cfg,
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "final": final,
+        "curve": curve,
+        "final_loss": float(loss.item()) if cfg.steps else None,
+        "train_s": round(train_s, 2),
+        "wall_s": round(time.perf_counter() - t0, 2),
+        # CPU time of this (single-threaded) process: what the wall time would be on an idle core
+        "cpu_s": round(time.process_time() - c0, 2),
+        "torch": torch.__version__,
+        "note": "accuracy on held-out problems; T=1 is the mean over samples_t1 draws per prompt; math_verify scored",
+    }
+    (out / WARMUP_JSON).write_text(json.dumps(result, indent=2) + "\n")
+    log(f"[toy.warmup] saved {out}: acc T=1 {final['acc_t1']:.3f}, greedy {final['acc_greedy']:.3f}, "
+        f"{result['wall_s']:.1f}s")
+    return result
+
+
+def _save(model, tokenizer, out: Path) -> None:
+    from transformers import GenerationConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / WARMUP_JSON).unlink(missing_ok=True)  # written last: its presence marks a complete checkpoint
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=40)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+
+
+def ensure_base_model(out_dir: str | Path, cfg: WarmupConfig = WarmupConfig(), log=_print) -> Path:
+    """The demo's entry point: the warmed-up base model dir, trained on first use and cached after."""
+    warmup(out_dir, cfg, log=log)
+    return Path(out_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m erpd_megatron.toy.warmup", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="output HF checkpoint dir")
+    ap.add_argument("--steps", type=int, default=WarmupConfig.steps)
+    ap.add_argument("--seed", type=int, default=WarmupConfig.seed)
+    ap.add_argument("--eval-every", type=int, default=0, help="also evaluate every k steps (learning curve)")
+    ap.add_argument("--model", type=json.loads, default={}, help='JSON overrides of toy_model_config, e.g. \'{"hidden_size": 96}\'')
+    ap.add_argument("--force", action="store_true", help="retrain even if a matching warmup.json exists")
+    a = ap.parse_args(argv)
+    warmup(a.out, WarmupConfig(steps=a.steps, seed=a.seed, eval_every=a.eval_every, model=a.model), force=a.force)
+
+
+if __name__ == "__main__":
+    main()
