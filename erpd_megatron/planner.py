@@ -185,7 +185,7 @@ def param_inventory(shape: ModelShape) -> list[ParamTensor]:
                 out += [ParamTensor(p + "self_attn.q_norm.weight", (d,), None, i),
                         ParamTensor(p + "self_attn.k_norm.weight", (d,), None, i)]
         else:  # Gated DeltaNet
-            nk, nv, dk, dv = shape.gdn_k_heads, shape.gdn_v_heads, shape.gdn_k_dim, shape.gdn_v_dim
+            nv, dv = shape.gdn_v_heads, shape.gdn_v_dim
             la = p + "linear_attn."
             out += [
                 ParamTensor(la + "in_proj_qkv.weight", (shape.gdn_conv_dim, h), 0, i),
@@ -374,9 +374,9 @@ class Plan:
                       + f"); ~{r['max_seqs']:,} sequences of {L.seq_len} tokens"]
         lines += [
             "",
-            f"step: {self.tokens_per_step:,} tokens, {self.flops_per_step / 1e15:.1f} PFLOP model "
-            f"({self.hw_flops_per_step / 1e15:.1f} PFLOP incl. recompute), "
-            f"~{self.step_time_s:.1f} s at MFU {hw.mfu:.0%} of {hw.peak_tflops:.0f} TFLOP/s",
+            f"step: {self.tokens_per_step:,} tokens, {_si(self.flops_per_step)}FLOP model "
+            f"({_si(self.hw_flops_per_step)}FLOP incl. recompute), "
+            f"~{self.step_time_s:.3g} s at MFU {hw.mfu:.0%} of {hw.peak_tflops:g} TFLOP/s",
         ]
         for w in self.warnings:
             lines.append(f"warning: {w}")
@@ -386,6 +386,13 @@ class Plan:
         else:
             lines.append("OK: fits")
         return "\n".join(lines)
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if x >= scale:
+            return f"{x / scale:.1f} {unit}"
+    return f"{x:.0f} "
 
 
 _MEM_KEYS = ["weights", "grads", "optimizer", "activations", "rollout_weights", "rollout_kv", "train_total", "peak"]

@@ -30,7 +30,7 @@ def plan_recipe(recipe: Recipe) -> Plan:
         L.rollout_tp = recipe.rollout_servers.tp
         L.rollout_nodes = recipe.rollout_servers.nodes
         L.rollout_mem_fraction = recipe.rollout_servers.mem_fraction
-    return check_or_raise(get_model_config(recipe.model), L, name=recipe.model)
+    return check_or_raise(get_model_config(recipe.model), L, recipe.hardware, name=recipe.model)
 
 
 def launch(recipe: Recipe, executor: str, dryrun: bool) -> dict:

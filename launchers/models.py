@@ -13,6 +13,26 @@ from __future__ import annotations
 
 import copy
 
+# the CPU demo's tiny Qwen3 (DESIGN.md section 6: 3 layers, hidden 128, 4 heads / 2 KV, MLP 384, tied)
+QWEN3_TOY: dict = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "vocab_size": 32,
+    "max_position_embeddings": 128,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 10000,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "tie_word_embeddings": True,
+    "torch_dtype": "float32",
+}
+
 QWEN3_1_7B: dict = {
     "architectures": ["Qwen3ForCausalLM"],
     "model_type": "qwen3",
@@ -116,6 +136,7 @@ QWEN3_5_27B: dict = {
 
 #: name -> HF config dict (names are what `--model` and the recipes take)
 MODELS: dict[str, dict] = {
+    "qwen3-toy": QWEN3_TOY,
     "qwen3-1.7b": QWEN3_1_7B,
     "qwen3-4b": QWEN3_4B,
     "llama-3.2-3b": LLAMA_3_2_3B,

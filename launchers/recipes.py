@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from erpd_megatron.planner import Layout
+from erpd_megatron.planner import H100, Hardware, Layout
 
 #: layout field -> trainer config key (erpd_megatron/config.py); only these are passed to the trainer
 TRAINER_KEYS: dict[str, str] = {
@@ -110,6 +110,8 @@ class Recipe:
     """run directories live at RUN_ROOT/NAME: rerunning a recipe with the same name resumes it"""
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
     rollout_servers: RolloutServers | None = None
+    hardware: Hardware = field(default_factory=lambda: dataclasses.replace(H100))
+    """what the planner checks memory against"""
 
     @property
     def run_dir(self) -> str:
@@ -132,13 +134,15 @@ def cpu_demo() -> Recipe:
     return Recipe(
         name="cpu_demo",
         description="tiny Qwen3 toy task on CPU, one process",
-        model="qwen3-1.7b",  # planner only; the demo's own toy model is far smaller
-        layout=Layout(tp=1, pp=1, dp=1, micro_batch=1, global_batch=1, seq_len=64, param_dtype="fp32",
+        model="qwen3-toy",
+        layout=Layout(tp=1, pp=1, dp=1, micro_batch=128, global_batch=256, seq_len=48, param_dtype="fp32",
                       grad_dtype="fp32", attention="unfused", recompute="none", nodes=None, gpus_per_node=1),
         trainer=["erpd", "demo"],
         nodes=1,
         gpus_per_node=1,
         torchrun=False,
+        # this machine: 24 GiB RAM shared with the OS and the rollout engine, ~0.1 TFLOP/s fp32 on 2 cores
+        hardware=Hardware(name="CPU (2 cores, 24 GiB)", memory_gib=24.0, reserved_gib=4.0, peak_tflops=0.1, mfu=0.3),
     )
 
 
