@@ -136,18 +136,26 @@ class GatedDeltaNet(MegatronModule):
         o = o.reshape(b, s, self.hv * self.dv).transpose(0, 1).contiguous()
         return self.out_proj(o)
 
-    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None, tp_group=None):
         """TP-independent checkpoint: in_proj / conv1d split into their named sections (megatron-core keys)."""
         from megatron.core.ssm.utils import _split_tensor_factory
-        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint, sharded_state_dict_default
+        from megatron.core.transformer.utils import (
+            ensure_metadata_has_dp_cp_group,
+            make_sharded_tensors_for_checkpoint,
+            sharded_state_dict_default,
+        )
 
-        sd = {}
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        tp_group = tp_group if tp_group is not None else self.pg_collection.tp
         own = {"A_log": self.A_log, "dt_bias": self.dt_bias, "conv1d.weight": self.conv1d.weight}
-        sd.update(make_sharded_tensors_for_checkpoint(
+        # tp_group must be explicit: it decides which TP rank holds the main replica of replicated tensors
+        sd = make_sharded_tensors_for_checkpoint(
             own, prefix, {"A_log": 0, "dt_bias": 0, "conv1d.weight": 0}, sharded_offsets,
-        ))
+            tp_group=tp_group, dp_cp_group=metadata["dp_cp_group"],
+        )
         for name in ("in_proj", "out_norm", "out_proj"):
-            sd.update(sharded_state_dict_default(getattr(self, name), f"{prefix}{name}.", sharded_offsets, metadata))
+            sd.update(sharded_state_dict_default(getattr(self, name), f"{prefix}{name}.", sharded_offsets, metadata,
+                                                 tp_group=tp_group))
         sd[f"{prefix}in_proj.weight"] = _split_tensor_factory(
             sd[f"{prefix}in_proj.weight"], list(self.sections), self.section_names, 0
         )

@@ -113,6 +113,9 @@ def qwen35_block_spec(transformer_config, model_cfg, vp_stage: int | None = None
     if not gate:
         raise ValueError("Qwen3.5 without the attention output gate is not supported")
     transformer_config.attention_output_gate = True
+    # Hybrid layers have different parameter sets: dist-checkpoint keys per layer ("decoder.layers.{i}.")
+    # instead of one tensor stacked over all layers (which the GDN-only / attention-only keys cannot fill).
+    transformer_config.hetereogenous_dist_checkpoint = True
     all_specs = qwen35_layer_specs(dims, base_layer_spec)
     n_local = get_num_layers_to_build(transformer_config, vp_stage=vp_stage)
     offset = get_transformer_layer_offset(transformer_config, vp_stage=vp_stage)
