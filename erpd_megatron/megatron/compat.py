@@ -58,10 +58,15 @@ def is_applied() -> bool:
     return _APPLIED
 
 
-def check_mcore_version() -> str:
-    from megatron.core import package_info
+def installed_mcore_version() -> str:
+    """Version of the installed megatron-core distribution (read from metadata: no heavy import)."""
+    from importlib.metadata import version
 
-    version = package_info.__shortversion__
+    return version("megatron-core")
+
+
+def check_mcore_version() -> str:
+    version = installed_mcore_version()
     if version not in SUPPORTED_MCORE_VERSIONS and os.environ.get("ERPD_MCORE_UNCHECKED") != "1":
         raise UnsupportedMegatronVersion(
             f"erpd_megatron.megatron.compat was written for megatron-core {SUPPORTED_MCORE_VERSIONS}, "
@@ -321,6 +326,63 @@ def apply_cpu_compat(force: bool = False) -> bool:
     return True
 
 
+# --------------------------------------------------------------------------- megatron-core bug shims
+
+FIXES: list[Patch] = []
+
+
+def apply_mcore_fixes() -> list[str]:
+    """Shims for megatron-core 0.19.2 bugs that are not about CUDA (applied on CPU and GPU alike).
+
+    - (1) Without TE / apex the DistributedOptimizer runs torch Adam, whose state has a tensor 'step'.
+      load_state_dict puts that tensor into every param state (distrib_optimizer.py:1026-1031), and
+      _set_main_param_and_optimizer_states (distrib_optimizer.py:1216-1224) then looks 'step' up in
+      the loaded tensors, which never carry it -> KeyError on every optimizer checkpoint load. The
+      shim lets the lookup of absent keys return None, which that function already skips.
+    - (2) The same load path shares one 'step' tensor among all param states; torch Adam increments
+      it in place once per param, corrupting the bias correction of the first step after a resume.
+    Only applied when neither TE nor apex is importable (megatron's own HAVE_APEX_OR_TE flag).
+    Idempotent; returns the names of the shims now active.
+    """
+    if FIXES:
+        return [f.name for f in FIXES]
+    check_mcore_version()
+    import collections
+
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    if not dopt.HAVE_APEX_OR_TE:
+        original = dopt.DistributedOptimizer._set_main_param_and_optimizer_states
+
+        @functools.wraps(original)
+        def set_states(self, model_param, tensors):
+            return original(self, model_param, collections.defaultdict(lambda: None, tensors))
+
+        dopt.DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+        FIXES.append(Patch("torch-Adam 'step' KeyError on optimizer load", ("optimizer/distrib_optimizer.py:1223",),
+                           "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer",
+                           "_set_main_param_and_optimizer_states", original))
+
+        original_load = dopt.DistributedOptimizer.load_state_dict
+
+        @functools.wraps(original_load)
+        def load_state_dict(self, state_dict):
+            out = original_load(self, state_dict)
+            # one 'step' tensor object is shared by every param state (distrib_optimizer.py:1031);
+            # torch Adam increments it in place per param, so after a load the bias correction
+            # would use step 4, 5, 6, ... within one optimizer step. Give each param its own copy.
+            for st in self.optimizer.state.values():
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].clone()
+            return out
+
+        dopt.DistributedOptimizer.load_state_dict = load_state_dict
+        FIXES.append(Patch("shared torch-Adam 'step' tensor after optimizer load", ("optimizer/distrib_optimizer.py:1031",),
+                           "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer", "load_state_dict",
+                           original_load))
+    return [f.name for f in FIXES]
+
+
 def revert_cpu_compat() -> None:
     """Undo every patch (tests use it to check the layer is self-contained)."""
     global _APPLIED
@@ -333,6 +395,6 @@ def revert_cpu_compat() -> None:
 def patch_table() -> str:
     """Markdown table of the patches (docs/backend.md is generated from it)."""
     rows = ["| patch | replaces (megatron/core/, 0.19.2) |", "|---|---|"]
-    for p in PATCHES:
+    for p in PATCHES + FIXES:
         rows.append(f"| `{p.target}.{p.attr}`: {p.name} | {'; '.join(p.call_sites)} |")
     return "\n".join(rows)

@@ -167,7 +167,9 @@ class PolicyEngine:
             return
         lr = self.optim_cfg.lr_at(self.step)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            # megatron's param groups carry multipliers (no weight decay on norms: wd_mult 0)
+            g["lr"] = lr * g.get("lr_mult", 1.0)
+            g["weight_decay"] = self.optim_cfg.weight_decay * g.get("wd_mult", 1.0)
         self.lr = lr
 
     # ------------------------------------------------------------------ batching
@@ -218,7 +220,7 @@ class PolicyEngine:
                               else v) for k, v in local_batch.items()})
         return micro, mbs, t_used, rows_per_rank, B, T
 
-    def _forward_step(self, loss_builder, with_entropy: bool, temperature: float):
+    def _forward_step(self, loss_builder, with_entropy: bool, temperature: float, need_logprobs: bool = True):
         from megatron.core import parallel_state as ps
 
         vocab = self.model_cfg.vocab_size
@@ -230,6 +232,8 @@ class PolicyEngine:
             out = model(input_ids=ids, position_ids=pos, attention_mask=None)
 
             def loss_func(logits):
+                if not need_logprobs:
+                    return loss_builder(logits, mb, None)
                 lp, ent = token_logprobs(
                     logits, ids, vocab_size=vocab, temperature=temperature,
                     tp_group=ps.get_tensor_model_parallel_group(), with_entropy=with_entropy,
@@ -260,46 +264,68 @@ class PolicyEngine:
             forward_only=forward_only,
         )
 
-    # ------------------------------------------------------------------ public API
     @torch.no_grad()
+    def _forward_only(self, batch: dict, forward_step_for, tails: dict[str, tuple]) -> dict[str, torch.Tensor]:
+        """Run a forward-only pass; per-micro-batch outputs {key: [mb, t, *tail]} -> full [B, T, *tail] on every rank."""
+        from megatron.core import parallel_state as ps
+
+        micro, mbs, t_used, rows, B, T = self._prepare(batch, for_train=False)
+        for m in self.model:
+            m.eval()
+        try:
+            store = self._run(micro, mbs, t_used, forward_step_for, True)
+        finally:
+            for m in self.model:
+                m.train()
+        out = {}
+        last = ps.is_pipeline_last_stage(ignore_virtual=True)
+        for key, tail in tails.items():
+            if last:
+                local = torch.cat([d[key] for d in store], 0).float().contiguous()
+            else:
+                local = torch.empty(rows, t_used, *tail, device=self.device)
+            if self.par.pp > 1:
+                dist.broadcast(local, src=ps.get_pipeline_model_parallel_last_rank(),
+                               group=ps.get_pipeline_model_parallel_group())
+            if self.par.dp > 1:
+                parts = [torch.empty_like(local) for _ in range(self.par.dp)]
+                dist.all_gather(parts, local, group=ps.get_data_parallel_group())
+                local = torch.cat(parts, dim=0)
+            full = local.new_zeros(B, T, *tail)
+            full[:, :t_used] = local[:B]
+            out[key] = full.to(batch["input_ids"].device)
+        return out
+
+    # ------------------------------------------------------------------ public API
     def forward_logprobs(self, batch: dict, with_entropy: bool = False, temperature: float | None = None):
         """Token log-probs [B, T] (float32, aligned with input_ids, 0 at position 0 and padding) on every rank.
 
         With `with_entropy=True` returns (logprobs, entropy), both [B, T].
         """
-        from megatron.core import parallel_state as ps
-
         temperature = self.temperature if temperature is None else temperature
-        micro, mbs, t_used, rows, B, T = self._prepare(batch, for_train=False)
-        for m in self.model:
-            m.eval()
 
         def builder(lp, mb, ent):
             out = {"lp": lp} if ent is None else {"lp": lp, "ent": ent}
             return lp.new_zeros(()), out
 
-        store = self._run(micro, mbs, t_used, self._forward_step(builder, with_entropy, temperature), True)
-        for m in self.model:
-            m.train()
-        k = 2 if with_entropy else 1
-        if ps.is_pipeline_last_stage(ignore_virtual=True):
-            local = torch.stack([
-                torch.cat([d["lp"] for d in store], 0),
-                *([torch.cat([d["ent"] for d in store], 0)] if with_entropy else []),
-            ])
-        else:
-            local = torch.empty(k, rows, t_used, device=self.device)
-        if self.par.pp > 1:
-            dist.broadcast(local, src=ps.get_pipeline_model_parallel_last_rank(),
-                           group=ps.get_pipeline_model_parallel_group())
-        if self.par.dp > 1:
-            parts = [torch.empty_like(local) for _ in range(self.par.dp)]
-            dist.all_gather(parts, local.contiguous(), group=ps.get_data_parallel_group())
-            local = torch.cat(parts, dim=1)
-        full = local.new_zeros(k, B, T)
-        full[:, :, :t_used] = local[:, :B]
-        full = full.cpu() if batch["input_ids"].device.type == "cpu" else full
-        return (full[0], full[1]) if with_entropy else full[0]
+        tails = {"lp": (), "ent": ()} if with_entropy else {"lp": ()}
+        res = self._forward_only(batch, self._forward_step(builder, with_entropy, temperature), tails)
+        return (res["lp"], res["ent"]) if with_entropy else res["lp"]
+
+    def forward_logits(self, batch: dict) -> torch.Tensor:
+        """Full-vocabulary logits [B, T, vocab_size] on every rank (gathers the vocabulary: tests / debugging only)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        vocab = self.model_cfg.vocab_size
+
+        def builder(logits, mb, _):
+            if ps.get_tensor_model_parallel_world_size() > 1:
+                logits = gather_from_tensor_model_parallel_region(logits)
+            return logits.new_zeros(()), {"logits": logits[..., :vocab]}
+
+        fs = self._forward_step(builder, False, 1.0, need_logprobs=False)
+        return self._forward_only(batch, fs, {"logits": (vocab,)})["logits"]
 
     def forward_backward(self, batch: dict, loss_fn: LossFn, need_entropy: bool = False,
                          temperature: float | None = None) -> dict[str, float]:

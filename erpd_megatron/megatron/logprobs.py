@@ -36,7 +36,7 @@ def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
 
 def _chunk_stats(z_raw, tgt, inv_temp, vocab_start, vocab_size, group, need_entropy):
     """Per-row lse, target logit, entropy for one chunk. z_raw: [n, Vl] (any float dtype)."""
-    z = z_raw.float() * inv_temp
+    z = z_raw.to(_compute_dtype(z_raw.dtype)) * inv_temp
     vl = z.shape[-1]
     valid_cols = vocab_size - vocab_start  # columns of this slice that are real vocabulary
     if valid_cols < vl:
@@ -59,13 +59,19 @@ def _chunk_stats(z_raw, tgt, inv_temp, vocab_start, vocab_size, group, need_entr
     return lse, lp, ent
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 logits, fp64 stays fp64 (tests)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature, vocab_start, vocab_size, group, need_entropy, chunk_rows):
         n = logits.shape[0]
-        lp = logits.new_empty(n, dtype=torch.float32)
-        lse = logits.new_empty(n, dtype=torch.float32)
-        ent = logits.new_empty(n, dtype=torch.float32) if need_entropy else None
+        cd = _compute_dtype(logits.dtype)
+        lp = logits.new_empty(n, dtype=cd)
+        lse = logits.new_empty(n, dtype=cd)
+        ent = logits.new_empty(n, dtype=cd) if need_entropy else None
         inv_t = 1.0 / temperature
         for s in range(0, n, chunk_rows):
             sl = slice(s, min(s + chunk_rows, n))
@@ -90,7 +96,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         valid_cols = vocab_size - vocab_start
         for s in range(0, n, chunk_rows):
             sl = slice(s, min(s + chunk_rows, n))
-            z = logits[sl].float() * inv_t
+            z = logits[sl].to(lse.dtype) * inv_t
             logp = z - lse[sl].unsqueeze(-1)
             if valid_cols < vl:
                 logp[:, max(valid_cols, 0):] = float("-inf")
@@ -123,7 +129,8 @@ def vocab_parallel_logprobs(
 
     logits: [..., V/tp] this rank's vocabulary slice (rank r holds columns [r*V/tp, (r+1)*V/tp));
     targets: [...] global token ids; vocab_size: true vocabulary (columns >= it are padding and
-    excluded). tp_group None means no tensor parallelism. Returns fp32 tensors shaped like targets.
+    excluded). tp_group None means no tensor parallelism. Returns fp32 (fp64 for fp64 logits) tensors
+    shaped like targets.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")

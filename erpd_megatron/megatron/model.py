@@ -457,8 +457,10 @@ def load_full_state_dict(chunks: list[torch.nn.Module], full: dict[str, torch.Te
     padded = cfg.padded_vocab_size(par.tp)
     for vp, chunk in enumerate(chunks):
         offset = layer_offset(cfg, par, pp_rank, vp if par.vpp else None)
-        for name, p in _unwrap(chunk).named_parameters():
+        for name, p in unwrap_model(chunk).named_parameters():
             g = local_to_global_name(name, offset)
+            if g == "output_layer.weight" and cfg.tie_embeddings:
+                g = "embedding.word_embeddings.weight"  # last pipeline stage's copy of the tied embedding
             if g not in full:
                 if strict:
                     raise KeyError(f"load_full_state_dict: {g} missing from the given state dict")
@@ -472,7 +474,8 @@ def load_full_state_dict(chunks: list[torch.nn.Module], full: dict[str, torch.Te
             p.copy_(t.to(p.dtype))
 
 
-def _unwrap(m: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(m: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP / Float16Module wrappers (anything with `.module`) down to the GPTModel."""
     while hasattr(m, "module") and not hasattr(m, "decoder") and not hasattr(m, "embedding"):
         m = m.module
     return m

@@ -103,11 +103,12 @@ def init_parallel(par: ParallelConfig, seed: int = 1234, timeout_minutes: int = 
     """
     from megatron.core import parallel_state as ps
 
+    from erpd_megatron.megatron.compat import apply_cpu_compat, apply_mcore_fixes
+
     cuda = torch.cuda.is_available()
     if not cuda:
-        from erpd_megatron.megatron.compat import apply_cpu_compat
-
         apply_cpu_compat()
+    apply_mcore_fixes()
     if not torch.distributed.is_initialized():
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
