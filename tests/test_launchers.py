@@ -1,0 +1,214 @@
+"""Launchers: generated sbatch scripts (plain and nemo-run), executed against stand-in Slurm commands
+(srun / scontrol / sbatch / sacct written here as shell scripts that record their arguments), and the
+planner gate that refuses a layout before anything is written or submitted."""
+
+import importlib.util
+import json
+import os
+import re
+import stat
+import subprocess
+
+import pytest
+
+from launchers import slurm
+from launchers.cli import main as launch_main
+from launchers.recipes import apply_overrides, get_recipe
+
+HAS_NEMO = importlib.util.find_spec("nemo_run") is not None
+
+
+def _exe(path, body):
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """Stand-ins on PATH. srun runs `bash -c CMD` once per node with SLURM_NODEID set (and the
+    het group's node list); torchrun / sglang record their arguments as seen inside each task."""
+    bindir, log = tmp_path / "bin", tmp_path / "log"
+    bindir.mkdir()
+    log.mkdir()
+    _exe(bindir / "sbatch", f'echo "$@" >> {log}/sbatch.txt\necho "4242;cluster"\n')
+    _exe(bindir / "sacct", f'echo "$@" >> {log}/sacct.txt\necho "4242|RUNNING|0:0|00:05:00"\n'
+                           'echo "4242.batch|RUNNING|0:0|00:05:00"\n')
+    _exe(bindir / "scontrol", f'echo "$@" >> {log}/scontrol.txt\n'
+                              'if [ "$1" = show ]; then case "$3" in\n'
+                              '  r*) printf "r1\\nr2\\n";; *) printf "n1\\nn2\\nn3\\nn4\\n";; esac; fi\n')
+    _exe(bindir / "srun", f"""echo "$@" >> {log}/srun.txt
+nodes=1
+while [ $# -gt 0 ]; do
+  case "$1" in --nodes=*) nodes=${{1#--nodes=}};; bash) break;; esac; shift
+done
+rc=0
+for ((i = 0; i < nodes; i++)); do SLURM_NODEID=$i "$@" || rc=$?; done
+exit $rc
+""")
+    _exe(bindir / "torchrun", f'echo "$@" >> {log}/torchrun.txt\nexit ${{FAKE_TRAIN_RC:-0}}\n')
+    _exe(bindir / "python", f'echo "$@" >> {log}/python.txt\n')  # the SGLang servers
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.setenv("NEMORUN_HOME", str(tmp_path / "nemo_home"))
+    return log
+
+
+def _recipe(name, tmp_path, *extra):
+    code = tmp_path / "code"
+    code.mkdir(exist_ok=True)
+    return apply_overrides(get_recipe(name), [f"run_root={tmp_path / 'runs'}", f"slurm.code_dir={code}",
+                                              f"slurm.host_code_dir={code}", "slurm.account=rl_acct",
+                                              "slurm.partition=h100", "slurm.container_image=/img/erpd.sqsh",
+                                              *extra])
+
+
+def test_sbatch_27b_lines(tmp_path):
+    r = _recipe("qwen35_27b", tmp_path)
+    text = slurm.render_sbatch(r)
+    for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --account=rl_acct", "#SBATCH --partition=h100", "#SBATCH --time=08:00:00",
+                 "#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --signal=B:USR1@300",
+                 "#SBATCH --exclusive", "MAX_RETRIES=3", "export CUDA_DEVICE_MAX_CONNECTIONS=1",
+                 "export NCCL_DEBUG=WARN", "export MASTER_PORT=29500"]:
+        assert line in text.splitlines(), line
+    assert "hetjob" not in text
+    (srun,) = [x for x in text.splitlines() if x.startswith("srun ")]
+    for flag in ["--nodes=4", "--container-image=/img/erpd.sqsh", f"--container-workdir={tmp_path / 'code'}",
+                 "--container-mounts=", "/models:/models"]:
+        assert flag in srun, flag
+    for flag in ["torchrun --nnodes=4 --nproc-per-node=8", '"--node-rank=$SLURM_NODEID"',
+                 '"--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT"', "-m erpd_megatron.cli run --config "
+                 "erpd_megatron/presets/qwen35_27b.yaml", "model.tp=4 model.pp=2 model.dp=4",
+                 f"run_dir={tmp_path / 'runs' / 'qwen35_27b'}"]:
+        assert flag in srun, flag
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in text and "trap " in text and "SLURM_RESTART_COUNT" in text
+    subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+
+
+def test_sbatch_27b_runs_against_stand_ins(tmp_path, fake_slurm):
+    """The script itself, run by bash: one torchrun per node, each with its own node rank and the head
+    node as rendezvous endpoint; a failure requeues while retries are left, not after."""
+    r = _recipe("qwen35_27b", tmp_path, "slurm.max_retries=2")
+    script = slurm.write_sbatch(r)
+    env = {**os.environ, "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "n[1-4]"}
+    subprocess.run(["bash", script], env=env, check=True, capture_output=True, timeout=60)
+    calls = (fake_slurm / "torchrun.txt").read_text().splitlines()
+    assert len(calls) == 4
+    for i, c in enumerate(calls):
+        assert f"--node-rank={i}" in c and "--rdzv-endpoint=n1:29500" in c and "--rdzv-id=77" in c
+    assert not (fake_slurm / "scontrol.txt").read_text().count("requeue")
+    # the trainer fails: requeue (restart 1 < 2), then not any more (restart 2)
+    env["FAKE_TRAIN_RC"] = "3"
+    for restart, expect in [("1", 1), ("2", 1)]:
+        p = subprocess.run(["bash", script], env={**env, "SLURM_RESTART_COUNT": restart}, capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 3
+        assert (fake_slurm / "scontrol.txt").read_text().count("requeue 77") == expect
+
+
+def test_sbatch_disagg_is_heterogeneous(tmp_path, fake_slurm):
+    r = _recipe("qwen35_27b_disagg", tmp_path)
+    text = slurm.render_sbatch(r)
+    lines = text.splitlines()
+    het = lines.index("#SBATCH hetjob")
+    assert "#SBATCH --nodes=4" in lines[:het] and "#SBATCH --nodes=2" in lines[het:]
+    sruns = [x for x in lines if x.startswith("srun ")]
+    assert len(sruns) == 2
+    assert "--het-group=1 --nodes=2" in sruns[0] and "sglang.launch_server" in sruns[0] and "--tp-size 4" in sruns[0]
+    assert "--het-group=0 --nodes=4" in sruns[1] and "torchrun --nnodes=4" in sruns[1]
+    script = slurm.write_sbatch(r)
+    env = {**os.environ, "SLURM_JOB_ID": "78", "SLURM_JOB_NODELIST_HET_GROUP_0": "n[1-4]",
+           "SLURM_JOB_NODELIST_HET_GROUP_1": "r[1-2]"}
+    subprocess.run(["bash", script], env=env, check=True, capture_output=True, timeout=60)
+    servers = (fake_slurm / "python.txt").read_text().splitlines()
+    assert len(servers) == 2 and all("--tp-size 4 --dp-size 2" in s for s in servers)
+    calls = (fake_slurm / "torchrun.txt").read_text().splitlines()
+    assert len(calls) == 4
+    assert all("rollout.sglang_urls=[http://r1:30000,http://r2:30000]" in c for c in calls)
+
+
+def test_sbatch_submit_and_status_via_cli(tmp_path, fake_slurm, capsys):
+    rc = launch_main(["run", "qwen35_27b", "--executor", "sbatch", f"run_root={tmp_path / 'runs'}",
+                      "slurm.account=rl_acct", "teachers.ce.lr=2e-6"])
+    assert rc == 0
+    path = capsys.readouterr().out.strip()
+    assert path.endswith("qwen35_27b.sbatch") and os.path.exists(path)
+    assert (fake_slurm / "sbatch.txt").read_text().split() == ["--parsable", path]
+    assert "teachers.ce.lr=2e-6" in open(path).read()
+    jobs = open(os.path.join(os.path.dirname(path), "jobs.txt")).read()
+    assert jobs.startswith("4242 ")
+    assert launch_main(["status", "4242"]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "RUNNING"
+    assert "-j 4242" in (fake_slurm / "sacct.txt").read_text()
+
+
+def test_dryrun_writes_but_does_not_submit(tmp_path, fake_slurm, capsys):
+    assert launch_main(["run", "qwen35_27b", "--executor", "sbatch", "--dryrun", f"run_root={tmp_path}"]) == 0
+    assert os.path.exists(capsys.readouterr().out.strip())
+    assert not (fake_slurm / "sbatch.txt").exists()
+
+
+@pytest.mark.parametrize("bad,why", [
+    ("layout.tp=3", "KV groups 4 not divisible by TP 3"),
+    ("layout.pp=3", "layers 64 not divisible by PP 3"),
+    ("layout.seq_len=65536", "memory: stage 0 needs"),
+])
+def test_planner_refusal_blocks_launch(tmp_path, fake_slurm, capsys, bad, why):
+    rc = launch_main(["run", "qwen35_27b", "--executor", "sbatch", f"run_root={tmp_path}", bad])
+    assert rc == 2
+    assert why in capsys.readouterr().err
+    assert not (fake_slurm / "sbatch.txt").exists()
+    assert not list(tmp_path.rglob("*.sbatch"))
+
+
+def test_overrides_and_nodes():
+    r = apply_overrides(get_recipe("qwen35_27b"), ["layout.recompute=full", "slurm.env.NCCL_DEBUG=INFO",
+                                                   "slurm.max_retries=5", "eval.k=8"], nodes=8)
+    assert (r.nodes, r.layout.nodes, r.layout.dp) == (8, 8, 8)  # DP grows to fill 8 x 8 GPUs at TP4 PP2
+    assert r.layout.recompute == "full" and r.slurm.env["NCCL_DEBUG"] == "INFO" and r.slurm.max_retries == 5
+    assert r.trainer_overrides()["eval.k"] == "8" and r.trainer_overrides()["model.dp"] == "8"
+    with pytest.raises(ValueError, match="unknown field 'tpp'"):
+        apply_overrides(get_recipe("qwen35_27b"), ["layout.tpp=2"])
+    with pytest.raises(ValueError, match="expected int"):
+        apply_overrides(get_recipe("qwen35_27b"), ["layout.tp=four"])
+
+
+@pytest.mark.skipif(not HAS_NEMO, reason="nemo-run not installed (optional extra `launch`)")
+def test_nemo_run_scripts(tmp_path, fake_slurm, monkeypatch, request):
+    """nemo-run's SlurmExecutor (Experiment.dryrun): same srun/torchrun/container/requeue content, the
+    disaggregated recipe as a heterogeneous job; then a real submission through the stand-in sbatch."""
+    # nemo-run submits through invoke, which reads stdin: give it /dev/null instead of pytest's capture
+    devnull = open(os.devnull)
+    request.addfinalizer(devnull.close)
+    monkeypatch.setattr("sys.stdin", devnull)
+    from launchers import nemo
+
+    path, job = nemo.run_slurm(_recipe("qwen35_27b", tmp_path), dryrun=True)
+    text = open(path).read()
+    assert job is None and not (fake_slurm / "sbatch.txt").exists()
+    for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --account=rl_acct", "#SBATCH --requeue", "#SBATCH --time=08:00:00"]:
+        assert line in text.splitlines(), line
+    (srun,) = [x for x in text.splitlines() if x.startswith("srun ")]
+    for flag in ["--container-image /img/erpd.sqsh", "--container-mounts", "torchrun --nnodes=4 --nproc-per-node=8",
+                 '"--node-rank=$SLURM_NODEID"', '"--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT"', "model.tp=4"]:
+        assert flag in srun, flag
+    assert "export MASTER_ADDR=$head_node_ip" in text and "export NCCL_DEBUG=WARN" in text
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in text and "TORCHX_MAX_RETRIES=3" in text
+
+    path, _ = nemo.run_slurm(_recipe("qwen35_27b_disagg", tmp_path), dryrun=True)
+    text = open(path).read()
+    assert text.count("#SBATCH hetjob") == 1 and "#SBATCH --nodes=2" in text
+    assert re.search(r"srun --het-group=0 .*torchrun --nnodes=4", text)
+    assert re.search(r"srun --het-group=1 .*sglang.launch_server", text)
+    assert "export MASTER_ADDR=$het_group_host_0" in text and "export ROLLOUT_URLS=" in text
+
+    path, job = nemo.run_slurm(_recipe("qwen35_27b", tmp_path, "name=sub"), dryrun=False)
+    assert job == "4242" or job.startswith("4242")
+    args = (fake_slurm / "sbatch.txt").read_text().split()
+    assert args[:2] == ["--requeue", "--parsable"] and args[2].endswith("_sbatch.sh")
+
+
+@pytest.mark.skip(reason="pending: the local executor will run the micro pipeline on CPU once `erpd demo` / "
+                         "the pipeline lands (issue 6); `python -m launchers run cpu_demo --executor local`")
+def test_local_executor_runs_micro_pipeline():
+    pass
