@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON312)" || { echo "error: need Python >= 3.12 (python3.12 on PATH or pyenv 3.12.x); megatron-core 0.19 requires it" >&2; exit 1; }
 	@test -x $(PY) || $(PYTHON312) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,launch]'
 	@touch $@
 
 test: setup
