@@ -218,6 +218,23 @@ class SGLangEngine(RolloutEngine):
             if s.tp is None:
                 s.tp = self._query_tp(s)
 
+    @classmethod
+    def from_config(cls, rollout_cfg, model_path: str, **kw) -> SGLangEngine:
+        """From a ``RolloutConfig``-like object: attach to ``sglang_urls`` when given, else launch
+        ``sglang_num_servers`` (default 1) servers of ``sglang_tp`` (default 1) GPUs from ``model_path``.
+        Optional fields read when present: ``sglang_port``, ``sglang_extra_args``, ``weight_transport``,
+        ``sglang_log_dir``; keyword arguments override / add constructor arguments."""
+        g = lambda name, default: getattr(rollout_cfg, name, default) or default  # noqa: E731
+        kw.setdefault("weight_transport", g("weight_transport", "tensor"))
+        urls = list(g("sglang_urls", []))
+        if urls:
+            return cls(urls=urls, **kw)
+        spec = LaunchSpec(model_path=str(model_path), tp=int(g("sglang_tp", 1)),
+                          num_servers=int(g("sglang_num_servers", 1)), base_port=int(g("sglang_port", 30000)),
+                          extra_args=tuple(g("sglang_extra_args", ())), log_dir=g("sglang_log_dir", None),
+                          enable_memory_saver=bool(g("sglang_memory_saver", False)))
+        return cls(launch=spec, **kw)
+
     # ------------------------------------------------------------------ process management
     def _start(self, s: _Server) -> None:
         log_dir = Path(self.launch.log_dir or os.environ.get("TMPDIR", "/tmp"))

@@ -75,17 +75,47 @@ def _plan(policy, cfg, skip_tied: bool):
     return [(n, *owner[n]) for n in order]
 
 
+class _Chunks:
+    """Adapter: the model chunks of a PolicyEngine (``engine.model`` / ``engine.modules``) + its ModelConfig."""
+
+    def __init__(self, chunks, model_cfg):
+        from megatron.core import parallel_state as ps
+
+        from erpd_megatron.megatron.model import layer_offset, local_to_global_name, unwrap_model
+        from erpd_megatron.megatron.parallel import ParallelConfig
+
+        self.model_cfg = model_cfg
+        self._chunks = [unwrap_model(c) for c in (chunks if isinstance(chunks, (list, tuple)) else [chunks])]
+        vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+        self._par = ParallelConfig(tp=ps.get_tensor_model_parallel_world_size(),
+                                   pp=ps.get_pipeline_model_parallel_world_size(), vpp=vpp)
+        self._offset, self._global = layer_offset, local_to_global_name
+
+    def named_parameters_global(self):
+        from megatron.core import parallel_state as ps
+
+        pp_rank = ps.get_pipeline_model_parallel_rank()
+        for vp, m in enumerate(self._chunks):
+            off = self._offset(self.model_cfg, self._par, pp_rank, vp if self._par.vpp else None)
+            for name, p in m.named_parameters():
+                yield self._global(name, off), p
+
+
 @torch.no_grad()
-def iter_hf_buckets(policy, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, receivers: str = "all",
+def iter_hf_buckets(policy, model_cfg=None, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, receivers: str = "all",
                     dtype: torch.dtype | None = None, conv_cfg=None) -> Iterator[WeightBucket]:
     """Buckets of (HF name, full tensor) from a ``PolicyEngine`` (anything with ``model_cfg`` and
-    ``named_parameters_global()``). ``dtype``: cast on the way out (e.g. bf16 for SGLang).
-    ``conv_cfg``: HF config dict / ConvConfig naming the target checkpoint (default: from
-    ``policy.model_cfg``, text-model names with prefix ``model.``)."""
+    ``named_parameters_global()``), or from its list of model chunks plus ``model_cfg``.
+    ``dtype``: cast on the way out (e.g. bf16 for SGLang). ``conv_cfg``: HF config dict / ConvConfig
+    naming the target checkpoint (default: from the ModelConfig: text-model names, prefix ``model.``)."""
     from megatron.core import parallel_state as ps
 
     from checkpoints_conv import maps
 
+    if not hasattr(policy, "named_parameters_global"):
+        if model_cfg is None:
+            raise TypeError("iter_hf_buckets(chunks, model_cfg): model chunks need their ModelConfig")
+        policy = _Chunks(policy, model_cfg)
     if receivers not in ("all", "rank0"):
         raise ValueError(f"receivers must be 'all' or 'rank0', got {receivers!r}")
     if bucket_bytes <= 0:

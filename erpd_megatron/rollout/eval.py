@@ -1,0 +1,208 @@
+"""``erpd eval``: AVG@K, pass@K and mean response length of a model on a local benchmark file.
+
+Benchmark file: JSONL (or Parquet), one problem per line, ``{"problem": str, "answer": str | number}``
+and optionally ``"id"``; other fields are ignored (see ``erpd_megatron/data/prompts.py``). AIME /
+HMMT / BeyondAIME exports you have can be pointed at directly; nothing is downloaded.
+
+Per problem, K samples (seeded) are scored by math-verify (``MathReward``). Optional fallback: an
+LLM judge (OpenAI-compatible ``/v1/chat/completions``, e.g. an SGLang server) is asked only about
+samples math-verify scored 0; its verdict is recorded beside math-verify's and a "correct" verdict
+counts. Off by default.
+
+Numbers: AVG@K = mean correctness over all K x N samples; pass@j (j <= K) uses the unbiased
+estimator 1 - C(n - c, j) / C(n, j) of Chen et al. (2021) with n = K samples and c correct, averaged
+over problems (pass@K is then "any of the K is correct"); mean length in response tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import sys
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import replace
+
+from erpd_megatron.rollout.engine import SamplingParams
+
+log = logging.getLogger("erpd.eval")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (k <= n)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+class LLMJudge:
+    """Asks an OpenAI-compatible chat endpoint whether a response's final answer equals the reference."""
+
+    PROMPT = ("You are grading a math answer.\nProblem:\n{problem}\n\nReference answer: {answer}\n\n"
+              "Student response (final part):\n{response}\n\n"
+              "Is the student's final answer mathematically equivalent to the reference answer? "
+              "Reply with exactly one word: CORRECT or INCORRECT.")
+
+    def __init__(self, url: str, model: str = "default", api_key: str | None = None, timeout: float = 120.0,
+                 max_response_chars: int = 4000):
+        """``url``: base URL (``http://host:port`` or ``.../v1``); ``api_key`` default: $OPENAI_API_KEY."""
+        base = url.rstrip("/")
+        self.endpoint = base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
+        self.model, self.timeout, self.max_chars = model, timeout, max_response_chars
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+
+    def __call__(self, problem: str, answer: str, response: str) -> bool | None:
+        """True / False, or None when the judge failed or answered something else."""
+        body = {"model": self.model, "temperature": 0.0, "max_tokens": 8,
+                "messages": [{"role": "user", "content": self.PROMPT.format(
+                    problem=problem, answer=answer, response=response[-self.max_chars:])}]}
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.endpoint, data=json.dumps(body).encode(), headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                data = json.loads(resp.read())
+            text = data["choices"][0]["message"]["content"] or ""
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            log.warning("judge call failed: %s", e)
+            return None
+        words = re.findall(r"[A-Za-z]+", text.upper())
+        if "INCORRECT" in words:
+            return False
+        if "CORRECT" in words:
+            return True
+        return None
+
+
+def evaluate(engine, tokenizer, problems: Sequence, sampling: SamplingParams, k: int, reward,
+             judge=None, instruction: str | None = "default") -> dict:
+    """Evaluate ``engine`` on ``problems`` (``data.prompts.Prompt`` objects or dicts with problem/answer).
+
+    ``sampling.n`` is replaced by ``k``. ``reward``: object with ``score_batch(texts, golds)``
+    (``MathReward``). ``judge``: callable (problem, answer, response) -> bool | None, or None.
+    ``instruction``: prompt suffix; "default" = data.prompts.DEFAULT_INSTRUCTION, None = none.
+    Returns {"total": {...}, "per_problem": [...]} (JSON-serialisable)."""
+    from erpd_megatron.data.prompts import DEFAULT_INSTRUCTION, Prompt, encode_prompts
+
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    items = [p if isinstance(p, Prompt) else Prompt(id=str(p.get("id", i)), problem=str(p["problem"]),
+                                                    answer=str(p["answer"]))
+             for i, p in enumerate(problems)]
+    instr = DEFAULT_INSTRUCTION if instruction == "default" else instruction
+    prompt_ids = encode_prompts(tokenizer, items, instruction=instr)
+    samples = engine.generate(prompt_ids, replace(sampling, n=k))
+    texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+    mv = [float(r) for r in reward.score_batch(texts, [items[s.prompt_index].answer for s in samples])]
+    verdicts: list[bool | None] = [None] * len(samples)
+    if judge is not None:
+        for j, s in enumerate(samples):
+            if mv[j] == 0.0:
+                p = items[s.prompt_index]
+                verdicts[j] = judge(p.problem, p.answer, texts[j])
+    correct = [1.0 if (m > 0 or v is True) else 0.0 for m, v in zip(mv, verdicts)]
+
+    per: list[dict] = []
+    for i, p in enumerate(items):
+        idx = [j for j, s in enumerate(samples) if s.prompt_index == i]
+        c = int(sum(correct[j] for j in idx))
+        per.append({
+            "id": p.id, "answer": p.answer, "k": len(idx), "correct": c,
+            "avg": c / len(idx), "pass_at_k": pass_at_k(len(idx), c, len(idx)),
+            "math_verify": [mv[j] for j in idx],
+            "judge": [verdicts[j] for j in idx] if judge is not None else None,
+            "lengths": [len(samples[j].response_ids) for j in idx],
+            "finish_reasons": [samples[j].finish_reason for j in idx],
+            "responses": [texts[j] for j in idx],
+        })
+    n = len(items)
+    pass_at = {str(j): sum(pass_at_k(k, q["correct"], j) for q in per) / n
+               for j in sorted({1, k} | {2 ** e for e in range(1, k.bit_length()) if 2 ** e <= k})} if n else {}
+    total = {
+        "problems": n, "k": k, "samples": len(samples),
+        "avg_at_k": sum(correct) / len(correct) if correct else 0.0,
+        "pass_at_k": pass_at.get(str(k), 0.0),
+        "pass_at": pass_at,
+        "mean_length": sum(len(s.response_ids) for s in samples) / len(samples) if samples else 0.0,
+        "truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples) if samples else 0.0,
+        "avg_at_k_math_verify": sum(mv) / len(mv) if mv else 0.0,
+        "judge_calls": sum(v is not None for v in verdicts) if judge is not None else 0,
+        "judge_flips": sum(1 for m, v in zip(mv, verdicts) if m == 0 and v is True),
+        "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+                     "max_new_tokens": sampling.max_new_tokens, "seed": sampling.seed},
+    }
+    return {"total": total, "per_problem": per}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="erpd eval", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--benchmark", required=True, help="JSONL/Parquet file with problem, answer (optional id)")
+    ap.add_argument("--model", help="HF model directory (LocalEngine; also the tokenizer source)")
+    ap.add_argument("--sglang-url", action="append", default=[], help="attach to SGLang server(s) instead")
+    ap.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--max-new-tokens", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=0, help="first N problems only")
+    ap.add_argument("--instruction", default="default", help='prompt suffix ("default", "" for none)')
+    ap.add_argument("--reward-mode", default="strict", choices=("strict", "loose"))
+    ap.add_argument("--judge-url", help="OpenAI-compatible endpoint for the LLM-judge fallback (off by default)")
+    ap.add_argument("--judge-model", default="default")
+    ap.add_argument("--batch-size", type=int, default=256, help="LocalEngine rows per forward")
+    ap.add_argument("--out", help="write the JSON result here (default: stdout)")
+    args = ap.parse_args(argv)
+    if not args.model and not args.sglang_url:
+        ap.error("give --model (local engine) or --sglang-url")
+
+    from transformers import AutoTokenizer
+
+    from erpd_megatron.data.prompts import load_prompts
+    from erpd_megatron.rewards.math import MathReward
+
+    problems = load_prompts(args.benchmark)
+    if args.limit:
+        problems = problems[: args.limit]
+    tok_dir = args.tokenizer or args.model
+    if not tok_dir:
+        ap.error("--tokenizer is needed with --sglang-url")
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    if args.sglang_url:
+        from erpd_megatron.rollout.sglang_engine import SGLangEngine
+
+        engine = SGLangEngine(urls=args.sglang_url)
+    else:
+        from erpd_megatron.rollout.local_engine import LocalEngine
+
+        engine = LocalEngine.from_pretrained(args.model, tokenizer=tokenizer, max_batch_size=args.batch_size)
+    sampling = SamplingParams(n=args.k, temperature=args.temperature, top_p=args.top_p,
+                              max_new_tokens=args.max_new_tokens, seed=args.seed)
+    judge = LLMJudge(args.judge_url, model=args.judge_model) if args.judge_url else None
+    with MathReward(num_workers=2, mode=args.reward_mode) as reward:
+        result = evaluate(engine, tokenizer, problems, sampling, args.k, reward, judge=judge,
+                          instruction=args.instruction or None)
+    result["total"].update(benchmark=os.path.abspath(args.benchmark), model=args.model or args.sglang_url)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+    else:
+        print(text)
+    t = result["total"]
+    print(f"{t['problems']} problems x {t['k']}: AVG@{t['k']} {t['avg_at_k']:.4f}  pass@{t['k']} {t['pass_at_k']:.4f}  "
+          f"mean length {t['mean_length']:.1f}", file=sys.stderr)
+    engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
