@@ -1,0 +1,94 @@
+"""Benchmark 1: tokens/s of one training step, Megatron backend vs a plain transformers + torch loop.
+
+Both sides train the same Qwen3 (same config, same initial tensors), on the same batch, with the
+same token-log-prob loss (policy-gradient surrogate, `models.pg_loss`), fp32 on CPU, one process:
+- "megatron": `PolicyEngine.train_step` (TP=1; megatron DDP + DistributedOptimizer with torch
+  AdamW, grad clipping, megatron's forward_backward_func, vocab-parallel log-prob function);
+- "plain": `Qwen3ForCausalLM(ids).logits -> log_softmax -> gather -> loss.backward()`,
+  `clip_grad_norm_`, `torch.optim.AdamW`, SDPA attention (transformers' default).
+One micro-batch = the whole batch on both sides. Timed A, B, A, B, ... after warm-up (see
+common.interleaved); each round gives one Megatron/plain throughput ratio, reported as median/min/max.
+Before timing, the first step's losses are compared (they must agree: same model, same loss).
+
+    python -m erpd_megatron.bench.train_throughput [--repeats 5] [--steps 2] [--out docs/benchmarks]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from erpd_megatron.bench.common import Recorder, interleaved, set_threads, spread
+from erpd_megatron.bench.models import BenchModel, hf_model, hf_token_logprobs, pg_loss, policy_engine, token_batch
+
+NAME = "train_throughput"
+
+
+def run(out_dir=None, *, model: BenchModel | None = None, batch_size: int = 16, seq_len: int = 256,
+        warmup: int = 1, repeats: int = 5, steps: int = 2, threads: int | None = 1, lr: float = 1e-5,
+        log=print) -> dict:
+    model = model or BenchModel()
+    threads = set_threads(threads)
+    config = dict(model=model.to_dict(), batch_size=batch_size, seq_len=seq_len, warmup=warmup, repeats=repeats,
+                  steps_per_repeat=steps, threads=threads, dtype="float32", lr=lr, micro_batch_size=batch_size,
+                  tp=1, params=model.num_params())
+    rec = Recorder(NAME, config)
+    hf = hf_model(model)
+    state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    eng = policy_engine(model, micro_batch_size=batch_size, lr=lr, hf_state=state)
+    opt = torch.optim.AdamW(hf.parameters(), lr=lr, weight_decay=0.0)
+    batch = token_batch(batch_size, seq_len, model.vocab_size)
+
+    def plain_step():
+        opt.zero_grad(set_to_none=True)
+        loss, _ = pg_loss(hf_token_logprobs(hf, batch), batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        opt.step()
+        return float(loss.detach())
+
+    def megatron_step():
+        return eng.train_step(batch, pg_loss)["loss"]
+
+    # correctness first: identical weights and loss -> identical first-step loss
+    loss_plain, loss_meg = plain_step(), megatron_step()
+    log(f"[{NAME}] first-step loss plain {loss_plain:.6f} megatron {loss_meg:.6f}")
+    times = interleaved({"megatron": megatron_step, "plain": plain_step}, warmup=warmup, repeats=repeats,
+                        steps=steps, log=log)
+    tokens = batch_size * seq_len
+    flops_tok = 3 * model.matmul_flops_per_token(seq_len)  # fwd + bwd (2x fwd)
+    ratios = [p / m for m, p in zip(times["megatron"], times["plain"])]
+    results = {
+        "first_step_loss": {"plain": loss_plain, "megatron": loss_meg, "abs_diff": abs(loss_plain - loss_meg)},
+        "tokens_per_step": tokens,
+        "seconds_per_step": {k: v for k, v in times.items()},
+        "tokens_per_s": {k: spread([tokens / t for t in v]) for k, v in times.items()},
+        "gflops_per_s": {k: spread([flops_tok * tokens / t / 1e9 for t in v]) for k, v in times.items()},
+        "ratio_megatron_over_plain": spread(ratios),
+        "target_ratio": 1.0,
+    }
+    path = rec.write(results, out_dir)
+    r = results["ratio_megatron_over_plain"]
+    log(f"[{NAME}] tokens/s megatron {results['tokens_per_s']['megatron']['median']:.0f} plain "
+        f"{results['tokens_per_s']['plain']['median']:.0f}; ratio median {r['median']:.3f} "
+        f"[{r['min']:.3f}, {r['max']:.3f}] -> {path}")
+    return results
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    run(a.out, batch_size=a.batch_size, seq_len=a.seq_len, warmup=a.warmup, repeats=a.repeats, steps=a.steps,
+        threads=a.threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Benchmarks at minimal size: each writes a JSON with the shared schema, and its built-in
+correctness check holds (same first-step loss / log-probs for Megatron and transformers on identical
+weights; the engine's log-probs after weight sync equal Megatron's). No timing assertions."""
+
+import json
+
+import pytest
+import torch
+
+from erpd_megatron.bench.common import MACHINE_KEYS, REQUIRED_KEYS, interleaved, spread
+from erpd_megatron.bench.models import BenchModel
+
+TINY = BenchModel(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, ffn_hidden_size=128,
+                  vocab_size=256)
+
+
+@pytest.fixture
+def megatron_world():
+    """The in-process benchmarks create a world of one; tear it down so other tests start clean."""
+    torch.set_num_threads(1)
+    yield
+    from erpd_megatron.megatron.parallel import destroy_parallel
+
+    destroy_parallel()
+
+
+def _check_schema(path, name):
+    doc = json.loads(path.read_text())
+    for k in REQUIRED_KEYS:
+        assert k in doc, f"{name}: missing top-level key {k}"
+    assert doc["benchmark"] == name
+    for k in MACHINE_KEYS:
+        assert k in doc["machine"], f"{name}: machine.{k} missing"
+    assert isinstance(doc["machine"]["loadavg_start"], list) and len(doc["machine"]["loadavg_start"]) == 3
+    assert doc["machine"]["torch"] == torch.__version__
+    assert doc["command"]
+    return doc
+
+
+def _check_spread(s):
+    assert {"median", "min", "max", "n"} <= set(s)
+    assert s["min"] <= s["median"] <= s["max"]
+
+
+def test_spread_and_interleaving_order():
+    assert spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    calls = []
+    times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, repeats=3,
+                        steps=2)
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]
+    assert len(times["a"]) == len(times["b"]) == 3
+
+
+def test_train_throughput_minimal(tmp_path, megatron_world):
+    from erpd_megatron.bench import train_throughput
+
+    res = train_throughput.run(tmp_path, model=TINY, batch_size=2, seq_len=16, warmup=0, repeats=2, steps=1)
+    doc = _check_schema(tmp_path / "train_throughput.json", "train_throughput")
+    assert doc["results"] == json.loads(json.dumps(res))
+    # same weights, same batch, same loss -> same first-step loss
+    assert res["first_step_loss"]["abs_diff"] < 1e-5
+    _check_spread(res["ratio_megatron_over_plain"])
+    for k in ("megatron", "plain"):
+        _check_spread(res["tokens_per_s"][k])
+        assert len(res["seconds_per_step"][k]) == 2
+
+
+def test_logprob_throughput_minimal(tmp_path, megatron_world):
+    from erpd_megatron.bench import logprob_throughput
+
+    res = logprob_throughput.run(tmp_path, model=TINY, batch_size=2, seq_len=16, warmup=0, repeats=2, steps=1)
+    _check_schema(tmp_path / "logprob_throughput.json", "logprob_throughput")
+    assert res["max_abs_logprob_diff"] < 1e-5
+    _check_spread(res["ratio_megatron_over_plain"])
+
+
+def test_weight_sync_minimal(tmp_path):
+    from erpd_megatron.bench import weight_sync
+
+    res = weight_sync.run(tmp_path, model=TINY, buckets_mib=(0.01, 1), repeats=1, memcpy_mib=4)
+    _check_schema(tmp_path / "weight_sync.json", "weight_sync")
+    assert res["max_abs_logprob_diff_engine_vs_megatron"] < 1e-4
+    small, big = res["per_bucket_mib"]["0.01"], res["per_bucket_mib"]["1.0"]
+    assert small["bytes"] == big["bytes"] > 0
+    assert small["buckets"] > big["buckets"]  # the cap is honoured
+    _check_spread(res["memcpy_gbps"])
+
+
+def test_plots_from_jsons(tmp_path, megatron_world):
+    from erpd_megatron.bench import logprob_throughput, plots
+
+    logprob_throughput.run(tmp_path, model=TINY, batch_size=2, seq_len=8, warmup=0, repeats=1, steps=1)
+    paths = plots.all_plots(tmp_path)
+    assert [p.name for p in paths] == ["throughput.png"]
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
