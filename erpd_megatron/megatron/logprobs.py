@@ -115,6 +115,57 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
+class _LocalLogProbs(torch.autograd.Function):
+    """Single-rank (TP=1) path: the same results as _VocabParallelLogProbs through torch's fused
+    log_softmax / softmax kernels (one pass per chunk instead of ~6 elementwise ones).
+    Measured on CPU (fp32, 4096 rows x 1536 vocab): forward 60 -> 30 ms, forward+backward
+    250 -> 80 ms, i.e. on par with transformers' log_softmax + gather (docs/benchmarks.md)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, inv_t, vocab_size, need_entropy, chunk_rows):
+        n = logits.shape[0]
+        cd = _compute_dtype(logits.dtype)
+        lp = logits.new_empty(n, dtype=cd)
+        ent = logits.new_empty(n, dtype=cd) if need_entropy else None
+        for s in range(0, n, chunk_rows):
+            sl = slice(s, min(s + chunk_rows, n))
+            z = logits[sl, :vocab_size].to(cd)  # padding columns excluded by slicing
+            logp = torch.log_softmax(z * inv_t if inv_t != 1.0 else z, dim=-1)
+            lp[sl] = logp.gather(-1, targets[sl].unsqueeze(-1)).squeeze(-1)
+            if need_entropy:
+                ent[sl] = -(logp.exp() * logp).nan_to_num_(0.0).sum(-1)  # p log p -> 0 where p = 0
+        ctx.save_for_backward(logits, targets, ent if need_entropy else lp)
+        ctx.cfg = (inv_t, vocab_size, need_entropy, chunk_rows)
+        if need_entropy:
+            return lp, ent
+        return lp, torch.zeros(0, device=logits.device)
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        logits, targets, ent = ctx.saved_tensors
+        inv_t, vocab_size, need_entropy, chunk_rows = ctx.cfg
+        n, vl = logits.shape
+        grad = torch.zeros_like(logits) if vocab_size < vl else torch.empty_like(logits)
+        for s in range(0, n, chunk_rows):
+            sl = slice(s, min(s + chunk_rows, n))
+            z = logits[sl, :vocab_size].to(ent.dtype)
+            z = z * inv_t if inv_t != 1.0 else z
+            g = g_lp[sl].unsqueeze(-1)
+            if need_entropy:
+                # d H / dz_k = -p_k (log p_k + H)
+                logp = torch.log_softmax(z, dim=-1)
+                p = logp.exp()
+                gz = (p * (logp + ent[sl].unsqueeze(-1))).nan_to_num_(0.0).mul_(-g_ent[sl].unsqueeze(-1))
+                gz.addcmul_(p, g, value=-1.0)
+            else:
+                gz = torch.softmax(z, dim=-1).mul_(-g)
+            gz.scatter_add_(-1, targets[sl].unsqueeze(-1), g)  # d lp / dz = onehot - p
+            if inv_t != 1.0:
+                gz.mul_(inv_t)
+            grad[sl, :vocab_size] = gz
+        return grad, None, None, None, None, None
+
+
 def vocab_parallel_logprobs(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -139,6 +190,10 @@ def vocab_parallel_logprobs(
     rank = dist.get_rank(tp_group) if tp_group is not None and dist.get_world_size(tp_group) > 1 else 0
     flat = logits.reshape(-1, vl)
     chunk_rows = max(1, chunk_elems // vl)
+    if rank == 0 and (tp_group is None or dist.get_world_size(tp_group) == 1):
+        lp, ent = _LocalLogProbs.apply(flat, targets.reshape(-1), 1.0 / float(temperature), int(vocab_size),
+                                       with_entropy, chunk_rows)
+        return lp.view(shape), (ent.view(shape) if with_entropy else None)
     lp, ent = _VocabParallelLogProbs.apply(
         flat, targets.reshape(-1), float(temperature), rank * vl, int(vocab_size), tp_group, with_entropy, chunk_rows
     )
