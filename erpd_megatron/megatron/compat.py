@@ -12,8 +12,9 @@ Three kinds of patch, each recorded in `PATCHES` with the megatron-core call sit
    `current_stream`, `synchronize`) get CPU meanings ("cpu", a no-op stream, no-op).
 2. Modules that create tensors with a literal `device="cuda"` get a module-local view of `torch`
    whose tensor factories map "cuda" to "cpu". The rest of `torch` is untouched and shared.
-3. Functions that check `tensor.type() == 'torch.cuda.FloatTensor'` run with `Tensor.type()`
-   reporting CPU tensors under their CUDA names, for the duration of that call only.
+3. Functions that check `tensor.type() == 'torch.cuda.FloatTensor'` (or call `tensor.cuda()`) run
+   with `Tensor.type()` reporting CPU tensors under their CUDA names (`Tensor.cuda()` a no-op),
+   for the duration of that call only.
 4. The RNG tracker (tensor_parallel/random.py) keeps CPU generator states instead of CUDA ones.
 
 The version guard refuses any other megatron-core release: line-level assumptions do not carry.
@@ -167,6 +168,31 @@ def _with_cuda_type_names(fn):
     return wrapper
 
 
+@contextlib.contextmanager
+def _tensor_cuda_stays_on_cpu():
+    """Within this context `tensor.cuda()` returns the tensor itself (CPU is the only device)."""
+    real_cuda = torch.Tensor.cuda
+
+    def cuda(self, *args, **kwargs):
+        return self
+
+    torch.Tensor.cuda = cuda
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = real_cuda
+
+
+def _with_tensor_cuda_on_cpu(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _tensor_cuda_stays_on_cpu():
+            return fn(*args, **kwargs)
+
+    wrapper.__erpd_compat_wrapped__ = fn
+    return wrapper
+
+
 # --------------------------------------------------------------------------- RNG tracker (CPU)
 
 
@@ -309,6 +335,15 @@ def apply_cpu_compat(force: bool = False) -> bool:
     _patch("DistributedOptimizer.__init__ type checks", ("optimizer/distrib_optimizer.py:401,466,758",),
            "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer", "__init__",
            _with_cuda_type_names(DistributedOptimizer.__init__))
+
+    # `.cuda()` on a tensor, scoped to the calling function.
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    _patch("LanguageModule.setup_embeddings_and_output_layer .cuda()",
+           ("models/common/language_module/language_module.py:307 (tied embeddings, pp > 1)",),
+           "megatron.core.models.common.language_module.language_module:LanguageModule",
+           "setup_embeddings_and_output_layer",
+           _with_tensor_cuda_on_cpu(LanguageModule.setup_embeddings_and_output_layer))
 
     # 4. RNG tracker on the CPU generator.
     rnd = "megatron.core.tensor_parallel.random"

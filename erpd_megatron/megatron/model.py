@@ -220,6 +220,7 @@ class BuildOptions:
     fp8: str | None = None  # None | "hybrid" | "e4m3" (TE spec only)
     fp8_recipe: str = "delayed"  # "delayed" | "tensorwise" (current scaling) | "mxfp8" | "blockwise"
     recompute: bool = False  # full activation recompute of every layer
+    attention: str = "sdpa"  # local spec core attention: "sdpa" (attention.py) | "megatron" (unfused baddbmm+softmax)
     extra_transformer_config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -300,7 +301,7 @@ def make_transformer_config(cfg: ModelConfig, par: ParallelConfig, opts: BuildOp
     return TransformerConfig(**kw)
 
 
-def layer_spec(cfg: ModelConfig, tcfg, spec: str, vp_stage: int | None = None):
+def layer_spec(cfg: ModelConfig, tcfg, spec: str, vp_stage: int | None = None, attention: str = "sdpa"):
     """Transformer layer (or block) spec for the family and spec kind."""
     if cfg.family == "qwen3_5":
         try:
@@ -320,7 +321,10 @@ def layer_spec(cfg: ModelConfig, tcfg, spec: str, vp_stage: int | None = None):
     from erpd_megatron.megatron.attention import SDPACoreAttention
 
     s = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_norm, normalization="RMSNorm")
-    s.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    if attention == "sdpa":
+        s.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    elif attention != "megatron":
+        raise ValueError(f"BuildOptions.attention={attention!r}: expected sdpa | megatron")
     return s
 
 
@@ -338,9 +342,10 @@ def build_model(cfg: ModelConfig, par: ParallelConfig, opts: BuildOptions | None
     tcfg = make_transformer_config(cfg, par, opts)
     rotary_percent = cfg.hybrid.partial_rotary_factor if cfg.hybrid is not None else 1.0
     log.info(
-        "build_model: family=%s spec=%s%s dtype=%s layout=%s",
+        "build_model: family=%s spec=%s%s%s dtype=%s layout=%s",
         cfg.family,
         spec,
+        f" attention={opts.attention}" if spec == "local" and cfg.family != "qwen3_5" else "",
         f" fp8={opts.fp8}/{opts.fp8_recipe}" if opts.fp8 else "",
         tcfg.params_dtype,
         par,
@@ -355,7 +360,7 @@ def build_model(cfg: ModelConfig, par: ParallelConfig, opts: BuildOptions | None
             vp_stage = vp if par.vpp else None
             m = GPTModel(
                 config=tcfg,
-                transformer_layer_spec=layer_spec(cfg, tcfg, spec, vp_stage),
+                transformer_layer_spec=layer_spec(cfg, tcfg, spec, vp_stage, opts.attention),
                 vocab_size=cfg.padded_vocab_size(par.tp),
                 max_sequence_length=cfg.max_position_embeddings,
                 pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
