@@ -219,12 +219,16 @@ def test_payloads_decode_with_real_sglang(tmp_path, shm_by_filename):
     and ``ERPD_SGLANG_PYTHONPATH=/tmp/sgl:/tmp/sgl_deps``.
     """
     extra = os.environ.get("ERPD_SGLANG_PYTHONPATH", "")
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (REPO, extra) if p)}
+    cheap = subprocess.run([sys.executable, "-c", "import importlib.util, sys; "
+                            "sys.exit(0 if importlib.util.find_spec('sglang') else 3)"], env={**os.environ, **env})
+    if cheap.returncode != 0:
+        pytest.skip("sglang is not installed (set ERPD_SGLANG_PYTHONPATH to a --no-deps sglang install)")
     probe = subprocess.run([sys.executable, "-c", "from erpd_megatron.rollout.sglang_wire import _sglang_classes;"
                             "import sys; sys.exit(0 if _sglang_classes() else 3)"],
-                           env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (REPO, extra) if p)})
+                           env={**os.environ, **env})
     if probe.returncode != 0:
-        pytest.skip("sglang is not importable (set ERPD_SGLANG_PYTHONPATH to a --no-deps sglang install)")
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (REPO, extra) if p)}
+        pytest.skip("sglang is installed but not importable (its import-time deps are missing)")
     for layout in ("typed", "bytes"):
         with launch(tmp_path, "--use-sglang", tp=2, env=env, bucket_layout=layout) as eng:
             # Serialize with our pure-Python pickler (the path used when the trainer lacks sglang).

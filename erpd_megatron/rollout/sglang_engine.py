@@ -168,13 +168,16 @@ class SGLangEngine(RolloutEngine):
                  dist_master_port: int | None = None,
                  dist_backend: str = "nccl",
                  dist_group_name: str = "erpd_weight_update",
-                 resync_fn: Callable[[str], None] | None = None):
+                 resync_fn: Callable[[str], None] | None = None,
+                 send_sampling_seed: bool = True):
         """Attach to ``urls`` or start servers from ``launch`` (exactly one of them).
         ``tp``: TP size of attached servers (default: read from ``/get_server_info``).
         ``weight_transport``: "tensor" | "distributed" | "disk" (see module docstring).
         ``bucket_layout``: "typed" (every 0.5.x) | "bytes" (newer 0.5.x, mixed dtypes per payload).
         ``pause_mode``: body of ``/pause_generation`` ("retract" | "abort" | "in_place"; ignored by
-        old 0.5.x servers, which take no body)."""
+        old 0.5.x servers, which take no body).
+        ``send_sampling_seed``: send per-sample ``sampling_seed``; set False for servers whose sampling
+        backend refuses seeds (0.5.x flashinfer with top-p / top-k asserts on them)."""
         if (urls is None) == (launch is None):
             raise ValueError("SGLangEngine: give exactly one of urls= (attach) or launch= (start servers)")
         if weight_transport not in ("tensor", "distributed", "disk"):
@@ -200,6 +203,7 @@ class SGLangEngine(RolloutEngine):
         self.dist_backend = dist_backend
         self.dist_group_name = dist_group_name
         self.resync_fn = resync_fn
+        self.send_sampling_seed = send_sampling_seed
         self.weight_version = None
         self._last_disk_path: str | None = None
         self._dist_group = None
@@ -409,7 +413,8 @@ class SGLangEngine(RolloutEngine):
         body = {
             "rid": _rid(call, key),
             "input_ids": [int(t) for t in prompt],
-            "sampling_params": sglang_sampling_params(sampling, derive_seed(sampling.seed, *key)),
+            "sampling_params": sglang_sampling_params(
+                sampling, derive_seed(sampling.seed, *key) if self.send_sampling_seed else None),
             "return_logprob": True,
             "stream": False,
         }

@@ -212,3 +212,32 @@ def sync_weights(policy, engine, version=None, *, receivers: str = "all", **kw) 
             "weight_sync/gbps": stats["bytes"] / secs / 1e9 if secs > 0 else 0.0,
             "weight_sync/buckets": float(stats["buckets"]),
             "weight_sync/peak_bucket_bytes": float(stats["peak_bucket_bytes"])}
+
+
+def _bench(argv=None) -> None:
+    """``python -m erpd_megatron.rollout.weight_sync [--hidden H --layers L --vocab V --bucket-mb M]``:
+    GB/s of iter_hf_buckets into a no-op consumer (run under torchrun for TP/PP: --tp/--pp)."""
+    import argparse
+
+    from erpd_megatron.megatron.engine import PolicyEngine
+    from erpd_megatron.megatron.model import ModelConfig
+    from erpd_megatron.megatron.parallel import ParallelConfig
+
+    ap = argparse.ArgumentParser()
+    for name, default in (("hidden", 512), ("layers", 8), ("vocab", 32000), ("tp", 1), ("pp", 1), ("bucket_mb", 64)):
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+    ap.add_argument("--receivers", default="all")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    cfg = ModelConfig(family="qwen3", vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers,
+                      num_heads=a.hidden // 64, num_kv_heads=max(1, a.hidden // 256), head_dim=64,
+                      ffn_hidden_size=3 * a.hidden)
+    policy = PolicyEngine(cfg, ParallelConfig(tp=a.tp, pp=a.pp), trainable=False)
+    for _ in range(2):  # the first pass warms allocators
+        stats = sync_weights(policy, None, receivers=a.receivers, bucket_bytes=a.bucket_mb << 20)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print({k: round(v, 4) for k, v in stats.items()}, flush=True)
+
+
+if __name__ == "__main__":
+    _bench()
