@@ -116,14 +116,14 @@ class ConvConfig:
         checks = [("num_attention_heads", self.num_heads), ("intermediate_size", self.ffn_hidden_size)]
         if self.num_kv_heads >= tp:
             checks.append(("num_key_value_heads", self.num_kv_heads))
-        elif tp % self.num_kv_heads:
-            raise ConversionError(f"TP={tp} must be a multiple of num_key_value_heads={self.num_kv_heads} when larger")
         if self.family == "qwen3_5":
             checks += [("linear_num_key_heads", self.linear_num_key_heads),
                        ("linear_num_value_heads", self.linear_num_value_heads)]
         for field, value in checks:
             if value % tp:
                 raise ConversionError(f"TP={tp} does not divide {field}={value}")
+        if self.num_kv_heads < tp and tp % self.num_kv_heads:
+            raise ConversionError(f"TP={tp} must be a multiple of num_key_value_heads={self.num_kv_heads} when larger")
 
 
 def padded_vocab(vocab_size: int, tp: int, divisible_by: int = 128) -> int:

@@ -33,8 +33,8 @@ def ensure_single_process() -> None:
             from erpd_megatron.megatron.compat import apply_cpu_compat
 
             apply_cpu_compat()
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(_free_port())  # a private world: never reuse a finished world's port
         torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     init_parallel(ParallelConfig())
 

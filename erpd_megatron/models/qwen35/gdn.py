@@ -36,11 +36,19 @@ class GatedRMSNorm(torch.nn.Module):
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gate: torch.Tensor, tp_group=None) -> torch.Tensor:
         dtype = x.dtype
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        y = self.weight * y.to(dtype)
+        w = self.weight
+        if tp_group is not None and tp_group.size() > 1:
+            # The weight is replicated but each TP rank applies it to its own value heads only: its gradient
+            # is the SUM of the ranks' partial gradients (identity forward, all-reduce backward), so the
+            # replicas stay equal after every step (megatron only does this for q/k layernorms, by name).
+            from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+            w = copy_to_tensor_model_parallel_region(w, group=tp_group)
+        y = w * y.to(dtype)
         return (y * F.silu(gate.float())).to(dtype)
 
 
@@ -132,7 +140,7 @@ class GatedDeltaNet(MegatronModule):
             k = k.repeat_interleave(self.hv // self.hk, dim=2)
         g = -self.A_log.float().exp() * F.softplus(alpha.float() + self.dt_bias.float())
         o = gated_delta_rule(q.to(v.dtype), k.to(v.dtype), v, g, beta.float().sigmoid())
-        o = self.out_norm(o.reshape(-1, self.dv), z.reshape(-1, self.dv))
+        o = self.out_norm(o.reshape(-1, self.dv), z.reshape(-1, self.dv), tp_group=self.pg_collection.tp)
         o = o.reshape(b, s, self.hv * self.dv).transpose(0, 1).contiguous()
         return self.out_proj(o)
 
