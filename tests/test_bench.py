@@ -93,3 +93,29 @@ def test_plots_from_jsons(tmp_path, megatron_world):
     paths = plots.all_plots(tmp_path)
     assert [p.name for p in paths] == ["throughput.png"]
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("temperature,entropy", [(1.0, False), (0.7, True)])
+def test_single_rank_logprob_fast_path_without_padding(temperature, entropy):
+    """The TP=1 fast path added for benchmark 2 returns its softmax buffer as the gradient when there is
+    one chunk and no vocabulary padding; check that branch against a float64 reference."""
+    from erpd_megatron.megatron.logprobs import vocab_parallel_logprobs
+
+    torch.manual_seed(3)
+    logits = (torch.randn(5, 7, 32) * 3).requires_grad_()
+    targets = torch.randint(0, 32, (5, 7))
+    w1, w2 = torch.randn(5, 7), torch.randn(5, 7)
+    lp, ent = vocab_parallel_logprobs(logits, targets, vocab_size=32, temperature=temperature, with_entropy=entropy)
+    loss = (lp * w1).sum() + ((ent * w2).sum() if entropy else 0.0)
+    (g,) = torch.autograd.grad(loss, logits)
+    ref = logits.detach().double().requires_grad_()
+    logp = torch.log_softmax(ref / temperature, -1)
+    r_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    r_loss = (r_lp * w1.double()).sum()
+    if entropy:
+        r_ent = -(logp.exp() * logp).sum(-1)
+        r_loss = r_loss + (r_ent * w2.double()).sum()
+        assert torch.allclose(ent.double(), r_ent, atol=1e-5)
+    (g_ref,) = torch.autograd.grad(r_loss, ref)
+    assert torch.allclose(lp.double(), r_lp, atol=1e-5)
+    assert torch.allclose(g.double(), g_ref, atol=1e-5)

@@ -145,7 +145,7 @@ class _LocalLogProbs(torch.autograd.Function):
         logits, targets, ent = ctx.saved_tensors
         inv_t, vocab_size, need_entropy, chunk_rows = ctx.cfg
         n, vl = logits.shape
-        grad = torch.zeros_like(logits) if vocab_size < vl else torch.empty_like(logits)
+        grad = None
         for s in range(0, n, chunk_rows):
             sl = slice(s, min(s + chunk_rows, n))
             z = logits[sl, :vocab_size].to(ent.dtype)
@@ -162,7 +162,13 @@ class _LocalLogProbs(torch.autograd.Function):
             gz.scatter_add_(-1, targets[sl].unsqueeze(-1), g)  # d lp / dz = onehot - p
             if inv_t != 1.0:
                 gz.mul_(inv_t)
+            if chunk_rows >= n and vocab_size == vl and gz.dtype == logits.dtype:
+                return gz, None, None, None, None, None  # one chunk, no padding: gz is the gradient (no copy)
+            if grad is None:
+                grad = torch.zeros_like(logits) if vocab_size < vl else torch.empty_like(logits)
             grad[sl, :vocab_size] = gz
+        if grad is None:  # no rows
+            grad = torch.zeros_like(logits)
         return grad, None, None, None, None, None
 
 
