@@ -153,8 +153,9 @@ class DistillConfig:
 class OnPolicyConfig:
     loss: str = "grpo"
     """On-policy baseline loss: grpo | sapo | ppo | cispo."""
-    steps: int = 8
-    """Rollout -> one update iterations; the rollout budget is steps * prompts_per_step * n_samples."""
+    steps: int = 0
+    """Rollout -> one update iterations (0 = the ERPD budget: prompts_per_batch / prompts_per_step, so both
+    methods consume prompts_per_batch * n_samples rollouts)."""
     prompts_per_step: int = 16
     """Prompts per on-policy step."""
     lr: float = 3e-5

@@ -111,10 +111,13 @@ class Context:
         """Megatron checkpoint of the base policy of `iteration` (0: imported from HF; i: student of i-1)."""
         if iteration == 0:
             if not (self.run.base / "latest").exists():
-                if self.is_main:
-                    from checkpoints_conv.convert import import_hf
+                if self.is_main:  # a child process: the converter sets up its own world of one
+                    import subprocess
+                    import sys
 
-                    import_hf(self.base_hf, self.run.base, tp=1, pp=1)
+                    cmd = [sys.executable, "-m", "checkpoints_conv", "import", "--hf", str(self.base_hf),
+                           "--out", str(self.run.base), "--tp", str(self.cfg.model.tp), "--pp", "1", "--overwrite"]
+                    subprocess.run(cmd, check=True)
                 self.barrier()
             return self.run.base
         marker = self.run.root / f"iter_{iteration - 1}" / "student.txt"
@@ -124,7 +127,7 @@ class Context:
         """Megatron -> rollout engine through the resharding path (TP gather, PP broadcast, HF names)."""
         from erpd_megatron.rollout.weight_sync import iter_hf_buckets
 
-        buckets = iter_hf_buckets(policy.model, self.model_cfg)
+        buckets = iter_hf_buckets(policy, receivers="rank0")
         if self.is_main:
             self.engine.update_weights(buckets, version=version)
         else:  # non-zero ranks still take part in the collectives
@@ -199,3 +202,6 @@ class Timer:
 def setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("ERPD_LOG", "INFO"), format="%(asctime)s %(name)s %(message)s",
                         datefmt="%H:%M:%S")
+    # megatron-core logs every bucket / optimizer setting at INFO each time a policy is built
+    for name in ("megatron", "megatron.core"):
+        logging.getLogger(name).setLevel(logging.WARNING)
