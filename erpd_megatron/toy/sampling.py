@@ -3,14 +3,13 @@
 Used by the warm-up to measure accuracy at temperature 1.0 and greedily. A tiny KV-cached loop instead
 of ``model.generate`` so that the random stream is an explicit ``torch.Generator`` (reproducible
 without touching the global seed). Prompts are grouped by length, so no padding is ever fed to the model.
-Scoring uses math_verify (gold ``answer`` against the boxed answer of the response); it must run in
-the main thread (math_verify times out with ``signal.alarm``).
+Scoring is the project's math_verify reward (``erpd_megatron.rewards.math``, strict mode), in this
+process; its timeout needs the main thread (``signal``).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from functools import lru_cache
 
 import torch
 
@@ -65,25 +64,14 @@ def _generate_same_length(model, ids, eos_id, temperature, max_new_tokens, gener
 
 
 def score(response: str, answer: str) -> float:
-    """1.0 if the response has a ``\\boxed{}`` answer equal to ``answer`` by math_verify, else 0.0.
+    """1.0 if the response's last ``\\boxed{}`` equals ``answer`` by math_verify, else 0.0.
 
-    A response without ``\\boxed{`` scores 0 (math_verify alone would fall back to its last number).
+    The project's reward in "strict" mode (a response without a boxed answer scores 0), so the
+    warm-up's accuracy means the same as the pipeline's.
     """
-    from math_verify import parse, verify
+    from erpd_megatron.rewards.math import score as reward_score
 
-    if "\\boxed{" not in response:
-        return 0.0
-    pred = parse(response)
-    if not pred:
-        return 0.0
-    return float(verify(_gold(answer), pred))
-
-
-@lru_cache(maxsize=4096)
-def _gold(answer: str):
-    from math_verify import parse
-
-    return parse("$" + answer + "$")
+    return reward_score(response, answer, mode="strict")
 
 
 def quiet_math_verify() -> None:

@@ -19,6 +19,7 @@ import json
 import random
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 # One problem in eight is held out (8,100 of the 64,800 default problems).
@@ -80,7 +81,8 @@ def is_heldout(p: Problem) -> bool:
     return zlib.crc32(p.problem.encode()) % HELDOUT_MODULUS == 0
 
 
-def _all_problems(task: ToyTask, heldout: bool) -> list[Problem]:
+@lru_cache(maxsize=8)
+def _all_problems(task: ToyTask, heldout: bool) -> tuple[Problem, ...]:
     out = []
     for a in range(task.a_min, task.a_max + 1):
         for b in range(task.b_min, task.b_max + 1):
@@ -88,17 +90,17 @@ def _all_problems(task: ToyTask, heldout: bool) -> list[Problem]:
                 p = Problem(a, b, c)
                 if is_heldout(p) == heldout:
                     out.append(p)
-    return out
+    return tuple(out)
 
 
 def train_pool(task: ToyTask = ToyTask()) -> list[Problem]:
     """Every training problem, in a fixed order (the warm-up samples from it)."""
-    return _all_problems(task, heldout=False)
+    return list(_all_problems(task, heldout=False))
 
 
 def heldout_pool(task: ToyTask = ToyTask()) -> list[Problem]:
     """Every held-out problem, in a fixed order."""
-    return _all_problems(task, heldout=True)
+    return list(_all_problems(task, heldout=True))
 
 
 def _sample(pool: list[Problem], n: int, rng: random.Random, what: str) -> list[Problem]:

@@ -96,7 +96,7 @@ def build_model(config: dict, seed: int = 0):
 class WarmupConfig:
     """Everything that determines the warm-up result (the cache key)."""
 
-    steps: int = 600
+    steps: int = 400
     seed: int = 0
     batch_size: int = 128
     lr: float = 3e-3
