@@ -91,6 +91,8 @@ def import_hf(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str | 
 
     def full_tensor(name: str) -> torch.Tensor:
         conv, hf_names = maps.entry(cc, name)
+        if conv == "vocab":  # padded while reading: no second copy of the largest tensor
+            return ck.get(hf_names[0], pad_rows_to=cc.padded_vocab_size)
         return maps.to_mcore(cc, name, conv, [ck.get(h) for h in hf_names])
 
     with ck, atomic_output_dir(out_dir, overwrite) as tmp:
@@ -101,7 +103,7 @@ def import_hf(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str | 
         (hf / "config.json").write_text(json.dumps(ck.config, indent=2) + "\n")
         copy_side_files(ck.path, hf)
         if passthrough:
-            w = ShardedWriter(hf / "passthrough")
+            w = ShardedWriter(hf / "passthrough", [(n, ck.meta[n][2], ck.meta[n][1]) for n in passthrough])
             for n in passthrough:
                 w.add(n, ck.get(n))
             w.finish()
@@ -147,8 +149,9 @@ def export_mcore(mcore_dir: str, out_dir: str, dtype: str | None = None, hf_temp
     conv = json.loads((tmpl / "conversion.json").read_text()) if tmpl and (tmpl / "conversion.json").is_file() else {}
     src_dtypes = conv.get("dtypes", {})
     target = DTYPES[dtype] if dtype else None
-    model = mcore_io.meta_model(mc, cc.padded_vocab_size, torch.float32)  # read as fp32 (exact), cast below
-    stored = mcore_io.checkpoint_dtypes(str(path)).get("embedding.word_embeddings.weight", torch.float32)
+    stored_dtypes = mcore_io.checkpoint_dtypes(str(path))
+    stored = stored_dtypes.get("embedding.word_embeddings.weight", torch.float32)
+    model = mcore_io.meta_model(mc, cc.padded_vocab_size, stored)
 
     def out_dtype(hf_name: str) -> torch.dtype:
         if target is not None:
@@ -164,17 +167,27 @@ def export_mcore(mcore_dir: str, out_dir: str, dtype: str | None = None, hf_temp
         if not groups:
             groups.append([key])
         groups[-1].append(n)
+    passthrough = HFCheckpoint(tmpl / "passthrough", require_config=False) \
+        if tmpl and (tmpl / "passthrough" / "model.safetensors.index.json").is_file() else None
+    plan = []  # (HF name, shape, dtype) in writing order: lets the writer stream
+    for n in names:
+        meta_full = torch.empty(maps.expected_shape(cc, n), device="meta")
+        plan += [(h, tuple(t.shape), out_dtype(h)) for h, t in maps.mcore_to_hf(cc, n, meta_full)]
+    if passthrough is not None:
+        plan += [(n, passthrough.meta[n][2], passthrough.meta[n][1]) for n in passthrough.names()]
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        w = ShardedWriter(tmp, max_shard_bytes)
+        w = ShardedWriter(tmp, plan, max_shard_bytes)
         for _key, *group in groups:
-            tensors = mcore_io.load_params(model, str(path), group)
+            tensors = mcore_io.load_params(model, str(path), group, stored_dtypes)
             for n in group:
-                for h, t in maps.mcore_to_hf(cc, n, tensors[n]):
+                for h, t in maps.mcore_to_hf(cc, n, tensors.pop(n)):
                     w.add(h, t.to(out_dtype(h)))
-        if tmpl and (tmpl / "passthrough" / "model.safetensors.index.json").is_file():
-            with HFCheckpoint(tmpl / "passthrough", require_config=False) as pt:
-                for n in pt.names():
-                    w.add(n, pt.get(n))
+            del tensors
+            mcore_io.release_memory()
+        if passthrough is not None:
+            with passthrough:
+                for n in passthrough.names():
+                    w.add(n, passthrough.get(n))
         w.finish()
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if tmpl:

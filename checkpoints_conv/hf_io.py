@@ -2,8 +2,8 @@
 
 Reading never loads a whole shard: each tensor is read on request through `safe_open` (memory-mapped).
 Every shard's header is checked up front against the file size, so a truncated shard is refused before
-anything is written. Writing fills shards up to `max_shard_bytes`, then writes
-model.safetensors.index.json; the caller writes into a temporary directory and renames it at the end
+anything is written. Writing streams each tensor into pre-planned shards of at most `max_shard_bytes`
+(header first, then the bytes as they come), then writes model.safetensors.index.json; the caller writes into a temporary directory and renames it at the end
 (`atomic_output_dir`), so an interrupted conversion never leaves a directory that looks complete.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -89,25 +90,34 @@ class HFCheckpoint:
                     raise ConversionError(f"{self.path / INDEX}: {name} is not in {fname}")
                 if name not in self.meta:
                     raise ConversionError(f"{self.path / INDEX}: {name} listed in {fname} but not stored there")
-        self._handles: dict[str, object] = {}
-        self._stack = contextlib.ExitStack()
 
     def names(self) -> list[str]:
         return list(self.meta)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, pad_rows_to: int | None = None) -> torch.Tensor:
+        """Read one tensor. The file is opened per call: its memory map (resident pages) goes with it.
+
+        pad_rows_to: return a [pad_rows_to, ...] tensor with zero rows after the stored ones, filled in
+        row blocks so that no second full-size copy exists (vocabulary padding of 2.5 GB embeddings).
+        """
         if name not in self.meta:
             raise ConversionError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
-        fname = self.meta[name][0]
-        if fname not in self._handles:
-            from safetensors import safe_open
+        from safetensors import safe_open
 
-            self._handles[fname] = self._stack.enter_context(safe_open(str(self.path / fname), framework="pt"))
-        return self._handles[fname].get_tensor(name)
+        fname, dtype, shape = self.meta[name]
+        with safe_open(str(self.path / fname), framework="pt") as f:
+            if pad_rows_to is None or pad_rows_to == shape[0]:
+                return f.get_tensor(name)
+            out = torch.zeros((pad_rows_to, *shape[1:]), dtype=dtype)
+            rows = f.get_slice(name)
+            step = max(1, (64 * 2**20) // max(1, math.prod(shape[1:]) * dtype.itemsize))
+            for i in range(0, shape[0], step):
+                end = min(i + step, shape[0])
+                out[i:end] = rows[i:end]
+            return out
 
     def close(self):
-        self._stack.close()
-        self._handles.clear()
+        pass  # nothing stays open between reads
 
     def __enter__(self):
         return self
@@ -116,47 +126,81 @@ class HFCheckpoint:
         self.close()
 
 
-class ShardedWriter:
-    """Write tensors into model-0000k-of-0000n.safetensors shards of at most max_shard_bytes, plus the index."""
+_ST_DTYPES = {v: k for k, v in _DTYPES.items()}
 
-    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 5 * 2**30):
+
+class ShardedWriter:
+    """Stream tensors into model-0000k-of-0000n.safetensors shards of at most max_shard_bytes, plus the index.
+
+    The tensor list (name, shape, dtype) is planned up front, so each shard's header is written first and
+    every tensor's bytes go straight to the file as it arrives: memory use is one tensor, not one shard.
+    Tensors must then arrive in plan order (a mismatch is an error naming the tensor).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 max_shard_bytes: int = 5 * 2**30):
         self.out = Path(out_dir)
-        self.max = max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
-        self.total = 0
+        self.plan = plan
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        for name, shape, dtype in plan:
+            nbytes = math.prod(shape) * dtype.itemsize
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, tuple(shape), dtype))
+            size += nbytes
+        self.shards = shards
+        self.files = [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
+        self.total = sum(math.prod(s) * d.itemsize for _, s, d in plan)
+        self._i = 0  # next tensor in plan order
+        self._shard = -1
+        self._f = None
+        self._left: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+
+    def _open_next(self) -> None:
+        if self._f is not None:
+            self._f.close()
+        self._shard += 1
+        entries = self.shards[self._shard]
+        header, off = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, dtype in entries:
+            n = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [off, off + n]}
+            off += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # 8-byte aligned data section
+        self._f = open(self.out / self.files[self._shard], "wb")
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        self._left = list(entries)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.pending or any(name in s for s in self.shards):
-            raise ConversionError(f"tensor {name!r} written twice")
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += nbytes
-        self.total += nbytes
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        k = len(self.shards) + 1
-        save_file(self.pending, str(self.out / f"part-{k:05d}.safetensors"), metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+        if self._i >= len(self.plan) or self.plan[self._i][0] != name:
+            want = self.plan[self._i][0] if self._i < len(self.plan) else "nothing"
+            raise ConversionError(f"writer: got tensor {name!r}, expected {want!r}")
+        _, shape, dtype = self.plan[self._i]
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise ConversionError(f"writer: {name} is {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}")
+        if not self._left:
+            self._open_next()
+        self._left.pop(0)
+        t = tensor.detach().to("cpu").contiguous()
+        self._f.write(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+        self._i += 1
 
     def finish(self) -> list[str]:
-        if self.pending or not self.shards:
-            self._flush()
-        n = len(self.shards)
-        weight_map = {}
-        for k, names in enumerate(self.shards, start=1):
-            final = f"model-{k:05d}-of-{n:05d}.safetensors"
-            os.replace(self.out / f"part-{k:05d}.safetensors", self.out / final)
-            weight_map.update({name: final for name in names})
+        if self._i != len(self.plan):
+            raise ConversionError(f"writer: {len(self.plan) - self._i} planned tensors were never written, "
+                                  f"first {self.plan[self._i][0]!r}")
+        if self._f is not None:
+            self._f.close()
+        if not self.plan:  # an empty checkpoint is still a valid (empty) shard
+            self._open_next()
+            self._f.close()
+        weight_map = {name: self.files[k] for k, entries in enumerate(self.shards) for name, _, _ in entries}
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        return sorted(set(weight_map.values()))
+        return self.files
 
 
 @contextlib.contextmanager

@@ -91,7 +91,9 @@ def save_lazy(model, ckpt_dir: str, full_tensor: Callable[[str], torch.Tensor]) 
 
     def real_for(name: str, meta: torch.Tensor) -> torch.Tensor:
         if name not in cache:
-            cache.clear()  # chunks of one parameter are written one after the other: keep one
+            if cache:  # chunks of one parameter are written one after the other: keep one
+                cache.clear()
+                release_memory()
             want = owner_meta = params[name]
             t = full_tensor(name).to(want.dtype).contiguous()
             if tuple(t.shape) != tuple(owner_meta.shape):
@@ -109,7 +111,8 @@ def save_lazy(model, ckpt_dir: str, full_tensor: Callable[[str], torch.Tensor]) 
                 raise RuntimeError(f"checkpoint chunk {write_item.index.fqn} is not a view of a model parameter")
             name, _ = owner[sid]
             real = real_for(name, data)
-            return real.as_strided(data.size(), data.stride(), data.storage_offset()).clone()
+            # a view: the DCP loader copies it only if it does not span its whole storage
+            return real.as_strided(data.size(), data.stride(), data.storage_offset())
 
     class LazyStrategy(TorchDistSaveShardedStrategy):
         def save(self, sharded_state_dict, checkpoint_dir):
@@ -122,28 +125,51 @@ def save_lazy(model, ckpt_dir: str, full_tensor: Callable[[str], torch.Tensor]) 
                                          flatten_sharded_tensors=False))
 
     os.makedirs(ckpt_dir, exist_ok=True)
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, ckpt_dir, sharded_strategy=LazyStrategy())
+    try:
+        dist_checkpointing.save({"model": model.sharded_state_dict()}, ckpt_dir, sharded_strategy=LazyStrategy())
+    finally:
+        cache.clear()
+        release_memory()
 
 
-def load_params(model, ckpt_dir: str, names: Iterable[str]) -> dict[str, torch.Tensor]:
+def release_memory() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise: parameter-sized holes add up)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def load_params(model, ckpt_dir: str, names: Iterable[str],
+                stored_dtypes: dict[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
     """Read the full (TP=1) tensors of the given parameters of `model` (meta) from a dist checkpoint.
 
     Only the requested chunks are read. Chunks of layers stacked under one key (dense models) carry
     "prepended" layer axes, which megatron's loader can only read for a whole stack; they are re-declared
     here as plain chunks of the stacked global tensor (same key, shape, offset), which torch DCP reads alone.
-    The chunks are views of freshly allocated full tensors, filled in place.
+    The chunks are views of freshly allocated full tensors, filled in place, in the dtype the checkpoint
+    stores (`stored_dtypes`, from checkpoint_dtypes: exact, and no conversion copy).
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, apply_factories
 
     names = list(names)
     sd = model.sharded_state_dict()
-    buffers = {n: torch.empty(sd[n].data.shape, dtype=sd[n].data.dtype) for n in names}
+    stored_dtypes = stored_dtypes or {}
+
+    def dtype_of(obj):
+        key = obj.key
+        hit = stored_dtypes.get(key) or next((d for k, d in stored_dtypes.items() if k.startswith(key + ".")), None)
+        return hit or obj.data.dtype
+
+    buffers = {n: torch.empty(sd[n].data.shape, dtype=dtype_of(sd[n])) for n in names}
     sub = {}
     for n in names:
         obj = sd[n]
         sub[n] = dataclasses.replace(obj, data=buffers[n]) if isinstance(obj, ShardedTensorFactory) else \
-            dataclasses.replace(obj, data=buffers[n].view(obj.data.shape))
+            dataclasses.replace(obj, data=buffers[n].view(obj.data.shape), dtype=buffers[n].dtype)
     apply_factories(sub)
 
     def flat(x):
