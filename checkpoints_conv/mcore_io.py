@@ -65,6 +65,9 @@ def meta_model(model_cfg, padded_vocab_size: int, dtype: torch.dtype):
     return model
 
 
+FILE_BYTES = 512 * 2**20  # size cap of one .distcp data file written by the converter
+
+
 def _storage_id(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
@@ -88,18 +91,46 @@ def save_lazy(model, ckpt_dir: str, full_tensor: Callable[[str], torch.Tensor]) 
     params = dict(model.state_dict(keep_vars=True))
     owner = {_storage_id(t): (name, t) for name, t in params.items() if isinstance(t, torch.Tensor)}
     cache: dict[str, torch.Tensor] = {}
+    written = [0]  # bytes computed since the last collection
 
-    def real_for(name: str, meta: torch.Tensor) -> torch.Tensor:
+    def real_for(name: str) -> torch.Tensor:
         if name not in cache:
-            if cache:  # chunks of one parameter are written one after the other: keep one
-                cache.clear()
+            cache.clear()  # chunks of one parameter are written one after the other: keep one
+            # DCP's write path leaves each written chunk in a reference cycle: only the cyclic GC frees it, and
+            # the GC counts objects, not bytes. Collect every ~256 MB written.
+            if written[0] > 256 * 2**20:
+                written[0] = 0
                 release_memory()
-            want = owner_meta = params[name]
+            want = params[name]
             t = full_tensor(name).to(want.dtype).contiguous()
-            if tuple(t.shape) != tuple(owner_meta.shape):
-                raise ValueError(f"{name}: computed shape {tuple(t.shape)} != model {tuple(owner_meta.shape)}")
+            if tuple(t.shape) != tuple(want.shape):
+                raise ValueError(f"{name}: computed shape {tuple(t.shape)} != model {tuple(want.shape)}")
+            written[0] += t.numel() * t.element_size()
             cache[name] = t
         return cache[name]
+
+    class BoundedFileWriter(FileSystemWriter):
+        """torch's writer keeps every tensor of a file alive until the file is closed (it collects them for an
+        optional safetensors footer): cap each .distcp file at FILE_BYTES so that is bounded too."""
+
+        def write_data(self, plan, planner):
+            import queue
+
+            from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _item_size
+
+            buckets, size = [[]], 0
+            for item in plan.items:  # plan order = parameter order, so the lazy cache keeps working
+                n = _item_size(item) if item.type != WriteItemType.BYTE_IO else 0
+                if buckets[-1] and size + n > FILE_BYTES:
+                    buckets.append([])
+                    size = 0
+                buckets[-1].append(item)
+                size += n
+            files: queue.Queue = queue.Queue()
+            for k, bucket in enumerate(buckets):
+                name = f"{plan.storage_data.prefix}{k}{DEFAULT_SUFFIX}"
+                files.put((self.fs.concat_path(self.path, name), name, bucket))
+            return self._write_data(planner, files)
 
     class LazyPlanner(MCoreSavePlanner):
         def resolve_data(self, write_item):
@@ -110,7 +141,7 @@ def save_lazy(model, ckpt_dir: str, full_tensor: Callable[[str], torch.Tensor]) 
             if sid not in owner:
                 raise RuntimeError(f"checkpoint chunk {write_item.index.fqn} is not a view of a model parameter")
             name, _ = owner[sid]
-            real = real_for(name, data)
+            real = real_for(name)
             # a view: the DCP loader copies it only if it does not span its whole storage
             return real.as_strided(data.size(), data.stride(), data.storage_offset())
 
@@ -118,8 +149,8 @@ def save_lazy(model, ckpt_dir: str, full_tensor: Callable[[str], torch.Tensor]) 
         def save(self, sharded_state_dict, checkpoint_dir):
             sd, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
             pyt = mcore_to_pyt_state_dict(sd, False)
-            writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1,
-                                      sync_files=False)
+            writer = BoundedFileWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1,
+                                       sync_files=False)
             dcp_save(pyt, storage_writer=writer, no_dist=True,
                      planner=LazyPlanner(dedup_replicated_tensors=False, flatten_state_dict=False,
                                          flatten_sharded_tensors=False))
@@ -133,7 +164,10 @@ def save_lazy(model, ckpt_dir: str, full_tensor: Callable[[str], torch.Tensor]) 
 
 
 def release_memory() -> None:
-    """Give freed heap pages back to the OS (glibc keeps them otherwise: parameter-sized holes add up)."""
+    """Free garbage cycles, then give freed heap pages back to the OS (glibc keeps parameter-sized holes)."""
+    import gc
+
+    gc.collect()
     try:
         import ctypes
 

@@ -88,8 +88,13 @@ def verify_in_world(hf_dir: str, mcore_dir: str, tp: int, pp: int, dp: int = 1, 
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=g)
     mg = megatron_logits(chunks, tokens, cfg.vocab_size)
-    if ref is None:
-        ref = hf_logits(hf_dir, tokens)
+    if ref is None:  # one fp32 HF model (rank 0), not one per rank
+        import torch.distributed as dist
+
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else mg.device
+        ref = hf_logits(hf_dir, tokens).to(dev) if dist.get_rank() == 0 else torch.empty_like(mg, device=dev)
+        dist.broadcast(ref, src=0)
+        ref = ref.cpu()
     diff = (mg - ref).abs().max().item()
     return {"max_abs_logit_diff": diff, "tokens": int(tokens.numel()), "tp": tp, "pp": pp,
             "max_abs_logit": ref.abs().max().item(), "argmax_agreement": (mg.argmax(-1) == ref.argmax(-1)).float()
