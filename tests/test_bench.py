@@ -119,3 +119,36 @@ def test_single_rank_logprob_fast_path_without_padding(temperature, entropy):
     (g_ref,) = torch.autograd.grad(r_loss, ref)
     assert torch.allclose(lp.double(), r_lp, atol=1e-5)
     assert torch.allclose(g.double(), g_ref, atol=1e-5)
+
+
+def test_erpd_vs_onpolicy_minimal(tmp_path):
+    """Two seeds of a tiny pipeline run (base = a 2-step warm-up, 4 prompts x 2 samples, 2 steps each)."""
+    from erpd_megatron.bench import erpd_vs_onpolicy
+    from erpd_megatron.toy.warmup import WarmupConfig, warmup
+
+    base = tmp_path / "base"
+    warmup(base, WarmupConfig(steps=2, batch_size=8, eval_prompts=4, eval_samples=1), log=lambda m: None)
+    overrides = [f"model.base={base}", "model.micro_batch_size=8", "data.prompts_per_batch=4", "data.eval_prompts=4",
+                 "rollout.n_samples=2", "rollout.max_new_tokens=8", "teachers.mse.steps=2", "teachers.mse.save_every=2",
+                 "teachers.mse.mini_batch_size=8", "students.s1_mse.steps=2", "students.s1_mse.mini_batch_size=8",
+                 "onpolicy.prompts_per_step=2", "eval.k=1", "eval.every=2"]
+    try:
+        res = erpd_vs_onpolicy.run(tmp_path / "out", seeds=(1, 2), overrides=overrides, work_dir=tmp_path / "work")
+    finally:
+        from erpd_megatron.megatron.parallel import destroy_parallel
+
+        destroy_parallel()
+    doc = _check_schema(tmp_path / "out" / "erpd_vs_onpolicy.json", "erpd_vs_onpolicy")
+    assert doc["results"]["seeds"] == [1, 2] and len(doc["results"]["per_seed"]) == 2
+    kinds = {n: m["kind"] for n, m in res["methods"].items()}
+    assert kinds == {"mse": "teacher", "s1_mse": "erpd", "onpolicy_grpo": "onpolicy"}
+    for m in res["methods"].values():
+        _check_spread(m["final_accuracy"])
+        assert m["final_accuracy"]["n"] == 2
+    # on-policy reaches its own final accuracy by definition; rollouts grow along its path
+    assert res["methods"]["onpolicy_grpo"]["seeds_reaching_onpolicy_final"] == 2
+    op = [c for c in res["curves"] if c["method"] == "onpolicy_grpo"][0]["points"]
+    assert [p["rollouts"] for p in op] == [p["step"] * 2 * 2 for p in op] and op[-1]["rollouts"] == 8
+    for c in res["curves"]:
+        assert all(p["compute_s"] >= 0 for p in c["points"])
+    assert "s1_mse" in res["paired_erpd_minus_onpolicy"]

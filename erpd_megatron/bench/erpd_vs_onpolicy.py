@@ -1,0 +1,287 @@
+"""Benchmark 3: ERPD vs on-policy GRPO on the toy task, through the real pipeline, over several seeds.
+
+For each seed, `erpd_megatron.pipeline.run._pipeline(cfg, ALL)` runs the preset
+`erpd_megatron/presets/bench.yaml` (a reduced demo: one fixed batch, a CE teacher, a strategy-1
+student, and on-policy GRPO with the same rollout budget) in a fresh run dir. All seeds share one
+warmed-up base model (the toy warm-up is seed-fixed); the seed changes sampling and training.
+
+What is reported (the paper's Table 4 comparison, at toy scale):
+- accuracy (AVG@K on held-out problems) along each method's path, against rollouts consumed: ERPD
+  consumes its whole fixed batch before its first update, on-policy GRPO `step * prompts_per_step * n`;
+- accuracy gain over the base per 1k rollouts and per unit of reverse KL to the base (final point);
+- compute seconds to reach the on-policy baseline's final accuracy: for ERPD the collect + teacher +
+  signals + student time up to its first evaluated step at or above that accuracy, for on-policy its
+  own time up to its first such step. Evaluation time is excluded on both sides (the benchmark wraps
+  the pipeline's evaluator and stops the clock while it runs); checkpoint writes are included.
+- every number per seed and as median/min/max over seeds; paired per-seed differences ERPD - on-policy.
+Noise: +-1 to 3 points at this eval size; a difference within the seed spread is not a result.
+
+    python -m erpd_megatron.bench.erpd_vs_onpolicy [--seeds 1 2 3] [--out docs/benchmarks] [overrides ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+from erpd_megatron.bench.common import REPO_ROOT, Recorder, spread
+
+NAME = "erpd_vs_onpolicy"
+PRESET = Path(__file__).resolve().parents[1] / "presets" / "bench.yaml"
+DEFAULT_WORK = REPO_ROOT / "runs" / "bench" / NAME
+
+
+class _ComputeClock:
+    """Wall clock minus the time spent inside evaluations; stage boundaries recorded as events."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.eval_s = 0.0
+        self.stages: list[dict] = []
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0 - self.eval_s
+
+
+def _instrument(clock: _ComputeClock):
+    """Wrap the pipeline's evaluator and stage entry points; returns an undo function."""
+    from erpd_megatron.pipeline import collect as collect_mod
+    from erpd_megatron.pipeline import evaluate as evaluate_mod
+    from erpd_megatron.pipeline import stages as st
+
+    saved = []
+
+    def patch(mod, attr, wrapper):
+        orig = getattr(mod, attr)
+        saved.append((mod, attr, orig))
+        setattr(mod, attr, wrapper(orig))
+
+    def timed_eval(orig):
+        def f(ctx):
+            stamp, t = clock.now(), time.perf_counter()
+            res = orig(ctx)
+            dur = time.perf_counter() - t
+            clock.eval_s += dur
+            res["bench_compute_clock_s"] = stamp  # compute seconds since the pipeline started, at this eval
+            res["bench_eval_s"] = dur
+            return res
+        return f
+
+    def timed_stage(label):
+        def wrap(orig):
+            def f(*a, **k):
+                start = clock.now()
+                try:
+                    return orig(*a, **k)
+                finally:
+                    clock.stages.append({"stage": label, "only": k.get("only"), "start_s": start,
+                                         "end_s": clock.now()})
+            return f
+        return wrap
+
+    patch(evaluate_mod, "_evaluate_engine", timed_eval)
+    patch(collect_mod, "collect", timed_stage("collect"))
+    for attr in ("train_teachers", "compute_signals", "train_students", "train_onpolicy"):
+        patch(st, attr, timed_stage(attr))
+
+    def undo():
+        for mod, attr, orig in reversed(saved):
+            setattr(mod, attr, orig)
+    return undo
+
+
+def _stage_s(stages: list[dict], stage: str, only: str | None = None) -> float:
+    return sum(s["end_s"] - s["start_s"] for s in stages if s["stage"] == stage and (only is None or s["only"] == only))
+
+
+def _stage_start(stages: list[dict], stage: str, only: str | None = None) -> float:
+    return min(s["start_s"] for s in stages if s["stage"] == stage and (only is None or s["only"] == only))
+
+
+def _eval_points(run_root: Path, method: str) -> list[dict]:
+    import json
+
+    pts = []
+    for p in sorted((run_root / "eval" / method).glob("step_*.json")):
+        r = json.loads(p.read_text())
+        pts.append({"step": int(r.get("step", int(p.stem.split("_")[1]))), "accuracy": r["avg_at_k"],
+                    "kl": r.get("kl"), "clock_s": r.get("bench_compute_clock_s")})
+    return pts
+
+
+def _since(point: dict, start: float) -> float:
+    """Compute seconds of a method's own stage up to an eval point. Step 0 is the base policy (its
+    eval is the base eval, taken before the stage started): 0 seconds into the stage."""
+    return 0.0 if point["step"] == 0 else point["clock_s"] - start
+
+
+def analyse_seed(cfg, run_root: Path, stages: list[dict]) -> dict:
+    """Per-seed curves (rollouts, compute seconds) and the Table-4 style numbers."""
+    per_batch = cfg.data.prompts_per_batch * cfg.rollout.n_samples
+    base = _eval_points(run_root, "base")
+    base_acc = base[0]["accuracy"] if base else None
+    collect_s = _stage_s(stages, "collect")
+    signals_s = _stage_s(stages, "compute_signals")
+    curves = {}
+    for t in cfg.teachers:
+        start = _stage_start(stages, "train_teachers", t)
+        curves[t] = {"kind": "teacher", "points": [
+            {**p, "rollouts": per_batch, "compute_s": collect_s + _since(p, start)} for p in _eval_points(run_root, t)]}
+    for s, sc in cfg.students.items():
+        start = _stage_start(stages, "train_students", s)
+        upstream = collect_s + _stage_s(stages, "train_teachers", sc.teacher) + signals_s
+        curves[s] = {"kind": "erpd", "points": [
+            {**p, "rollouts": per_batch, "compute_s": upstream + _since(p, start)} for p in _eval_points(run_root, s)]}
+    op_name = f"onpolicy_{cfg.onpolicy.loss}"
+    op_start = _stage_start(stages, "train_onpolicy")
+    op_rollouts_per_step = cfg.onpolicy.prompts_per_step * cfg.rollout.n_samples
+    curves[op_name] = {"kind": "onpolicy", "points": [
+        {**p, "rollouts": p["step"] * op_rollouts_per_step, "compute_s": _since(p, op_start)}
+        for p in _eval_points(run_root, op_name)]}
+    for c in curves.values():
+        for p in c["points"]:
+            p.pop("clock_s", None)
+
+    op_pts = curves[op_name]["points"]
+    target = op_pts[-1]["accuracy"]
+
+    def first_reaching(pts):
+        return next((p for p in pts if p["accuracy"] >= target - 1e-12), None)
+
+    def summary(c):
+        pts = c["points"]
+        last, best = pts[-1], max(pts, key=lambda p: p["accuracy"])
+        hit = first_reaching(pts)
+        gain = last["accuracy"] - base_acc if base_acc is not None else None
+        return {
+            "final_accuracy": last["accuracy"], "final_kl": last["kl"], "final_rollouts": last["rollouts"],
+            "best_accuracy": best["accuracy"], "best_step": best["step"], "best_kl": best["kl"],
+            "gain_over_base": gain,
+            "gain_per_1k_rollouts": gain / last["rollouts"] * 1000 if gain is not None and last["rollouts"] else None,
+            "gain_per_unit_kl": gain / last["kl"] if gain is not None and last["kl"] and last["kl"] > 0 else None,
+            "reaches_onpolicy_final": hit is not None,
+            "rollouts_to_onpolicy_final": hit["rollouts"] if hit else None,
+            "compute_s_to_onpolicy_final": hit["compute_s"] if hit else None,
+            "compute_s_total": last["compute_s"],
+        }
+
+    return {"base_accuracy": base_acc, "onpolicy_final_accuracy": target,
+            "stage_compute_s": {"collect": collect_s, "signals": signals_s,
+                                **{f"teacher:{t}": _stage_s(stages, "train_teachers", t) for t in cfg.teachers},
+                                **{f"student:{s}": _stage_s(stages, "train_students", s) for s in cfg.students},
+                                "onpolicy": _stage_s(stages, "train_onpolicy")},
+            "methods": {n: {"kind": c["kind"], **summary(c)} for n, c in curves.items()},
+            "curves": curves}
+
+
+def run_seed(seed: int, work: Path, base_dir: Path, overrides: list[str], log=print) -> dict:
+    from erpd_megatron.config import load_config, save_config
+    from erpd_megatron.pipeline.run import ALL, _pipeline
+
+    run_dir = work / f"seed_{seed}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # the pipeline resumes finished work: a stale dir would skip the measurement
+    cfg = load_config(str(PRESET), [*overrides, f"seed={seed}", f"run_dir={run_dir}"])
+    if cfg.model.base == "toy":
+        shutil.copytree(base_dir, run_dir / "hf_base")
+    save_config(cfg, run_dir / "config.yaml")
+    clock = _ComputeClock()
+    undo = _instrument(clock)
+    t = time.perf_counter()
+    try:
+        _pipeline(cfg, ALL)
+    finally:
+        undo()
+    wall = time.perf_counter() - t
+    res = analyse_seed(cfg, run_dir, clock.stages)
+    res.update(seed=seed, wall_s=wall, eval_s=clock.eval_s, run_dir=str(run_dir))
+    m = res["methods"]
+    log(f"[{NAME}] seed {seed}: base {res['base_accuracy']:.3f}; " + "; ".join(
+        f"{n} {v['final_accuracy']:.3f} (KL {v['final_kl'] or 0:.4f}, {v['final_rollouts']} rollouts)"
+        for n, v in m.items()) + f"; wall {wall:.0f} s (eval {clock.eval_s:.0f} s)")
+    return res
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """median/min/max over seeds of every per-method number, plus paired ERPD - on-policy differences."""
+    methods = per_seed[0]["methods"].keys()
+    keys = ["final_accuracy", "final_kl", "best_accuracy", "gain_over_base", "gain_per_1k_rollouts",
+            "gain_per_unit_kl", "compute_s_to_onpolicy_final", "compute_s_total"]
+    out: dict = {"base_accuracy": spread([s["base_accuracy"] for s in per_seed]), "methods": {}}
+    for n in methods:
+        row = {"kind": per_seed[0]["methods"][n]["kind"]}
+        for k in keys:
+            vals = [s["methods"][n][k] for s in per_seed if s["methods"][n][k] is not None]
+            row[k] = spread(vals)
+        row["seeds_reaching_onpolicy_final"] = sum(s["methods"][n]["reaches_onpolicy_final"] for s in per_seed)
+        row["rollouts_to_onpolicy_final"] = [s["methods"][n]["rollouts_to_onpolicy_final"] for s in per_seed]
+        out["methods"][n] = row
+    op = next(n for n in methods if per_seed[0]["methods"][n]["kind"] == "onpolicy")
+    paired = {}
+    for n in methods:
+        if per_seed[0]["methods"][n]["kind"] != "erpd":
+            continue
+        paired[n] = {
+            "accuracy_diff_vs_onpolicy": spread([s["methods"][n]["final_accuracy"] - s["methods"][op]["final_accuracy"]
+                                                 for s in per_seed]),
+            "kl_ratio_vs_onpolicy": spread([s["methods"][n]["final_kl"] / s["methods"][op]["final_kl"]
+                                            for s in per_seed if s["methods"][op]["final_kl"]]),
+            "compute_s_ratio_vs_onpolicy_to_target": spread([
+                s["methods"][n]["compute_s_to_onpolicy_final"] / s["methods"][op]["compute_s_to_onpolicy_final"]
+                for s in per_seed if s["methods"][n]["compute_s_to_onpolicy_final"] is not None
+                and s["methods"][op]["compute_s_to_onpolicy_final"]]),
+        }
+    out["paired_erpd_minus_onpolicy"] = paired
+    return out
+
+
+def run(out_dir=None, *, seeds=(1, 2, 3), overrides: list[str] = (), work_dir: str | Path | None = None,
+        log=print) -> dict:
+    import torch
+
+    from erpd_megatron.config import load_config
+
+    torch.set_num_threads(1)
+    work = Path(work_dir) if work_dir is not None else DEFAULT_WORK
+    work.mkdir(parents=True, exist_ok=True)
+    cfg0 = load_config(str(PRESET), list(overrides))
+    rec = Recorder(NAME, {"preset": str(PRESET.relative_to(REPO_ROOT)), "overrides": list(overrides),
+                          "seeds": list(seeds), "work_dir": str(work),
+                          "rollouts_per_fixed_batch": cfg0.data.prompts_per_batch * cfg0.rollout.n_samples,
+                          "eval": {"prompts": cfg0.data.eval_prompts, "k": cfg0.eval.k, "every": cfg0.eval.every}})
+    base_dir = work / "hf_base"
+    t = time.perf_counter()
+    if cfg0.model.base == "toy":  # one warm-up shared by all seeds (copied into each run dir)
+        from erpd_megatron.toy.warmup import ensure_base_model
+
+        ensure_base_model(base_dir, log=lambda m: None)
+    warmup_s = time.perf_counter() - t
+    per_seed = [run_seed(s, work, base_dir, list(overrides), log=log) for s in seeds]
+    results = {"seeds": list(seeds), "base_warmup_s": warmup_s, **aggregate(per_seed),
+               "per_seed": [{k: v for k, v in s.items() if k != "curves"} for s in per_seed],
+               "curves": [{"seed": s["seed"], "method": n, "kind": c["kind"], "points": c["points"]}
+                          for s in per_seed for n, c in s["curves"].items()]}
+    path = rec.write(results, out_dir)
+    for n, m in results["methods"].items():
+        fa = m["final_accuracy"]
+        log(f"[{NAME}] {n}: final acc median {fa['median']:.3f} [{fa['min']:.3f}, {fa['max']:.3f}], KL median "
+            f"{m['final_kl']['median']}, reaches on-policy final in {m['seeds_reaching_onpolicy_final']}/"
+            f"{len(seeds)} seeds")
+    log(f"[{NAME}] -> {path}")
+    return results
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--work", default=None, help=f"run dirs (default {DEFAULT_WORK})")
+    ap.add_argument("overrides", nargs="*", help="section.field=value on top of presets/bench.yaml")
+    a = ap.parse_args(argv)
+    run(a.out, seeds=a.seeds, overrides=a.overrides, work_dir=a.work)
+
+
+if __name__ == "__main__":
+    main()
