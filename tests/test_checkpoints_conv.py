@@ -247,15 +247,12 @@ def test_import_export_bit_identical(converted, hf_dirs):
 
 
 # ----------------------------------------------------------------------------- worlds of 2 and 4: logits
-def _logits_world(rank, hf_dirs, mc, layouts_, train_dir):
+def _logits_world(rank, jobs, train_job):
     from checkpoints_conv.verify import verify_in_world
 
-    out = {}
-    for fam in hf_dirs:
-        for tp, pp, dp in layouts_:
-            out[(fam, tp, pp)] = verify_in_world(hf_dirs[fam], mc[fam], tp, pp, dp, batch=2, seq_len=24)
-    if train_dir:
-        out["train"] = _train_then_export(rank, hf_dirs["qwen35"], mc["qwen35"], train_dir)
+    out = {(fam, tp, pp): verify_in_world(hf, mc, tp, pp, dp, batch=2, seq_len=24) for fam, hf, mc, tp, pp, dp in jobs}
+    if train_job:
+        out["train"] = _train_then_export(rank, *train_job)
     return out
 
 
@@ -299,12 +296,14 @@ def _train_then_export(rank, hf_dir, mc_dir, out):
 @pytest.mark.slow
 def test_megatron_logits_equal_transformers_tp_pp(hf_dirs, converted, tmp_path):
     mc, _, _ = converted
-    dirs = {f: hf_dirs[f] for f in FAMILIES}
-    two = run_distributed(_logits_world, 2, args=(dirs, mc, [(1, 1, 2), (2, 1, 1), (1, 2, 1)], str(tmp_path)),
+    two = [(f, hf_dirs[f], mc[f], tp, pp, dp) for f in FAMILIES for tp, pp, dp in [(1, 1, 2), (2, 1, 1), (1, 2, 1)]]
+    two.append(("qwen35vl", hf_dirs["qwen35vl"], mc["qwen35vl"], 2, 1, 1))  # model.language_model.* layout
+    four = [(f, hf_dirs[f], mc[f], 2, 2, 1) for f in FAMILIES]
+    two = run_distributed(_logits_world, 2, args=(two, (hf_dirs["qwen35"], mc["qwen35"], str(tmp_path))),
                           timeout=900, init_pg=False)[0]
-    four = run_distributed(_logits_world, 4, args=(dirs, mc, [(2, 2, 1)], None), timeout=900, init_pg=False)[0]
+    four = run_distributed(_logits_world, 4, args=(four, None), timeout=900, init_pg=False)[0]
     results = {**{k: v for k, v in two.items() if k != "train"}, **four}
-    assert len(results) == 12
+    assert len(results) == 13
     for key, r in results.items():
         assert r["max_abs_logit_diff"] < TOL, (key, r)
         assert r["max_abs_logit"] > 0.1 and r["tokens"] == 48  # the comparison is not vacuous
