@@ -148,7 +148,8 @@ def analyse_seed(cfg, run_root: Path, stages: list[dict]) -> dict:
     target = op_pts[-1]["accuracy"]
 
     def first_reaching(pts):
-        return next((p for p in pts if p["accuracy"] >= target - 1e-12), None)
+        # step 0 is the base policy itself: only trained points count as reaching the target
+        return next((p for p in pts if p["step"] > 0 and p["accuracy"] >= target - 1e-12), None)
 
     def summary(c):
         pts = c["points"]
@@ -168,6 +169,8 @@ def analyse_seed(cfg, run_root: Path, stages: list[dict]) -> dict:
         }
 
     return {"base_accuracy": base_acc, "onpolicy_final_accuracy": target,
+            # when the baseline did not improve on the base, "reaching its final accuracy" says little
+            "onpolicy_improved_over_base": base_acc is not None and target > base_acc,
             "stage_compute_s": {"collect": collect_s, "signals": signals_s,
                                 **{f"teacher:{t}": _stage_s(stages, "train_teachers", t) for t in cfg.teachers},
                                 **{f"student:{s}": _stage_s(stages, "train_students", s) for s in cfg.students},
@@ -209,7 +212,9 @@ def aggregate(per_seed: list[dict]) -> dict:
     methods = per_seed[0]["methods"].keys()
     keys = ["final_accuracy", "final_kl", "best_accuracy", "gain_over_base", "gain_per_1k_rollouts",
             "gain_per_unit_kl", "compute_s_to_onpolicy_final", "compute_s_total"]
-    out: dict = {"base_accuracy": spread([s["base_accuracy"] for s in per_seed]), "methods": {}}
+    out: dict = {"base_accuracy": spread([s["base_accuracy"] for s in per_seed]),
+                 "seeds_where_onpolicy_improved_over_base": sum(s["onpolicy_improved_over_base"] for s in per_seed),
+                 "methods": {}}
     for n in methods:
         row = {"kind": per_seed[0]["methods"][n]["kind"]}
         for k in keys:
