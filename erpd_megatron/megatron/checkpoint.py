@@ -117,6 +117,7 @@ def save_checkpoint(engine: PolicyEngine, root: str, step: int | None = None) ->
     sd = _model_sharded_sd(engine.modules)
     if engine.optimizer is not None:
         sd["optimizer"] = engine.optimizer.sharded_state_dict(sd, is_loading=False, metadata=_optim_metadata(OPTIM_SHARDING))
+    _install_results_queue()
     dist_checkpointing.save(sd, tmp, content_metadata={"distrib_optim_sharding_type": OPTIM_SHARDING})
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
     _barrier()
@@ -141,6 +142,34 @@ def save_checkpoint(engine: PolicyEngine, root: str, step: int | None = None) ->
         log.info("checkpoint saved: %s (tp=%d pp=%d dp=%d)", final, engine.par.tp, engine.par.pp, engine.par.dp)
     _barrier()
     return final
+
+
+def _die_with_parent() -> None:
+    """Manager-server initializer: ask Linux to SIGKILL this process when its parent dies."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: keep megatron's behaviour
+        pass
+
+
+def _install_results_queue() -> None:
+    """megatron-core 0.19.2 dist_checkpointing/strategies/filesystem_async.py:get_write_results_queue starts a
+    spawned multiprocessing Manager on first save and never stops it. If the trainer is SIGKILLed that server is
+    orphaned (and keeps its parent's stdout open, so a caller waiting for EOF hangs). We create the same queue
+    from a Manager whose server dies with us; megatron then reuses it (module-level cache)."""
+    import multiprocessing
+    import multiprocessing.managers
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    if getattr(fa, "_results_queue", None) is None:
+        manager = multiprocessing.managers.SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(initializer=_die_with_parent)
+        fa._results_queue = manager.Queue()
+        fa._erpd_manager = manager  # keep it alive as long as the module
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -220,6 +249,10 @@ def load_checkpoint(engine: PolicyEngine, path: str, model_only: bool = False) -
         )
     state = dist_checkpointing.load(sd, path)
     _load_model_state(engine.modules, state)
+    if engine.optimizer is not None and not load_optim:
+        # bf16/fp16 runs: the optimizer's fp32 main params are copies made at construction; without
+        # this the first step would write the random-init weights back (measured on CPU bf16).
+        engine.optimizer.reload_model_params()
     if load_optim:
         engine.optimizer.load_state_dict(state["optimizer"])
         engine.step = int(meta["step"])

@@ -110,7 +110,7 @@ class PolicyEngine:
             raise ValueError(f"megatron parallel state is initialised with another layout than {par}")
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
             torch.device("cpu")
-        self.modules = build_model(model_cfg, par, self.build_opts)  # bare GPTModels
+        self.modules = self._build_modules()  # bare GPTModels
         self.tcfg = self.modules[0].config  # shared by all chunks; the schedules read it
         self.model = self._wrap_ddp(self.modules)
         self.optimizer = self._make_optimizer() if trainable else None
@@ -119,6 +119,10 @@ class PolicyEngine:
         self._set_lr()
 
     # ------------------------------------------------------------------ setup
+    def _build_modules(self) -> list[torch.nn.Module]:
+        """This rank's bare model chunks (a hook: value.ValueEngine swaps the output layer for a value head)."""
+        return build_model(self.model_cfg, self.par, self.build_opts)
+
     def _wrap_ddp(self, modules):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
