@@ -117,7 +117,9 @@ class Context:
 
                     cmd = [sys.executable, "-m", "checkpoints_conv", "import", "--hf", str(self.base_hf),
                            "--out", str(self.run.base), "--tp", str(self.cfg.model.tp), "--pp", "1", "--overwrite"]
-                    subprocess.run(cmd, check=True)
+                    out = subprocess.run(cmd, capture_output=True, text=True)
+                    if out.returncode != 0:
+                        raise RuntimeError(f"importing the base policy failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
                 self.barrier()
             return self.run.base
         marker = self.run.root / f"iter_{iteration - 1}" / "student.txt"
@@ -174,10 +176,10 @@ def build_context(cfg: RunConfig) -> Context:
 
     run = RunDir(Path(cfg.run_dir))
     run.root.mkdir(parents=True, exist_ok=True)
+    train, evals = load_prompts(cfg, run)  # bad data fails here, before the warm-up or any training
     base = resolve_base(cfg, run)
     tok = AutoTokenizer.from_pretrained(base)
     model_cfg = ModelConfig.from_hf(json.loads((base / "config.json").read_text()))
-    train, evals = load_prompts(cfg, run)
     return Context(cfg=cfg, run=run, base_hf=base, tokenizer=tok, model_cfg=model_cfg,
                    train_prompts=train, eval_prompts=evals)
 

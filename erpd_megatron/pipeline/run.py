@@ -132,13 +132,19 @@ ALL = ("collect", "teacher", "signals", "distill", "onpolicy", "report")
 def _main(argv, sub: str, stages: tuple[str, ...]) -> int:
     from erpd_megatron.pipeline.context import setup_logging
 
+    from erpd_megatron.data.prompts import PromptDataError
+
     setup_logging()
-    cfg = parse(argv, f"erpd {sub}")
-    rc = _maybe_torchrun(cfg, argv, sub)
-    if rc is not None:
-        return rc
-    _check_same_config(cfg)
-    _pipeline(cfg, stages)
+    try:
+        cfg = parse(argv, f"erpd {sub}")
+        rc = _maybe_torchrun(cfg, argv, sub)
+        if rc is not None:
+            return rc
+        _check_same_config(cfg)
+        _pipeline(cfg, stages)
+    except (ConfigError, PromptDataError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+        print(f"erpd {sub}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -12,6 +12,8 @@ the resume step (killed between checkpoint and eval) is redone first.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 
 import torch
@@ -63,12 +65,25 @@ def train_loop(ctx, method: str, *, batch: dict | None, loss_fn, steps: int, min
         if ctx.is_main:
             metrics_log.log(step + 1, metrics)
         done = step + 1
+        _test_kill_point(ctx, method, done)
         if done % save_every == 0 or done == steps:
             policy.save(str(ckdir))
             if eval_fn and _is_eval_step(done, steps, save_every, every):
                 eval_fn(policy, done)
     metrics_log.close()
     return policy
+
+
+def _test_kill_point(ctx, method: str, step: int) -> None:
+    """Resume tests: ERPD_TEST_KILL_AT="ce:3,s1:2" SIGKILLs this process once after that step's update
+    (before its checkpoint), as a crash would. A marker file makes each point fire only once per run dir."""
+    spec = os.environ.get("ERPD_TEST_KILL_AT")
+    if not spec or f"{method}:{step}" not in spec.split(","):
+        return
+    marker = ctx.run.root / f".killed_{method}_{step}"
+    if not marker.exists():
+        marker.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _is_eval_step(step: int, steps: int, save_every: int, every: int) -> bool:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import re
 import signal
 import threading
@@ -206,7 +207,12 @@ def _worker_main(conn, soft_timeout_s: float) -> None:
     try:
         _score_with_alarm("\\boxed{\\frac{1}{2}}", "0.5", "loose", 30.0)  # lazy imports (antlr, sympy)
         conn.send(("ready", None, None))
+        parent = os.getppid()
         while True:
+            # A SIGKILLed trainer cannot close the pool: poll, and leave when our parent is gone.
+            while not conn.poll(1.0):
+                if os.getppid() != parent:
+                    return
             msg = conn.recv()
             if msg is None:
                 return

@@ -1,0 +1,125 @@
+"""The ERPD pipeline end to end on CPU: real Megatron, real LocalEngine, real math-verify, real Parquet.
+
+- the micro preset runs every stage and writes summary.json / report.md / plot / metrics / checkpoints;
+- SIGKILL during teacher training and during distillation, rerun, and the final checkpoints equal those of
+  an uninterrupted run (CPU determinism);
+- bad config or data fails before any compute with a clear message.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+PRESETS = Path(__file__).resolve().parent.parent / "erpd_megatron" / "presets"
+
+
+@pytest.fixture(scope="module")
+def toy_base(tmp_path_factory):
+    """A short warm-up of the toy base (the demo's is longer); shared by the tests of this module."""
+    from erpd_megatron.toy.warmup import WarmupConfig, ensure_base_model
+
+    out = tmp_path_factory.mktemp("toy_base") / "hf"
+    return ensure_base_model(out, WarmupConfig(steps=120, eval_prompts=32, eval_samples=2), log=lambda *a: None)
+
+
+def erpd(*args, env=None, check=True):
+    e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    out = subprocess.run([sys.executable, "-m", "erpd_megatron.cli", *args], capture_output=True, text=True, env=e)
+    if check and out.returncode != 0:
+        raise AssertionError(f"erpd {' '.join(args)} failed ({out.returncode}):\n{out.stderr[-4000:]}")
+    return out
+
+
+def test_micro_pipeline_end_to_end(tmp_path, toy_base):
+    run = tmp_path / "micro"
+    erpd("run", "--config", str(PRESETS / "micro.yaml"), f"run_dir={run}", f"model.base={toy_base}")
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["methods"]) == {"ce", "mse", "s1_ce", "s2_mse", "onpolicy_grpo"}
+    assert 0.0 <= summary["base"]["accuracy"] <= 1.0
+    for name, m in summary["methods"].items():
+        assert {"accuracy", "kl", "steps", "rollouts", "wall_s"} <= set(m), name
+        assert m["curve"][0]["step"] == 0 and m["curve"][-1]["step"] == m["steps"]
+        assert m["curve"][0]["accuracy"] == summary["base"]["accuracy"]  # every path starts at the base
+        lines = (run / "metrics" / f"{name}.jsonl").read_text().splitlines()
+        assert [json.loads(x)["step"] for x in lines] == list(range(1, m["steps"] + 1))
+    # ERPD and the on-policy baseline consume the same rollout budget
+    assert summary["methods"]["onpolicy_grpo"]["rollouts"] == summary["methods"]["s1_ce"]["rollouts"] == 16 * 4
+    assert summary["methods"]["ce"]["kl"] > 0
+    assert (run / "report.md").read_text().startswith("# ERPD run")
+    assert (run / "accuracy_vs_kl.png").stat().st_size > 1000
+    # signals were precomputed into the rollout store, next to the rollouts
+    from erpd_megatron.data.rollout_store import RolloutStore
+
+    cols = RolloutStore(run / "rollouts").per_token_columns(0)
+    assert {"old_logprobs", "lp_ce_s4", "lp_mse_s4", "lp_mse_s2"} <= set(cols)
+
+
+def _final_weights(ckpt_root: Path) -> dict:
+    from checkpoints_conv.mcore_io import load_params  # noqa: F401  (import check: converter reads these)
+    from erpd_megatron.megatron.checkpoint import resolve_checkpoint_dir
+
+    d = Path(resolve_checkpoint_dir(str(ckpt_root)))
+    meta = json.loads((d / "erpd_checkpoint.json").read_text())
+    return {"step": meta["step"], "dir": d}
+
+
+def _load_state(ckpt_dir: Path) -> dict:
+    """Model tensors of a checkpoint, read in a child process (a world of one) to keep this one clean."""
+    code = (
+        "import sys, torch, json\n"
+        "from checkpoints_conv.verify import build_and_load\n"
+        "_, chunks = build_and_load(sys.argv[1], 1, 1)\n"
+        "torch.save({k: v.detach().clone() for c in chunks for k, v in c.state_dict().items()"
+        " if torch.is_tensor(v) and not k.endswith('_extra_state')}, sys.argv[2])\n"
+    )
+    out = ckpt_dir.parent.parent.parent / f"state_{ckpt_dir.parent.name}_{ckpt_dir.name}.pt"
+    subprocess.run([sys.executable, "-c", code, str(ckpt_dir), str(out)], check=True, capture_output=True)
+    return torch.load(out)
+
+
+RESUME = ["teachers={ce: {loss: ce, steps: 4, mini_batch_size: 16, lr: 3.0e-4, save_every: 2}}",
+          "students={s1: {strategies: [1], teacher: ce, steps: 4, mini_batch_size: 16, lr: 1.0e-4}}",
+          "onpolicy=null", "eval.every=0", "data.eval_prompts=8", "eval.k=1"]
+
+
+def test_sigkill_resume_equals_uninterrupted(tmp_path, toy_base):
+    args = ["run", "--config", str(PRESETS / "micro.yaml"), f"model.base={toy_base}", *RESUME]
+    erpd(*args, f"run_dir={tmp_path / 'straight'}")
+    killed = tmp_path / "killed"
+    env = {"ERPD_TEST_KILL_AT": "ce:3,s1:3"}
+    r1 = erpd(*args, f"run_dir={killed}", env=env, check=False)
+    assert r1.returncode == -9, r1.stderr[-2000:]  # SIGKILL in teacher training (after step 3's update)
+    r2 = erpd(*args, f"run_dir={killed}", env=env, check=False)
+    assert r2.returncode == -9, r2.stderr[-2000:]  # resumed the teacher, then SIGKILL in distillation
+    erpd(*args, f"run_dir={killed}", env=env)  # resumes the student and finishes
+    assert (killed / ".killed_ce_3").exists() and (killed / ".killed_s1_3").exists()
+    for method in ("ce", "s1"):
+        a = _final_weights(tmp_path / "straight" / "ckpt" / method)
+        b = _final_weights(killed / "ckpt" / method)
+        assert a["step"] == b["step"] == 4
+        sa, sb = _load_state(a["dir"]), _load_state(b["dir"])
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"{method}: {k} differs after resume"
+    # metrics of the killed run have each step exactly once
+    steps = [json.loads(x)["step"] for x in (killed / "metrics" / "s1.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_bad_config_and_data_fail_before_compute(tmp_path):
+    run = tmp_path / "bad"
+    r = erpd("run", f"run_dir={run}", "teachers.ce.loss=dpo", check=False)
+    assert r.returncode == 2 and "teachers.ce.loss: unknown loss 'dpo'" in r.stderr
+    assert not run.exists()
+    r = erpd("run", f"run_dir={run}", "students.s1_ce.strategies=[2]", "students.s1_ce.unlearned_step=0", check=False)
+    assert r.returncode == 2 and "strategy 2 needs an unlearned checkpoint" in r.stderr
+    data = tmp_path / "noanswer.jsonl"
+    data.write_text('{"problem": "1+1=", "answer": "2"}\n{"problem": "2+2="}\n')
+    r = erpd("run", f"run_dir={run}", f"data.train={data}", check=False)
+    assert r.returncode == 2 and "noanswer.jsonl" in r.stderr and ":2" in r.stderr and "answer" in r.stderr
+    assert not (run / "hf_base").exists() and not (run / "ckpt").exists()  # no warm-up, no training
