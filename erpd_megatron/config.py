@@ -110,7 +110,8 @@ class TeacherConfig:
     init: str = "base"
     """Start from "base" or from another teacher's checkpoint, "<teacher_name>@<step>" (recovery teachers)."""
     early_stop_patience: int = 0
-    """Stop when validation accuracy has not improved for this many evaluations (0 = off)."""
+    """Stop when eval accuracy has not improved for this many evaluations (0 = off). The eval set serves as
+    the validation set (as the paper's HMMT Feb 25); students then use the last checkpoint saved."""
 
 
 @dataclass
@@ -175,6 +176,20 @@ class EvalConfig:
 
 
 @dataclass
+class IterateConfig:
+    promote: str = ""
+    """Student whose final checkpoint becomes the next iteration's base ("" = the first configured student)."""
+    fallback: str = ""
+    """Student promoted instead when the teacher of `promote` gained less than `min_teacher_gain` accuracy over the
+    base on the eval set (the paper's switch from strategy 1 to strategies 2/3 when no strong teacher emerges)."""
+    min_teacher_gain: float = 0.0
+    """Accuracy gain (absolute, e.g. 0.01 = 1 point) the teacher must show for `promote` to be used."""
+    online_steps: int = 0
+    """On-policy steps run between offline iterations, starting from the promoted student (0 = offline only);
+    their result becomes the next base (paper Sec. 4.4, online / offline switching)."""
+
+
+@dataclass
 class RunConfig:
     run_dir: str = "runs/erpd"
     """Everything a run writes: config, rollouts, checkpoints, signals, metrics, eval, report."""
@@ -192,6 +207,7 @@ class RunConfig:
     onpolicy: OnPolicyConfig | None = None
     """On-policy baseline with the same rollout budget (None = skip)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    iterate: IterateConfig = field(default_factory=IterateConfig)
 
 
 # ----------------------------------------------------------------------------- (de)serialisation
@@ -343,5 +359,11 @@ def validate(cfg: RunConfig) -> None:
                 )
         if 3 in s.strategies and not s.weak:
             raise ConfigError(f"{where}: strategy 3 needs `weak` (a checkpoint of a weaker earlier policy)")
+    for key in ("promote", "fallback"):
+        name = getattr(cfg.iterate, key)
+        if name and name not in cfg.students:
+            raise ConfigError(f"iterate.{key}: {name!r} is not a configured student {sorted(cfg.students)}")
+    if cfg.iterate.online_steps and cfg.onpolicy is None:
+        raise ConfigError("iterate.online_steps needs an `onpolicy` section (its loss, lr, prompts_per_step)")
     if cfg.onpolicy is not None and cfg.onpolicy.loss not in ONPOLICY_LOSSES:
         raise ConfigError(f"onpolicy.loss: unknown loss {cfg.onpolicy.loss!r}; valid: {list(ONPOLICY_LOSSES)}")

@@ -123,3 +123,35 @@ def test_bad_config_and_data_fail_before_compute(tmp_path):
     r = erpd("run", f"run_dir={run}", f"data.train={data}", check=False)
     assert r.returncode == 2 and "noanswer.jsonl" in r.stderr and ":2" in r.stderr and "answer" in r.stderr
     assert not (run / "hf_base").exists() and not (run / "ckpt").exists()  # no warm-up, no training
+
+
+def test_iterate_two_batches_with_fallback_and_online_phase(tmp_path, toy_base):
+    """Iteration 0's promoted student (or the fallback, when the teacher did not gain) goes through an online
+    phase; its checkpoint is iteration 1's base: batch 1 is sampled by it and every method is prefixed it1_."""
+    run = tmp_path / "iter"
+    erpd("run", "--config", str(PRESETS / "micro.yaml"), f"run_dir={run}", f"model.base={toy_base}",
+         "iterations=2", "teachers={ce: {loss: ce, steps: 2, mini_batch_size: 16, save_every: 1}}",
+         "students={s1: {strategies: [1], teacher: ce, steps: 2, mini_batch_size: 16},"
+         " s3: {strategies: [3], weak: PLACEHOLDER, steps: 2, mini_batch_size: 16}}".replace(
+             "PLACEHOLDER", str(run / "base")),
+         "iterate={promote: s1, fallback: s3, min_teacher_gain: 1.0, online_steps: 1}",
+         "onpolicy={loss: grpo, prompts_per_step: 8, steps: 1}", "eval.every=0", "data.eval_prompts=8", "eval.k=1")
+    promoted = json.loads((run / "iter_0" / "promoted.json").read_text())
+    assert promoted["student"] == "s3" and "fallback" in promoted["reason"]  # a gain of 1.0 is impossible
+    assert promoted["online"] == "online_0" and promoted["checkpoint"].endswith("ckpt/online_0/iter_0000001")
+    from erpd_megatron.data.rollout_store import RolloutStore
+
+    store = RolloutStore(run / "rollouts")
+    assert store.batches() == [0, 1]
+    assert set(store.read_table(1, columns=["policy_version"])["policy_version"].to_pylist()) == {1}
+    summary = json.loads((run / "summary.json").read_text())
+    assert {"ce", "s1", "s3", "online_0", "it1_ce", "it1_s1", "it1_s3", "onpolicy_grpo"} <= set(summary["methods"])
+    assert summary["methods"]["online_0"]["rollouts"] == 8 * 4
+
+
+def test_early_stop_rule():
+    from erpd_megatron.pipeline.train import _no_progress
+
+    evals = {s: {"avg_at_k": a} for s, a in [(0, 0.3), (10, 0.4), (20, 0.35), (30, 0.38)]}
+    assert _no_progress(evals, 2) and not _no_progress(evals, 3)
+    assert not _no_progress({0: {"avg_at_k": 0.3}, 10: {"avg_at_k": 0.3}}, 2)  # a tie is no progress

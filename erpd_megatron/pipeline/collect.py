@@ -69,13 +69,14 @@ def per_token_lists(values, response_mask) -> list:
 def collect(ctx, iteration: int = 0) -> int:
     """Fixed batch `iteration` with the base policy of that iteration; returns the batch id."""
     store = RolloutStore(ctx.run.rollouts)
+    if iteration in store.batches() and "old_logprobs" in store.per_token_columns(iteration):
+        return iteration
+    policy = ctx.new_policy(init=ctx.base_ckpt(iteration))
     if iteration not in store.batches():
+        ctx.push_weights(policy, version=iteration)  # iteration i samples with its own base (i > 0: a student)
         if ctx.is_main:
             prompts = batch_prompts(ctx, iteration, ctx.cfg.data.prompts_per_batch)
             sample_batch(ctx, store, iteration, prompts, version=iteration, seed=ctx.cfg.seed + iteration)
         ctx.barrier()
-    if "old_logprobs" not in store.per_token_columns(iteration):
-        policy = ctx.new_policy(init=ctx.base_ckpt(iteration))
-        add_policy_logprobs(ctx, store, iteration, "old_logprobs", policy)
-        del policy
+    add_policy_logprobs(ctx, store, iteration, "old_logprobs", policy)
     return iteration

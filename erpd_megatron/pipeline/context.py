@@ -122,8 +122,8 @@ class Context:
                         raise RuntimeError(f"importing the base policy failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
                 self.barrier()
             return self.run.base
-        marker = self.run.root / f"iter_{iteration - 1}" / "student.txt"
-        return Path(marker.read_text().strip())
+        marker = self.run.root / f"iter_{iteration - 1}" / "promoted.json"
+        return Path(json.loads(marker.read_text())["checkpoint"])
 
     def push_weights(self, policy, version) -> None:
         """Megatron -> rollout engine through the resharding path (TP gather, PP broadcast, HF names)."""

@@ -8,7 +8,7 @@ per-token advantages.
 - Value pre-training: lambda_critic = 1.0 and gamma = 1, so the GAE return of every response token is the
   outcome reward R (it does not depend on the values: sum of deltas telescopes), computed once with
   `decoupled_gae`. Loss: `ppo_value_loss` (plain 0.5 (V - R)^2 by default; `value_clip` clips around the
-  values of the step's mini-batch before the update).
+  values at the start of each pass over the batch).
 - Policy advantages: `decoupled_gae` with the length-adaptive lambda_policy = 1 - 1/(alpha * len)
   (alpha = 0.05), on the pre-trained critic's values. Then whitened over all response tokens of the batch
   (verl's PPO does the same; `whiten_advantages=False` keeps the raw GAE).
@@ -72,15 +72,21 @@ def pretrain_critic(value_engine, batch: dict, steps: int, mini_batch_size: int,
     Mini-batch `step` = `minibatch_indices(B, mini_batch_size, step, seed)`, so a critic reloaded from a
     checkpoint continues with the same batches: `start` defaults to `value_engine.step`. `on_step(step, m)`
     runs after each update (step counts from 1), e.g. to log or checkpoint.
+    `value_clip`: clip around the values at the start of each pass over the batch (None: plain MSE, the
+    default: clipping around the zero-initialised head would stop the critic from reaching R). A run resumed
+    mid-pass recomputes them at the resumed weights (not bit-identical to an uninterrupted clipped run).
     """
     batch = {**batch, "returns": critic_returns(batch)}
     n = batch["input_ids"].shape[0]
+    per_epoch = n // min(mini_batch_size, n)  # minibatch_indices' epoch length
     loss_fn = value_loss_fn(value_clip, agg)
     out = []
-    for step in range(value_engine.step if start is None else start, steps):
+    first = value_engine.step if start is None else start
+    for step in range(first, steps):
+        if value_clip is not None and (step == first or step % per_epoch == 0):
+            # PPO's old values, refreshed once per pass over the batch (a per-step refresh would never bind)
+            batch["old_values"] = value_engine.forward_values(batch)
         mb = slice_batch(batch, minibatch_indices(n, mini_batch_size, step, seed))
-        if value_clip is not None:  # the trust region is around this step's pre-update values
-            mb["old_values"] = value_engine.forward_values(mb)
         metrics = value_engine.train_step(mb, loss_fn)
         metrics["critic/step"] = float(step + 1)
         out.append(metrics)

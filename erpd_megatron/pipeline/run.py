@@ -92,7 +92,11 @@ def _pipeline(cfg: RunConfig, stages: tuple[str, ...]) -> dict:
                     bookkeeping[st.method_name(name, it)] = {"kind": f"student (strategy {strat}, {s.teacher})",
                                                              "rollouts": rollouts * (it + 1), "wall_s": timer.total()}
                 if it + 1 < cfg.iterations:
-                    st.promote_student(ctx, it)
+                    info = st.promote_student(ctx, it)
+                    if "online" in info:
+                        bookkeeping[info["online"]] = {"kind": f"online phase ({cfg.onpolicy.loss})",
+                                                       "rollouts": cfg.iterate.online_steps
+                                                       * cfg.onpolicy.prompts_per_step * cfg.rollout.n_samples}
         if "onpolicy" in stages and cfg.onpolicy is not None:
             name = f"onpolicy_{cfg.onpolicy.loss}"
             timer = Timer(ctx.run, name)
@@ -130,9 +134,8 @@ ALL = ("collect", "teacher", "signals", "distill", "onpolicy", "report")
 
 
 def _main(argv, sub: str, stages: tuple[str, ...]) -> int:
-    from erpd_megatron.pipeline.context import setup_logging
-
     from erpd_megatron.data.prompts import PromptDataError
+    from erpd_megatron.pipeline.context import setup_logging
 
     setup_logging()
     try:

@@ -18,7 +18,7 @@ from erpd_megatron.pipeline import objectives
 from erpd_megatron.pipeline.collect import add_policy_logprobs, batch_prompts, sample_batch
 from erpd_megatron.pipeline.evaluate import evaluate_policy
 from erpd_megatron.pipeline.rundir import minibatch_indices
-from erpd_megatron.pipeline.train import slice_batch, train_loop
+from erpd_megatron.pipeline.train import final_step, slice_batch, train_loop
 
 log = logging.getLogger("erpd.stages")
 
@@ -79,7 +79,7 @@ def train_teachers(ctx, iteration: int = 0, only: str | None = None) -> None:
         train_loop(ctx, method, batch=b, loss_fn=objectives.teacher_objective(t), steps=t.steps,
                    mini_batch_size=t.mini_batch_size, lr=t.lr, warmup_steps=t.warmup_steps, save_every=t.save_every,
                    init=init, eval_fn=_eval_fn(ctx, method, iteration, t.init == "base"),
-                   step_metrics=_teacher_metrics)
+                   step_metrics=_teacher_metrics, early_stop_patience=t.early_stop_patience)
 
 
 def _teacher_metrics(policy, mb) -> dict:
@@ -97,7 +97,8 @@ def signal_columns(ctx, student, iteration: int) -> dict[str, tuple]:
     cols = {}
     if 1 in student.strategies or 2 in student.strategies:
         tm = method_name(student.teacher, iteration)
-        step = student.teacher_step if student.teacher_step > 0 else ctx.cfg.teachers[student.teacher].steps
+        step = student.teacher_step if student.teacher_step > 0 else \
+            final_step(ctx.run.ckpt(tm), ctx.cfg.teachers[student.teacher].steps)
         cols[f"lp_{tm}_s{step}".lower()] = ("teacher", ckpt_at(ctx, tm, step))
     if 2 in student.strategies:
         tm = method_name(student.teacher, iteration)
@@ -170,15 +171,33 @@ def train_students(ctx, iteration: int = 0, only: str | None = None) -> None:
                    need_entropy=s.entropy_coef != 0.0, eval_fn=_eval_fn(ctx, method, iteration, True))
 
 
-def promote_student(ctx, iteration: int) -> None:
-    """The first configured student's final checkpoint becomes the base of the next iteration."""
-    from erpd_megatron.utils.io import atomic_write_text
+def promote_student(ctx, iteration: int) -> dict:
+    """Choose the next iteration's base: `iterate.promote` (default: the first student), or `iterate.fallback`
+    when that student's teacher gained less than `iterate.min_teacher_gain` over the base; then optionally
+    `iterate.online_steps` on-policy steps from it (online / offline switching). Returns the bookkeeping."""
+    from erpd_megatron.utils.io import atomic_write_json
 
-    name, s = next(iter(ctx.cfg.students.items()))
-    path = ckpt_at(ctx, method_name(name, iteration), s.steps)
+    it = ctx.cfg.iterate
+    name = it.promote or next(iter(ctx.cfg.students))
+    reason = "configured"
+    if it.fallback and it.min_teacher_gain > 0:
+        base = ctx.run.eval_results(method_name("base", iteration))[0]["avg_at_k"]
+        teacher = ctx.run.eval_results(method_name(ctx.cfg.students[name].teacher, iteration))
+        gain = max(r["avg_at_k"] for r in teacher.values()) - base
+        if gain < it.min_teacher_gain:
+            name, reason = it.fallback, f"teacher gain {gain:+.3f} < {it.min_teacher_gain}: fallback"
+    method = method_name(name, iteration)
+    path = ckpt_at(ctx, method, final_step(ctx.run.ckpt(method), ctx.cfg.students[name].steps))
+    info = {"student": method, "reason": reason, "checkpoint": str(path)}
+    if it.online_steps:
+        online = method_name(f"online_{iteration}", iteration)
+        train_onpolicy(ctx, iteration, init=path, steps=it.online_steps, method=online)
+        path = ckpt_at(ctx, online, it.online_steps)
+        info.update(online=online, checkpoint=str(path))
     if ctx.is_main:
-        atomic_write_text(ctx.run.root / f"iter_{iteration}" / "student.txt", str(path) + "\n")
+        atomic_write_json(ctx.run.root / f"iter_{iteration}" / "promoted.json", info)
     ctx.barrier()
+    return info
 
 
 def _save_every(ctx, steps: int) -> int:
@@ -194,10 +213,10 @@ def onpolicy_steps(ctx) -> int:
     return o.steps or -(-ctx.cfg.data.prompts_per_batch // o.prompts_per_step)
 
 
-def train_onpolicy(ctx, iteration: int = 0) -> None:
+def train_onpolicy(ctx, iteration: int = 0, init=None, steps: int | None = None, method: str | None = None) -> None:
     """Fully on-policy: sample with the current weights, one update, repeat (same rollout budget as ERPD)."""
     o = ctx.cfg.onpolicy
-    method = method_name(f"onpolicy_{o.loss}", iteration)
+    method = method or method_name(f"onpolicy_{o.loss}", iteration)
     store = RolloutStore(ctx.run.root / "rollouts_onpolicy" / method)
 
     def next_batch(step, policy):
@@ -216,11 +235,11 @@ def train_onpolicy(ctx, iteration: int = 0) -> None:
         b["advantages"] = grpo_advantages(b["rewards"], b["group_ids"])
         return b
 
-    steps = onpolicy_steps(ctx)
+    steps = steps or onpolicy_steps(ctx)
     from erpd_megatron.config import TeacherConfig
 
     t = TeacherConfig(loss=o.loss, agg="token-mean")
     train_loop(ctx, method, batch=None, next_batch=next_batch, loss_fn=objectives.onpolicy_objective(o, t),
                steps=steps, mini_batch_size=o.prompts_per_step * ctx.cfg.rollout.n_samples, lr=o.lr,
-               save_every=1, eval_every=max(1, steps // 4), init=ctx.base_ckpt(iteration),
+               save_every=1, eval_every=max(1, steps // 4), init=init or ctx.base_ckpt(iteration),
                eval_fn=_eval_fn(ctx, method, iteration, True))

@@ -19,6 +19,7 @@ import time
 import torch
 
 from erpd_megatron.pipeline.rundir import MetricLog, minibatch_indices
+from erpd_megatron.utils.io import atomic_write_text
 
 log = logging.getLogger("erpd.train")
 
@@ -30,13 +31,15 @@ def slice_batch(batch: dict, rows: list[int]) -> dict:
 
 def train_loop(ctx, method: str, *, batch: dict | None, loss_fn, steps: int, mini_batch_size: int, lr: float,
                save_every: int, init, warmup_steps: int = 0, next_batch=None, eval_fn=None, step_metrics=None,
-               need_entropy: bool = False, eval_every: int | None = None):
+               need_entropy: bool = False, eval_every: int | None = None, early_stop_patience: int = 0):
     """Train `method` for `steps` optimizer steps; returns the policy (holding the final weights).
 
     `batch`: the fixed batch (all rows) for off-policy stages; or None with `next_batch(step, policy)` giving a
     fresh batch per step (on-policy). `eval_fn(policy, step)` runs at save points that are eval steps.
     """
     ckdir = ctx.run.ckpt(method)
+    if (ckdir / STOPPED).exists():  # early-stopped in an earlier invocation: nothing left to do
+        return None
     policy = ctx.new_policy(lr=lr, total_steps=steps, warmup_steps=warmup_steps, init=init)
     start = 0
     if (ckdir / "latest").exists():  # megatron/checkpoint.py marks the newest complete save
@@ -70,8 +73,30 @@ def train_loop(ctx, method: str, *, batch: dict | None, loss_fn, steps: int, min
             policy.save(str(ckdir))
             if eval_fn and _is_eval_step(done, steps, save_every, every):
                 eval_fn(policy, done)
+                if early_stop_patience and _no_progress(ctx.run.eval_results(method), early_stop_patience):
+                    if ctx.is_main:
+                        atomic_write_text(ckdir / STOPPED, f"{done}\n")
+                    log.info("%s: early stop at step %d (no eval gain in %d evaluations)", method, done,
+                             early_stop_patience)
+                    break
     metrics_log.close()
     return policy
+
+
+STOPPED = "early_stopped"
+
+
+def final_step(ckdir, steps: int) -> int:
+    """Last step a method trained to: `steps`, or the step it early-stopped at."""
+    marker = ckdir / STOPPED
+    return int(marker.read_text()) if marker.exists() else steps
+
+
+def _no_progress(results: dict[int, dict], patience: int) -> bool:
+    """True when the best eval accuracy is more than `patience` evaluations old."""
+    accs = [r["avg_at_k"] for _, r in sorted(results.items())]
+    best = max(range(len(accs)), key=lambda i: (accs[i], -i))
+    return len(accs) - 1 - best >= patience
 
 
 def _test_kill_point(ctx, method: str, step: int) -> None:
