@@ -2,10 +2,10 @@
 
 ``iter_hf_buckets(policy)`` walks the model's parameters in Megatron order (``checkpoints_conv.maps``
 order) and, per parameter:
-1. TP: the owning pipeline stage gathers the TP shards (``all_gather`` or ``gather`` to TP rank 0)
-   and rebuilds the full tensor with ``maps.unshard_param`` (column / row / vocab / per-section
-   layouts; replicated tensors are not gathered);
-2. PP: the full tensor goes from its owning stage to the receivers;
+1. TP: "all": the owning pipeline stage ``all_gather``s the TP shards and rebuilds the full tensor
+   with ``maps.unshard_param`` (column / row / vocab / per-section layouts; replicated tensors are
+   not gathered); "rank0": see below, shards go straight into the HF tensors;
+2. PP: "all": the full tensor is broadcast from its owning stage;
 3. un-fusing: ``maps.mcore_to_hf`` splits linear_qkv (per query group, gated for Qwen3.5),
    linear_fc1 [gate; up], the GDN in_proj, and drops the vocabulary padding rows;
 4. bucketing: HF tensors are appended to the current bucket until the next one would exceed
@@ -16,8 +16,12 @@ Who receives (``receivers``):
 - ``"all"`` (default): TP ``all_gather`` + PP ``broadcast``; every rank yields the same buckets.
   Needed for colocated SGLang, where each GPU's trainer process serializes CUDA-IPC handles for
   the engine TP rank on its own GPU. Costs (pp - 1) extra copies of each tensor per rank.
-- ``"rank0"``: only global rank 0 yields buckets; TP shards are ``gather``-ed to TP rank 0 of the
-  owning stage (DP replicas other than DP rank 0 do nothing) and sent point-to-point to stage 0.
+- ``"rank0"``: only global rank 0 yields buckets. Every TP rank of the owning stage (DP/CP rank 0;
+  other replicas do nothing) sends its rows point-to-point to global rank 0, which receives them
+  directly into the rows of preallocated HF tensors: the row routing (``_routes``) is derived once
+  per parameter kind by pushing row labels through ``layouts.shard`` and ``maps.mcore_to_hf``, so
+  stage 1-3 cost one receive per remote byte and one copy per local byte (no gather buffer, no
+  ``cat``, no un-fusing copy; "row"-split tensors: one extra copy of the remote columns).
   Right for LocalEngine and for disaggregated SGLang (rank 0 broadcasts to the servers).
 
 The iterator runs collectives: every rank of the model must consume it to the end, in lockstep
@@ -75,6 +79,66 @@ def _plan(policy, cfg, skip_tied: bool):
     return [(n, *owner[n]) for n in order]
 
 
+_ROUTES: dict = {}
+
+
+def _routes(cfg, name: str, kind: str, full_shape: tuple[int, ...], tp: int):
+    """How the HF tensors of one Megatron parameter are assembled from the TP shards ("rank0" path).
+
+    Returns (hf_names, hf_shapes, runs) with runs = [(tp_rank, local_row, hf_index, hf_row, n_rows)]:
+    rows [local_row, local_row + n) of TP rank tp_rank's shard land in rows [hf_row, hf_row + n) of HF
+    tensor hf_index. Derived by pushing row labels (arange) through the same ``layouts.shard`` and
+    ``maps.mcore_to_hf`` that define the layouts, so it cannot drift from them. Only for parameters
+    split (or un-fused) along dim 0; "row" parameters are a plain column concatenation (runs None).
+    Cached: one entry per (parameter kind, shapes, TP, config)."""
+    from checkpoints_conv import layouts, maps
+
+    names = maps.entry(cfg, name)[1]
+    key = (maps._LAYER_RE.sub(r"\2", name), kind, full_shape, tp, repr(cfg))
+    hit = _ROUTES.get(key)
+    if hit is not None:
+        return (names, *hit)
+    rows = full_shape[0]
+    labels = torch.arange(rows).view(rows, *([1] * (len(full_shape) - 1)))
+    pieces = maps.mcore_to_hf(cfg, name, labels)
+    if kind == "row" and tp > 1:
+        shapes = [tuple(full_shape)]
+        runs = None
+    else:
+        shapes = [(t.shape[0], *full_shape[1:]) for _, t in pieces]
+        n_src = 1 if kind == "replicated" else tp
+        _, sections = maps.tp_kind(cfg, name)
+        src_rank = torch.full((rows,), -1, dtype=torch.long)
+        src_row = torch.full((rows,), -1, dtype=torch.long)
+        for r in range(n_src):
+            lab = layouts.shard(kind, labels, n_src, r, sections).reshape(-1) if n_src > 1 else labels.reshape(-1)
+            src_rank[lab] = r
+            src_row[lab] = torch.arange(lab.numel())
+        runs = []
+        for i, (_, t) in enumerate(pieces):
+            full_rows = t.reshape(-1)
+            rk, lr = src_rank[full_rows], src_row[full_rows]
+            # a run breaks where the source rank changes or its local row does not advance by one
+            brk = torch.ones(full_rows.numel(), dtype=torch.bool)
+            brk[1:] = (rk[1:] != rk[:-1]) | (lr[1:] != lr[:-1] + 1)
+            starts = torch.nonzero(brk).squeeze(-1).tolist() + [full_rows.numel()]
+            for a, b in zip(starts[:-1], starts[1:]):
+                runs.append((int(rk[a]), int(lr[a]), i, a, b - a))
+    _ROUTES[key] = (shapes, runs)
+    return names, shapes, runs
+
+
+def _owner_ranks(tp: int) -> dict[tuple[int, int], int]:
+    """{(pp_rank, tp_rank): global rank} of the model replica that streams (DP rank 0, CP rank 0)."""
+    from megatron.core import parallel_state as ps
+
+    me = (ps.get_data_parallel_rank(), ps.get_context_parallel_rank(),
+          ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), dist.get_rank())
+    table: list = [None] * dist.get_world_size()
+    dist.all_gather_object(table, me)
+    return {(pp, t): g for dp, cp, pp, t, g in table if dp == 0 and cp == 0}
+
+
 class _Chunks:
     """Adapter: the model chunks of a PolicyEngine (``engine.model`` / ``engine.modules``) + its ModelConfig."""
 
@@ -103,11 +167,15 @@ class _Chunks:
 
 @torch.no_grad()
 def iter_hf_buckets(policy, model_cfg=None, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, receivers: str = "all",
-                    dtype: torch.dtype | None = None, conv_cfg=None) -> Iterator[WeightBucket]:
+                    dtype: torch.dtype | None = None, conv_cfg=None, copy: bool = True) -> Iterator[WeightBucket]:
     """Buckets of (HF name, full tensor) from a ``PolicyEngine`` (anything with ``model_cfg`` and
     ``named_parameters_global()``), or from its list of model chunks plus ``model_cfg``.
     ``dtype``: cast on the way out (e.g. bf16 for SGLang). ``conv_cfg``: HF config dict / ConvConfig
-    naming the target checkpoint (default: from the ModelConfig: text-model names, prefix ``model.``)."""
+    naming the target checkpoint (default: from the ModelConfig: text-model names, prefix ``model.``).
+    ``copy=False``: an HF tensor that is a contiguous slice of a local parameter (replicated norms,
+    everything at TP=1 except un-fused Q/K/V) is yielded as a view of the live parameter instead of a
+    copy. Only for consumers that copy what they receive before the parameters change again (every
+    engine's ``update_weights`` does; ``sync_weights`` uses it)."""
     from megatron.core import parallel_state as ps
 
     from checkpoints_conv import maps
@@ -123,23 +191,110 @@ def iter_hf_buckets(policy, model_cfg=None, *, bucket_bytes: int = DEFAULT_BUCKE
     cfg = maps.as_conv_config(conv_cfg if conv_cfg is not None else policy.model_cfg)
     plan = _plan(policy, cfg, skip_tied=cfg.tie_word_embeddings)
     local = dict(policy.named_parameters_global())
-
-    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    pp_rank = ps.get_pipeline_model_parallel_rank()
-    dp_rank = ps.get_data_parallel_rank()
-    tp_group, pp_group = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
-    tp_ranks = dist.get_process_group_ranks(tp_group) if tp > 1 else None
-    pp_ranks = dist.get_process_group_ranks(pp_group) if ps.get_pipeline_model_parallel_world_size() > 1 else None
-    device = next(iter(local.values())).device
     if receivers == "rank0":
-        receiver = dist.get_rank() == 0 if dist.is_initialized() else True
-        if dp_rank != 0:  # other DP replicas hold the same weights: nothing to do
+        if ps.get_data_parallel_rank() != 0:  # other DP replicas hold the same weights: nothing to do
             return
+        tensors = _rank0_tensors(cfg, plan, local, dtype, copy)
     else:
-        receiver = True
+        tensors = _all_tensors(cfg, plan, local, dtype, copy)
 
     bucket: WeightBucket = []
     size = 0
+    for hf_name, t in tensors:  # 4. bucket
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((hf_name, t))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def _rank0_tensors(cfg, plan, local, dtype, copy: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """receivers="rank0": every TP rank of the owning stage (DP/CP rank 0) sends the rows it holds
+    point-to-point to global rank 0, which receives them straight into the rows of preallocated HF
+    tensors (``_routes``): no gather buffer, no ``cat``, no un-fusing copy. Its own rows are copied
+    once (or handed out as views of the live parameter when ``copy=False`` and no assembly is
+    needed). Yields only on global rank 0."""
+    from megatron.core import parallel_state as ps
+
+    from checkpoints_conv import maps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    owners = _owner_ranks(tp) if distributed else {(0, 0): 0}
+    me = dist.get_rank() if distributed else 0
+    for name, stage, local_shape, pdtype in plan:
+        kind, _ = maps.tp_kind(cfg, name)
+        full_shape = _full_shape(kind, local_shape, tp)
+        names, shapes, runs = _routes(cfg, name, kind, full_shape, tp)
+        out_dtype = dtype or pdtype
+        srcs = [owners[(stage, r)] for r in range(1 if kind == "replicated" else tp)]
+        if me != 0 and me not in srcs:
+            continue
+        shard = local[name].detach() if me in srcs else None
+        if me != 0:  # 1. sender: contiguous row slices of the live shard (cast when asked)
+            r = srcs.index(me)
+            mine = [shard] if runs is None else [shard[lr:lr + n] for rk, lr, _, _, n in runs if rk == r]
+            sent = [t.to(out_dtype).contiguous() for t in mine]  # no-op unless dtype / layout differs
+            for q in [dist.isend(t, dst=0, tag=k) for k, t in enumerate(sent)]:
+                q.wait()
+            continue
+        # 2. receiver (global rank 0): post every receive first, then copy its own rows meanwhile
+        reqs = []
+        if runs is None:  # "row" kind, TP > 1: HF tensor = column concatenation of the shards
+            full = torch.empty(shapes[0], dtype=out_dtype, device=_device(local))
+            c = local_shape[1]
+            tmps = {}
+            for r, g in enumerate(srcs):
+                if g != 0:
+                    tmps[r] = torch.empty(local_shape, dtype=out_dtype, device=full.device)
+                    reqs.append(dist.irecv(tmps[r], src=g, tag=0))
+                else:
+                    full[:, r * c:(r + 1) * c].copy_(shard)
+            for q in reqs:
+                q.wait()
+            for r, t in tmps.items():
+                full[:, r * c:(r + 1) * c].copy_(t)
+            yield names[0], full
+            continue
+        outs: list = [None] * len(names)
+        if not copy and out_dtype == pdtype and len(srcs) == 1 and srcs[0] == 0:
+            for i in range(len(names)):  # one run covering the HF tensor: a view of the live parameter
+                own = [run for run in runs if run[2] == i]
+                if len(own) == 1 and own[0][4] == shapes[i][0]:
+                    outs[i] = shard[own[0][1]:own[0][1] + own[0][4]]
+        fresh = [o is None for o in outs]
+        for i, o in enumerate(outs):
+            if o is None:
+                outs[i] = torch.empty(shapes[i], dtype=out_dtype, device=_device(local))
+        count = [0] * len(srcs)
+        mine = []
+        for rk, lr, i, hr, n in runs:
+            k, count[rk] = count[rk], count[rk] + 1
+            if srcs[rk] != 0:
+                reqs.append(dist.irecv(outs[i][hr:hr + n], src=srcs[rk], tag=k))
+            elif fresh[i]:
+                mine.append((outs[i][hr:hr + n], shard[lr:lr + n]))
+        for dst, src in mine:
+            dst.copy_(src)
+        for q in reqs:
+            q.wait()
+        yield from zip(names, outs)
+
+
+def _all_tensors(cfg, plan, local, dtype, copy: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """receivers="all": TP ``all_gather`` + ``unshard_param`` on the owning stage, PP ``broadcast``;
+    every rank yields the same tensors."""
+    from megatron.core import parallel_state as ps
+
+    from checkpoints_conv import maps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    tp_group, pp_group = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
+    pp_ranks = dist.get_process_group_ranks(pp_group) if ps.get_pipeline_model_parallel_world_size() > 1 else None
     for name, stage, local_shape, pdtype in plan:
         kind, _ = maps.tp_kind(cfg, name)
         full = None
@@ -147,54 +302,39 @@ def iter_hf_buckets(policy, model_cfg=None, *, bucket_bytes: int = DEFAULT_BUCKE
         if pp_rank == stage:
             shard = local[name].detach()
             if tp > 1 and kind != "replicated":
-                if receivers == "all":
-                    shards = [torch.empty_like(shard) for _ in range(tp)]
-                    dist.all_gather(shards, shard.contiguous(), group=tp_group)
-                    full = maps.unshard_param(cfg, name, shards)
-                else:
-                    shards = [torch.empty_like(shard) for _ in range(tp)] if tp_rank == 0 else None
-                    dist.gather(shard.contiguous(), shards, dst=tp_ranks[0], group=tp_group)
-                    full = maps.unshard_param(cfg, name, shards) if tp_rank == 0 else None
+                shards = [torch.empty_like(shard) for _ in range(tp)]
+                dist.all_gather(shards, shard.contiguous(), group=tp_group)
+                full = maps.unshard_param(cfg, name, shards)
             else:
-                full = shard.clone()  # never hand out a live parameter
-        # 2. PP transfer from the owning stage.
+                full = shard.clone() if copy else shard  # never hand out a live parameter unless asked
+        # 2. PP broadcast from the owning stage.
         if pp_ranks is not None:
-            shape = _full_shape(kind, local_shape, tp)
-            if receivers == "all":
-                if pp_rank != stage:
-                    full = torch.empty(shape, dtype=pdtype, device=device)
-                dist.broadcast(full, src=pp_ranks[stage], group=pp_group)
-            elif tp_rank == 0 and stage != 0:
-                if pp_rank == stage:
-                    dist.send(full.contiguous(), dst=pp_ranks[0], group=pp_group)
-                elif pp_rank == 0:
-                    full = torch.empty(shape, dtype=pdtype, device=device)
-                    dist.recv(full, src=pp_ranks[stage], group=pp_group)
-        if not receiver:
-            continue
-        # 3. Un-fuse into HF tensors, 4. bucket.
+            if pp_rank != stage:
+                full = torch.empty(_full_shape(kind, local_shape, tp), dtype=pdtype, device=_device(local))
+            dist.broadcast(full, src=pp_ranks[stage], group=pp_group)
+        # 3. Un-fuse into HF tensors (views where the layout allows; copies only when asked).
         for hf_name, t in maps.mcore_to_hf(cfg, name, full):
             t = t.to(dtype) if dtype is not None else t
-            t = t.contiguous()
-            nbytes = t.numel() * t.element_size()
-            if bucket and size + nbytes > bucket_bytes:
-                yield bucket
-                bucket, size = [], 0
-            bucket.append((hf_name, t))
-            size += nbytes
+            yield hf_name, (t.contiguous() if copy else t)
         del full
-    if bucket and receiver:
-        yield bucket
 
 
-def sync_weights(policy, engine, version=None, *, receivers: str = "all", **kw) -> dict[str, float]:
+def _device(local: dict) -> torch.device:
+    return next(iter(local.values())).device
+
+
+def sync_weights(policy, engine, version=None, *, receivers: str = "all", copy: bool = False,
+                 **kw) -> dict[str, float]:
     """Push the policy's weights into a rollout engine. Call on every rank of the model; ``engine`` is
     used where buckets arrive (every rank for "all", rank 0 for "rank0"; it may be None elsewhere).
+    ``copy=False`` (default): tensors may be views of live parameters (see ``iter_hf_buckets``); right
+    for every engine here, whose ``update_weights`` copies (LocalEngine ``copy_``, SGLang flattening /
+    broadcast / safetensors). Pass ``copy=True`` for an engine that keeps references to the tensors.
     Returns {"weight_sync/bytes", "weight_sync/seconds", "weight_sync/gbps"} (local view)."""
     stats = {"bytes": 0, "buckets": 0, "peak_bucket_bytes": 0}
 
     def counted():
-        for b in iter_hf_buckets(policy, receivers=receivers, **kw):
+        for b in iter_hf_buckets(policy, receivers=receivers, copy=copy, **kw):
             n = sum(t.numel() * t.element_size() for _, t in b)
             stats["bytes"] += n
             stats["buckets"] += 1
