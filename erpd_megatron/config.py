@@ -109,6 +109,12 @@ class TeacherConfig:
     """Weight of negative samples (unlearning strength, paper Tab. 9)."""
     init: str = "base"
     """Start from "base" or from another teacher's checkpoint, "<teacher_name>@<step>" (recovery teachers)."""
+    critic_steps: int = 20
+    """PPO: value pre-training steps on the fixed batch (lambda_critic = 1) before the policy trains."""
+    critic_lr: float = 1e-4
+    """PPO: critic Adam learning rate."""
+    gae_alpha: float = 0.05
+    """PPO: length-adaptive policy lambda = 1 - 1 / (alpha * response length) (paper Sec. 4.1)."""
     early_stop_patience: int = 0
     """Stop when eval accuracy has not improved for this many evaluations (0 = off). The eval set serves as
     the validation set (as the paper's HMMT Feb 25); students then use the last checkpoint saved."""

@@ -208,7 +208,23 @@ def test_nemo_run_scripts(tmp_path, fake_slurm, monkeypatch, request):
     assert args[:2] == ["--requeue", "--parsable"] and args[2].endswith("_sbatch.sh")
 
 
-@pytest.mark.skip(reason="pending: the local executor will run the micro pipeline on CPU once `erpd demo` / "
-                         "the pipeline lands (issue 6); `python -m launchers run cpu_demo --executor local`")
-def test_local_executor_runs_micro_pipeline():
-    pass
+@pytest.mark.skipif(not HAS_NEMO, reason="nemo-run not installed (optional extra `launch`)")
+def test_local_executor_runs_micro_pipeline(tmp_path, toy_base, monkeypatch):
+    """nemo-run's LocalExecutor runs the real pipeline (micro preset) on this CPU and it finishes."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from launchers import nemo
+    from launchers.recipes import apply_overrides, get_recipe
+
+    preset = Path(__file__).resolve().parent.parent / "erpd_megatron" / "presets" / "micro.yaml"
+    recipe = apply_overrides(get_recipe("cpu_demo"), [f"run_root={tmp_path}", f"model.base={toy_base}",
+                                                     "onpolicy=null", "eval.k=1", "data.eval_prompts=8"])
+    recipe.trainer = ["erpd", "run", "--config", str(preset)]
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # `erpd` of this venv
+    monkeypatch.setattr("sys.stdin", open(os.devnull))
+    shown = nemo.run_local(recipe, dryrun=False)
+    assert shown.startswith("erpd run --config")
+    summary = json.loads((tmp_path / "cpu_demo" / "summary.json").read_text())
+    assert {"ce", "mse", "ppo", "s1_ce", "s2_mse"} <= set(summary["methods"])

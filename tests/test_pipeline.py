@@ -18,15 +18,6 @@ import torch
 PRESETS = Path(__file__).resolve().parent.parent / "erpd_megatron" / "presets"
 
 
-@pytest.fixture(scope="module")
-def toy_base(tmp_path_factory):
-    """A short warm-up of the toy base (the demo's is longer); shared by the tests of this module."""
-    from erpd_megatron.toy.warmup import WarmupConfig, ensure_base_model
-
-    out = tmp_path_factory.mktemp("toy_base") / "hf"
-    return ensure_base_model(out, WarmupConfig(steps=120, eval_prompts=32, eval_samples=2), log=lambda *a: None)
-
-
 def erpd(*args, env=None, check=True):
     e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     out = subprocess.run([sys.executable, "-m", "erpd_megatron.cli", *args], capture_output=True, text=True, env=e)
@@ -39,17 +30,20 @@ def test_micro_pipeline_end_to_end(tmp_path, toy_base):
     run = tmp_path / "micro"
     erpd("run", "--config", str(PRESETS / "micro.yaml"), f"run_dir={run}", f"model.base={toy_base}")
     summary = json.loads((run / "summary.json").read_text())
-    assert set(summary["methods"]) == {"ce", "mse", "s1_ce", "s2_mse", "onpolicy_grpo"}
+    assert set(summary["methods"]) == {"ce", "mse", "ppo", "s1_ce", "s2_mse", "onpolicy_grpo"}
     assert 0.0 <= summary["base"]["accuracy"] <= 1.0
     for name, m in summary["methods"].items():
         assert {"accuracy", "kl", "steps", "rollouts", "wall_s"} <= set(m), name
         assert m["curve"][0]["step"] == 0 and m["curve"][-1]["step"] == m["steps"]
         assert m["curve"][0]["accuracy"] == summary["base"]["accuracy"]  # every path starts at the base
-        lines = (run / "metrics" / f"{name}.jsonl").read_text().splitlines()
+        lines = (run / "metrics" / f"{name}.jsonl").read_text().splitlines()  # one line per optimizer step
         assert [json.loads(x)["step"] for x in lines] == list(range(1, m["steps"] + 1))
     # ERPD and the on-policy baseline consume the same rollout budget
     assert summary["methods"]["onpolicy_grpo"]["rollouts"] == summary["methods"]["s1_ce"]["rollouts"] == 16 * 4
     assert summary["methods"]["ce"]["kl"] > 0
+    # the PPO teacher pre-trained its critic (value loss per step) and logged the GAE advantage statistics
+    critic = [json.loads(x) for x in (run / "metrics" / "ppo_critic.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in critic] == [1, 2, 3] and "critic/explained_var" in critic[-1]
     assert (run / "report.md").read_text().startswith("# ERPD run")
     assert (run / "accuracy_vs_kl.png").stat().st_size > 1000
     # signals were precomputed into the rollout store, next to the rollouts

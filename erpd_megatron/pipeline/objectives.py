@@ -54,8 +54,9 @@ def teacher_objective(t: TeacherConfig):
             nll = L.aggregate(-lp, pos, "token-mean")
             return nll, {"sft/nll": float(nll), "sft/positive_tokens": float(pos.sum())}
 
-    elif name in ("grpo", "sapo", "cispo"):
+    elif name in ("grpo", "ppo", "sapo", "cispo"):  # ppo: per-token GAE advantages from the critic
         hp = {"grpo": dict(eps_low=t.eps_low, eps_high=t.eps_high, agg=t.agg),
+              "ppo": dict(eps_low=t.eps_low, eps_high=t.eps_high, agg=t.agg),
               "sapo": dict(tau_pos=t.tau_pos, tau_neg=t.tau_neg, agg=t.agg),
               "cispo": dict(eps_high=t.eps_high, agg=t.agg)}[name]
         fn = L.get_loss(name)
@@ -64,7 +65,7 @@ def teacher_objective(t: TeacherConfig):
             return fn(lp, mb["old_logprobs"], mb["advantages"], mb["response_mask"], **hp)
 
     else:
-        raise ValueError(f"teacher loss {name!r} is not available in the pipeline (valid: ce, mse, sft, grpo, sapo, cispo)")
+        raise ValueError(f"teacher loss {name!r} is not available (valid: ce, mse, sft, grpo, ppo, sapo, cispo)")
     return _with_kl(loss_fn, t.kl_coef)
 
 

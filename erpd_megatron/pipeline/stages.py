@@ -17,7 +17,7 @@ from erpd_megatron.data.rollout_store import RolloutStore
 from erpd_megatron.pipeline import objectives
 from erpd_megatron.pipeline.collect import add_policy_logprobs, batch_prompts, sample_batch
 from erpd_megatron.pipeline.evaluate import evaluate_policy
-from erpd_megatron.pipeline.rundir import minibatch_indices
+from erpd_megatron.pipeline.rundir import MetricLog, minibatch_indices
 from erpd_megatron.pipeline.train import final_step, slice_batch, train_loop
 
 log = logging.getLogger("erpd.stages")
@@ -76,10 +76,46 @@ def train_teachers(ctx, iteration: int = 0, only: str | None = None) -> None:
         b = dict(batch)
         if t.loss in ("grpo", "sapo", "cispo"):
             b["advantages"] = grpo_advantages(batch["rewards"], batch["group_ids"])
+        elif t.loss == "ppo":
+            b["advantages"] = critic_advantages(ctx, method, t, batch, iteration)
         train_loop(ctx, method, batch=b, loss_fn=objectives.teacher_objective(t), steps=t.steps,
                    mini_batch_size=t.mini_batch_size, lr=t.lr, warmup_steps=t.warmup_steps, save_every=t.save_every,
                    init=init, eval_fn=_eval_fn(ctx, method, iteration, t.init == "base"),
                    step_metrics=_teacher_metrics, early_stop_patience=t.early_stop_patience)
+
+
+def critic_advantages(ctx, method: str, t, batch: dict, iteration: int):
+    """PPO teacher: pre-train a value model of the policy's architecture on the fixed batch (lambda_critic = 1),
+    then per-token advantages by decoupled GAE with the length-adaptive policy lambda (VAPO, paper Sec. 4.1).
+    The critic is not updated while the policy trains (the batch is fixed; the paper does not say)."""
+    from erpd_megatron.megatron.engine import OptimConfig
+    from erpd_megatron.megatron.value import ValueEngine
+    from erpd_megatron.pipeline.critic import ppo_advantages, pretrain_critic
+
+    ck = ctx.run.ckpt(method + "_critic")
+    critic = ValueEngine(ctx.model_cfg, ctx.par, OptimConfig(lr=t.critic_lr, min_lr=t.critic_lr,
+                         micro_batch_size=ctx.cfg.model.micro_batch_size), seed=ctx.cfg.seed)
+    if (ck / "latest").exists():
+        critic.load(str(ck))
+    else:
+        critic.load_policy_weights(str(ctx.base_ckpt(iteration)))
+    metrics_log = MetricLog(ctx.run.metrics(method + "_critic"), critic.step) if ctx.is_main else None
+
+    def on_step(step, m):
+        if metrics_log is not None:
+            metrics_log.log(step, m)
+        if step % t.save_every == 0:
+            critic.save(str(ck))
+
+    pretrain_critic(critic, batch, t.critic_steps, t.mini_batch_size, ctx.cfg.seed, on_step=on_step)
+    if critic.step % t.save_every:
+        critic.save(str(ck))
+    adv, m = ppo_advantages(critic, batch, alpha=t.gae_alpha)
+    if metrics_log is not None:
+        metrics_log.log(t.critic_steps + 1, m)
+        metrics_log.close()
+    del critic
+    return adv
 
 
 def _teacher_metrics(policy, mb) -> dict:
