@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 PRESETS = Path(__file__).resolve().parent.parent / "erpd_megatron" / "presets"

@@ -233,7 +233,10 @@ class PolicyEngine:
             mb = next(data_iterator)
             ids = mb["input_ids"]
             pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
-            out = model(input_ids=ids, position_ids=pos, attention_mask=None)
+            if not need_logprobs:
+                out = model(input_ids=ids, position_ids=pos, attention_mask=None)
+            else:  # logits stay [s, b, V/tp]: no [b, s, V] transpose copy (nor its transpose in backward)
+                out = model(input_ids=ids, position_ids=pos, attention_mask=None, output_processor=_seq_first_logits)
 
             def loss_func(logits):
                 if not need_logprobs:
@@ -241,7 +244,7 @@ class PolicyEngine:
                 lp, ent = token_logprobs(
                     logits, ids, vocab_size=vocab, temperature=temperature,
                     tp_group=ps.get_tensor_model_parallel_group(), with_entropy=with_entropy,
-                    chunk_elems=self.logprob_chunk_elems,
+                    chunk_elems=self.logprob_chunk_elems, seq_first=True,
                 )
                 m = mb["attention_mask"].to(lp.dtype)
                 lp = lp * m
@@ -417,3 +420,12 @@ class PolicyEngine:
         from erpd_megatron.megatron.checkpoint import load_checkpoint
 
         return load_checkpoint(self, directory, model_only=model_only)
+
+
+def _seq_first_logits(*, hidden_states, output_layer, output_weight, runtime_gather_output, scale_logits, **_):
+    """GPTModel ``output_processor``: the output layer's logits in megatron's own [s, b, V/tp] layout.
+    GPTModel would return ``logits.transpose(0, 1).contiguous()``, a full copy of the logits (and
+    one more of their gradient in backward); ``token_logprobs(seq_first=True)`` reads [s, b, V]
+    directly and transposes only its [s, b] results."""
+    logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output)
+    return scale_logits(logits)

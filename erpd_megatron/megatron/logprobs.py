@@ -215,8 +215,10 @@ def token_logprobs(
     tp_group=None,
     with_entropy: bool = False,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    seq_first: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Token-aligned log-probs [b, s] from logits [b, s, V/tp] of the same sequence.
+    """Token-aligned log-probs [b, s] from logits [b, s, V/tp] of the same sequence
+    (``seq_first=True``: logits [s, b, V/tp], megatron's layout; the results are still [b, s]).
 
     out[:, t] = log softmax(logits[:, t-1] / T)[input_ids[:, t]] for t >= 1, out[:, 0] = 0.
     The logits' last position predicts nothing in the sequence; it is evaluated against a dummy
@@ -224,10 +226,14 @@ def token_logprobs(
     """
     b, s = input_ids.shape
     targets = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)  # last column is a dummy
+    if seq_first:  # transpose the small [b, s] ids / results, never the [s, b, V] logits
+        targets = targets.t()
     lp, ent = vocab_parallel_logprobs(
         logits, targets, vocab_size=vocab_size, temperature=temperature, tp_group=tp_group,
         with_entropy=with_entropy, chunk_elems=chunk_elems,
     )
+    if seq_first:
+        lp, ent = lp.t(), (ent.t() if ent is not None else None)
     zero = lp.new_zeros(b, 1)
     lp = torch.cat([zero, lp[:, :-1]], dim=1)
     if ent is not None:

@@ -114,7 +114,6 @@ def critic_advantages(ctx, method: str, t, batch: dict, iteration: int):
     if metrics_log is not None:
         metrics_log.log(t.critic_steps + 1, m)
         metrics_log.close()
-    del critic
     return adv
 
 
