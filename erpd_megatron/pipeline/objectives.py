@@ -11,6 +11,7 @@ collect time, so ratios start at exactly 1), `rewards` [B], `advantages` ([B] or
 from __future__ import annotations
 
 from erpd_megatron.algorithms import losses as L
+from erpd_megatron.algorithms import metrics as M
 from erpd_megatron.config import DistillConfig, OnPolicyConfig, TeacherConfig
 
 
@@ -24,6 +25,27 @@ def _with_kl(loss_fn, kl_coef: float, estimator: str = "k3"):
         mask = mb["response_mask"]
         kl = L.aggregate(L.kl_penalty(lp, mb["old_logprobs"], estimator, mask=mask), mask, "token-mean")
         return loss + kl_coef * kl, {**metrics, "kl_loss/value": float(kl)}
+
+    return fn
+
+
+def with_policy_metrics(loss_fn):
+    """Adds the per-step diagnostics every stage logs: reverse KL to the policy that sampled the batch (for
+    teachers and students: the base; on-policy: the current policy before its update, so 0), k3 per token
+    and k1 per sequence, entropy, and the mean token log-prob of positive vs negative samples (the
+    unlearn-and-recover curve of paper Fig. 5). Metrics only: the loss is unchanged."""
+
+    def fn(lp, mb, entropy=None):
+        loss, metrics = loss_fn(lp, mb, entropy)
+        mask, old = mb["response_mask"], mb["old_logprobs"]
+        metrics["policy/kl_to_old_token"] = M.reverse_kl(lp, old, mask, per="token", estimator="k3")
+        metrics["policy/kl_to_old_seq"] = M.reverse_kl(lp, old, mask, per="sequence", estimator="k1")
+        if entropy is not None:
+            metrics["policy/entropy"] = M.entropy_mean(entropy, mask)
+        if "rewards" in mb:
+            by = M.logprob_by_outcome(lp, mask, mb["rewards"])
+            metrics["policy/logprob_pos"], metrics["policy/logprob_neg"] = by["pos_logprob"], by["neg_logprob"]
+        return loss, metrics
 
     return fn
 
@@ -66,7 +88,7 @@ def teacher_objective(t: TeacherConfig):
 
     else:
         raise ValueError(f"teacher loss {name!r} is not available (valid: ce, mse, sft, grpo, ppo, sapo, cispo)")
-    return _with_kl(loss_fn, t.kl_coef)
+    return with_policy_metrics(_with_kl(loss_fn, t.kl_coef))
 
 
 def distill_objective(s: DistillConfig):
@@ -77,7 +99,7 @@ def distill_objective(s: DistillConfig):
                               eps_high=s.eps_high, kl_coef=s.kl_coef, kl_estimator=s.kl_estimator,
                               entropy=entropy, entropy_coef=s.entropy_coef)
 
-    return loss_fn
+    return with_policy_metrics(loss_fn)
 
 
 def onpolicy_objective(o: OnPolicyConfig, t: TeacherConfig | None = None):

@@ -203,7 +203,7 @@ def train_students(ctx, iteration: int = 0, only: str | None = None) -> None:
         train_loop(ctx, method, batch=None if next_batch else batch, next_batch=next_batch,
                    loss_fn=objectives.distill_objective(s), steps=s.steps, mini_batch_size=s.mini_batch_size,
                    lr=s.lr, save_every=_save_every(ctx, s.steps), init=ctx.base_ckpt(iteration),
-                   need_entropy=s.entropy_coef != 0.0, eval_fn=_eval_fn(ctx, method, iteration, True))
+                   eval_fn=_eval_fn(ctx, method, iteration, True))
 
 
 def promote_student(ctx, iteration: int) -> dict:

@@ -31,7 +31,7 @@ def slice_batch(batch: dict, rows: list[int]) -> dict:
 
 def train_loop(ctx, method: str, *, batch: dict | None, loss_fn, steps: int, mini_batch_size: int, lr: float,
                save_every: int, init, warmup_steps: int = 0, next_batch=None, eval_fn=None, step_metrics=None,
-               need_entropy: bool = False, eval_every: int | None = None, early_stop_patience: int = 0):
+               eval_every: int | None = None, early_stop_patience: int = 0):
     """Train `method` for `steps` optimizer steps; returns the policy (holding the final weights).
 
     `batch`: the fixed batch (all rows) for off-policy stages; or None with `next_batch(step, policy)` giving a
@@ -59,7 +59,7 @@ def train_loop(ctx, method: str, *, batch: dict | None, loss_fn, steps: int, min
             mb = slice_batch(batch, minibatch_indices(n, mini_batch_size, step, ctx.cfg.seed))
         else:
             mb = next_batch(step, policy)
-        metrics = policy.train_step(mb, loss_fn, need_entropy=need_entropy)
+        metrics = policy.train_step(mb, loss_fn, need_entropy=True)  # entropy is logged by every stage
         tokens = float(mb["attention_mask"].sum())
         metrics["perf/tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
         metrics["perf/response_length"] = float(mb["response_mask"].sum() / mb["response_mask"].shape[0])
