@@ -159,5 +159,11 @@ def test_compat_refuses_other_megatron_versions(monkeypatch):
     monkeypatch.setattr(compat, "installed_mcore_version", lambda: "0.20.0")
     monkeypatch.delenv("ERPD_MCORE_UNCHECKED", raising=False)
     with pytest.raises(compat.UnsupportedMegatronVersion, match="found 0.20.0"):
+        compat.check_mcore_version()
+    # apply_cpu_compat checks before patching anything (an earlier test of this process may have applied the
+    # layer already: pretend it has not, and check that nothing is added)
+    monkeypatch.setattr(compat, "_APPLIED", False)
+    before = list(compat.PATCHES)
+    with pytest.raises(compat.UnsupportedMegatronVersion, match="found 0.20.0"):
         compat.apply_cpu_compat(force=True)
-    assert not compat.is_applied() and compat.PATCHES == []
+    assert not compat.is_applied() and compat.PATCHES == before

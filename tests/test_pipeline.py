@@ -18,7 +18,10 @@ PRESETS = Path(__file__).resolve().parent.parent / "erpd_megatron" / "presets"
 
 
 def erpd(*args, env=None, check=True):
-    e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    # a fresh single-process world: no rendezvous variables left behind by in-process distributed tests
+    e = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                          "LOCAL_RANK")}
+    e.update({"OMP_NUM_THREADS": "1", **(env or {})})
     out = subprocess.run([sys.executable, "-m", "erpd_megatron.cli", *args], capture_output=True, text=True, env=e)
     if check and out.returncode != 0:
         raise AssertionError(f"erpd {' '.join(args)} failed ({out.returncode}):\n{out.stderr[-4000:]}")
