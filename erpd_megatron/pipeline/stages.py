@@ -118,8 +118,8 @@ def critic_advantages(ctx, method: str, t, batch: dict, iteration: int):
 
 
 def _teacher_metrics(policy, mb) -> dict:
-    """Mean log-prob of positive / negative samples (the unlearn-and-recover curve, paper Fig. 5) is computed
-    from the step's own forward in the loss metrics when available; here only sizes are added."""
+    """Share of positive samples in the mini-batch (the log-prob / KL / entropy diagnostics come from
+    objectives.with_policy_metrics, computed on the step's own forward)."""
     r = mb["rewards"]
     return {"batch/positive_frac": float((r > 0.5).float().mean())}
 
