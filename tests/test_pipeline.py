@@ -17,11 +17,16 @@ import torch
 PRESETS = Path(__file__).resolve().parent.parent / "erpd_megatron" / "presets"
 
 
-def erpd(*args, env=None, check=True):
-    # a fresh single-process world: no rendezvous variables left behind by in-process distributed tests
+def clean_env(**extra) -> dict:
+    """A fresh single-process world for a child: no rendezvous variables left behind by in-process
+    distributed tests (a stale MASTER_PORT makes the child's gloo store fail with EADDRINUSE)."""
     e = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
                                                           "LOCAL_RANK")}
-    e.update({"OMP_NUM_THREADS": "1", **(env or {})})
+    return {**e, "OMP_NUM_THREADS": "1", **extra}
+
+
+def erpd(*args, env=None, check=True):
+    e = clean_env(**(env or {}))
     out = subprocess.run([sys.executable, "-m", "erpd_megatron.cli", *args], capture_output=True, text=True, env=e)
     if check and out.returncode != 0:
         raise AssertionError(f"erpd {' '.join(args)} failed ({out.returncode}):\n{out.stderr[-4000:]}")
@@ -81,7 +86,9 @@ def _load_state(ckpt_dir: Path) -> dict:
         " if torch.is_tensor(v) and not k.endswith('_extra_state')}, sys.argv[2])\n"
     )
     out = ckpt_dir.parent.parent.parent / f"state_{ckpt_dir.parent.name}_{ckpt_dir.name}.pt"
-    subprocess.run([sys.executable, "-c", code, str(ckpt_dir), str(out)], check=True, capture_output=True)
+    r = subprocess.run([sys.executable, "-c", code, str(ckpt_dir), str(out)], capture_output=True, text=True,
+                       env=clean_env())
+    assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(out)
 
 

@@ -113,9 +113,12 @@ def init_parallel(par: ParallelConfig, seed: int = 1234, timeout_minutes: int = 
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            if world > 1:
-                raise RuntimeError("MASTER_PORT is not set for a multi-process run (use torchrun)")
+        if "MASTER_PORT" not in os.environ and world > 1:
+            raise RuntimeError("MASTER_PORT is not set for a multi-process run (use torchrun)")
+        if "RANK" not in os.environ and world == 1:
+            # a world of one that no launcher set up: its own free port, never one inherited from a parent
+            # process's world (that port is taken: EADDRINUSE)
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
             os.environ["MASTER_PORT"] = str(_free_port())
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))

@@ -138,8 +138,6 @@ def _main(argv, sub: str, stages: tuple[str, ...]) -> int:
     from erpd_megatron.pipeline.context import setup_logging
 
     setup_logging()
-    if "RANK" not in os.environ:  # a single process outside torchrun: never reuse a stale rendezvous port
-        os.environ.pop("MASTER_PORT", None)
     try:
         cfg = parse(argv, f"erpd {sub}")
         rc = _maybe_torchrun(cfg, argv, sub)
