@@ -309,3 +309,31 @@ def test_megatron_logits_equal_transformers_tp_pp(hf_dirs, converted, tmp_path):
         assert r["max_abs_logit"] > 0.1 and r["tokens"] == 48  # the comparison is not vacuous
     assert two["train"]["moved"] > 1e-2, two["train"]  # the step changed the model...
     assert two["train"]["diff"] < TOL, two["train"]  # ...and the exported HF model has exactly that change
+
+
+@pytest.mark.parametrize("tp", [4, 8])
+def test_qwen35_per_rank_layouts_at_tp4_and_tp8(tp):
+    """Every Qwen3.5 tensor at TP 4 and 8 (no processes needed): shard -> unshard is the identity, the GDN
+    in_proj / conv1d shards are [Q_r, K_r, V_r, (Z_r, B_r, A_r)] per rank, and each rank's fused QKV+gate rows
+    are exactly its own query groups. Head counts follow the 27B's GDN (16 key / 48 value heads); the full
+    attention has 16 heads / 8 KV groups (the 27B's 4 KV groups cannot be split 8 ways by megatron-core)."""
+    hf = dict(vocab_size=250, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=16,
+              num_key_value_heads=8, head_dim=4, linear_num_key_heads=16, linear_num_value_heads=48,
+              linear_key_head_dim=2, linear_value_head_dim=2, linear_conv_kernel_dim=4,
+              layer_types=["linear_attention"] * 3 + ["full_attention"])
+    cfg = ConvConfig.from_hf({"architectures": ["Qwen3_5ForCausalLM"], **hf})
+    cfg.check_tp(tp)
+    g = torch.Generator().manual_seed(tp)
+    for name in maps.mcore_names(cfg):
+        full = torch.randn(maps.expected_shape(cfg, name), generator=g)
+        shards = [maps.shard_param(cfg, name, full, tp, r) for r in range(tp)]
+        assert torch.equal(maps.unshard_param(cfg, name, shards), full), name
+        kind, sections = maps.tp_kind(cfg, name)
+        if sections is not None:  # per-rank fused layout: the r-th slice of every section, in order
+            parts = torch.split(full, sections)
+            for r, shard in enumerate(shards):
+                assert torch.equal(shard, torch.cat([p.chunk(tp)[r] for p in parts])), (name, r)
+        if name.endswith("self_attention.linear_qkv.weight"):  # 16 heads / 8 groups: 2 groups per rank
+            per_group = full.shape[0] // 8
+            for r, shard in enumerate(shards):
+                assert torch.equal(shard, full[r * per_group * 8 // tp: (r + 1) * per_group * 8 // tp]), r
