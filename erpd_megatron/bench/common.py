@@ -246,3 +246,42 @@ def spawn(fn, world_size: int, args: tuple = (), *, threads: int = 1, timeout: f
         r = min(errors)
         raise RuntimeError(f"rank {r} failed:\n{errors[r]}")
     return [results[r] for r in range(world_size)]
+
+
+def ratio_results(name: str, times: dict[str, list[float]], tokens: int, flops_per_token: float, unit: str,
+                  rec, out_dir, log, **extra) -> dict:
+    """Results of a Megatron-vs-plain throughput benchmark (seconds per `unit` for each side, interleaved):
+    tokens/s, GFLOP/s and the ratio Megatron / plain with its spread; written through `rec`, logged."""
+    ratios = [p / m for m, p in zip(times["megatron"], times["plain"])]
+    results = {
+        **extra,
+        f"tokens_per_{unit}": tokens,
+        f"seconds_per_{unit}": dict(times),
+        "tokens_per_s": {k: spread([tokens / t for t in v]) for k, v in times.items()},
+        "gflops_per_s": {k: spread([flops_per_token * tokens / t / 1e9 for t in v]) for k, v in times.items()},
+        "ratio_megatron_over_plain": spread(ratios),
+        "target_ratio": 1.0,
+    }
+    path = rec.write(results, out_dir)
+    r = results["ratio_megatron_over_plain"]
+    log(f"[{name}] tokens/s megatron {results['tokens_per_s']['megatron']['median']:.0f} plain "
+        f"{results['tokens_per_s']['plain']['median']:.0f}; ratio median {r['median']:.3f} "
+        f"[{r['min']:.3f}, {r['max']:.3f}] -> {path}")
+    return results
+
+
+def throughput_main(run, doc: str, argv, steps: int) -> None:
+    """Command line shared by the Megatron-vs-plain throughput benchmarks."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    run(a.out, batch_size=a.batch_size, seq_len=a.seq_len, warmup=a.warmup, repeats=a.repeats, steps=a.steps,
+        threads=a.threads)

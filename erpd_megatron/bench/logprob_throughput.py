@@ -12,11 +12,9 @@ Timed A, B, A, B, ... after warm-up; per-round Megatron/plain ratio reported as 
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from erpd_megatron.bench.common import Recorder, interleaved, set_threads, spread
+from erpd_megatron.bench.common import Recorder, interleaved, ratio_results, set_threads, throughput_main
 from erpd_megatron.bench.models import BenchModel, hf_model, hf_token_logprobs, policy_engine, token_batch
 
 NAME = "logprob_throughput"
@@ -48,36 +46,11 @@ def run(out_dir=None, *, model: BenchModel | None = None, batch_size: int = 16, 
                         steps=steps, log=log)
     tokens = batch_size * seq_len
     flops_tok = model.matmul_flops_per_token(seq_len)
-    ratios = [p / m for m, p in zip(times["megatron"], times["plain"])]
-    results = {
-        "max_abs_logprob_diff": diff,
-        "tokens_per_pass": tokens,
-        "seconds_per_pass": {k: v for k, v in times.items()},
-        "tokens_per_s": {k: spread([tokens / t for t in v]) for k, v in times.items()},
-        "gflops_per_s": {k: spread([flops_tok * tokens / t / 1e9 for t in v]) for k, v in times.items()},
-        "ratio_megatron_over_plain": spread(ratios),
-        "target_ratio": 1.0,
-    }
-    path = rec.write(results, out_dir)
-    r = results["ratio_megatron_over_plain"]
-    log(f"[{NAME}] tokens/s megatron {results['tokens_per_s']['megatron']['median']:.0f} plain "
-        f"{results['tokens_per_s']['plain']['median']:.0f}; ratio median {r['median']:.3f} "
-        f"[{r['min']:.3f}, {r['max']:.3f}] -> {path}")
-    return results
+    return ratio_results(NAME, times, tokens, flops_tok, "pass", rec, out_dir, log, max_abs_logprob_diff=diff)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    a = ap.parse_args(argv)
-    run(a.out, batch_size=a.batch_size, seq_len=a.seq_len, warmup=a.warmup, repeats=a.repeats, steps=a.steps,
-        threads=a.threads)
+    throughput_main(run, __doc__, argv, steps=3)
 
 
 if __name__ == "__main__":

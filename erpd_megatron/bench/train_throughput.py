@@ -15,11 +15,9 @@ Before timing, the first step's losses are compared (they must agree: same model
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from erpd_megatron.bench.common import Recorder, interleaved, set_threads, spread
+from erpd_megatron.bench.common import Recorder, interleaved, ratio_results, set_threads, throughput_main
 from erpd_megatron.bench.models import BenchModel, hf_model, hf_token_logprobs, pg_loss, policy_engine, token_batch
 
 NAME = "train_throughput"
@@ -58,36 +56,12 @@ def run(out_dir=None, *, model: BenchModel | None = None, batch_size: int = 16, 
                         steps=steps, log=log)
     tokens = batch_size * seq_len
     flops_tok = 3 * model.matmul_flops_per_token(seq_len)  # fwd + bwd (2x fwd)
-    ratios = [p / m for m, p in zip(times["megatron"], times["plain"])]
-    results = {
-        "first_step_loss": {"plain": loss_plain, "megatron": loss_meg, "abs_diff": abs(loss_plain - loss_meg)},
-        "tokens_per_step": tokens,
-        "seconds_per_step": {k: v for k, v in times.items()},
-        "tokens_per_s": {k: spread([tokens / t for t in v]) for k, v in times.items()},
-        "gflops_per_s": {k: spread([flops_tok * tokens / t / 1e9 for t in v]) for k, v in times.items()},
-        "ratio_megatron_over_plain": spread(ratios),
-        "target_ratio": 1.0,
-    }
-    path = rec.write(results, out_dir)
-    r = results["ratio_megatron_over_plain"]
-    log(f"[{NAME}] tokens/s megatron {results['tokens_per_s']['megatron']['median']:.0f} plain "
-        f"{results['tokens_per_s']['plain']['median']:.0f}; ratio median {r['median']:.3f} "
-        f"[{r['min']:.3f}, {r['max']:.3f}] -> {path}")
-    return results
+    first = {"plain": loss_plain, "megatron": loss_meg, "abs_diff": abs(loss_plain - loss_meg)}
+    return ratio_results(NAME, times, tokens, flops_tok, "step", rec, out_dir, log, first_step_loss=first)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    a = ap.parse_args(argv)
-    run(a.out, batch_size=a.batch_size, seq_len=a.seq_len, warmup=a.warmup, repeats=a.repeats, steps=a.steps,
-        threads=a.threads)
+    throughput_main(run, __doc__, argv, steps=2)
 
 
 if __name__ == "__main__":
