@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from erpd_megatron.utils.io import atomic_write_text
+
 if TYPE_CHECKING:
     from erpd_megatron.megatron.engine import PolicyEngine
 
@@ -134,11 +136,11 @@ def save_checkpoint(engine: PolicyEngine, root: str, step: int | None = None) ->
             "optim_sharding": OPTIM_SHARDING,
             "files": _file_sizes(tmp),
         }
-        _write_atomic(os.path.join(tmp, MARKER), json.dumps(meta, indent=1, default=str))
+        atomic_write_text(os.path.join(tmp, MARKER), json.dumps(meta, indent=1, default=str))
         if os.path.exists(final):  # re-saving the same step: replace the old directory
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _write_atomic(os.path.join(root, LATEST), iter_dirname(step) + "\n")
+        atomic_write_text(os.path.join(root, LATEST), iter_dirname(step) + "\n")
         log.info("checkpoint saved: %s (tp=%d pp=%d dp=%d)", final, engine.par.tp, engine.par.pp, engine.par.dp)
     _barrier()
     return final
@@ -170,15 +172,6 @@ def _install_results_queue() -> None:
         manager.start(initializer=_die_with_parent)
         fa._results_queue = manager.Queue()
         fa._erpd_manager = manager  # keep it alive as long as the module
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def resolve_checkpoint_dir(path: str) -> str:

@@ -54,16 +54,8 @@ def add_policy_logprobs(ctx, store: RolloutStore, batch: int, column: str, polic
     tensors = store.load_tensors(batch, pad_id=ctx.tokenizer.pad_token_id or 0)
     lp = policy.forward_logprobs({k: tensors[k] for k in ("input_ids", "attention_mask", "response_mask")})
     if ctx.is_main:
-        store.add_columns(batch, {column: per_token_lists(lp, tensors["response_mask"])})
+        store.add_columns(batch, {column: lp})  # the store takes [B,T] in its own load_tensors layout
     ctx.barrier()
-
-
-def per_token_lists(values, response_mask) -> list:
-    """[B,T] tensor -> list of per-response float arrays (the store's per-token column format)."""
-    out = []
-    for row, m in zip(values.float().cpu(), response_mask.bool().cpu()):
-        out.append(row[m].numpy())
-    return out
 
 
 def collect(ctx, iteration: int = 0) -> int:
