@@ -392,3 +392,68 @@ def test_bf16_inputs_compute_in_float32():
     lp, old, adv, mask = make_batch(nan_pad=False)
     loss, _ = L.grpo_loss(lp.detach().bfloat16(), old.bfloat16(), adv.bfloat16(), mask)
     assert loss.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# issue 11: per-sequence weights (negative_weight), MSE target encoding, length-aware beta, agg defaults
+# --------------------------------------------------------------------------------------------
+def _hand_score_grad(lp, ref, mask, rewards, beta, kind, weights):
+    """Closed form per token: dL/dlp_t = w_b * dL_b/ds_b * beta / n_seq (sum over tokens, mean over sequences)."""
+    nseq = sum(1 for _, ts in rows(mask) if ts)
+    out = {}
+    for b, ts in rows(mask):
+        s = beta * sum(float(lp[b, t].detach()) - float(ref[b, t]) for t in ts)
+        y = float(rewards[b])
+        dl_ds = (1 / (1 + math.exp(-s)) - y) if kind == "ce" else 2 * (s - y)
+        for t in ts:
+            out[(b, t)] = float(weights[b]) * dl_ds * beta / nseq
+    return out
+
+
+@pytest.mark.parametrize("kind", ["ce", "mse"])
+def test_sequence_weights_scale_negative_gradients_exactly(kind):
+    lp, ref, _, mask = make_batch(seed=11, spread=1.0)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    w = torch.tensor([1.0, 3.0, 1.0, 3.0, 1.0], dtype=torch.float64)  # negative_weight 3
+    fn = L.ce_loss if kind == "ce" else L.mse_loss
+    fn(lp, ref, rewards, mask, beta=0.2, weights=w)[0].backward()
+    g_w = lp.grad.clone()
+    lp.grad = None
+    fn(lp, ref, rewards, mask, beta=0.2)[0].backward()
+    hand = _hand_score_grad(lp, ref, mask, rewards, 0.2, kind, w)
+    for (b, t), g in hand.items():
+        assert g_w[b, t].item() == pytest.approx(g, abs=1e-12)
+        # negatives: exactly 3x the unweighted gradient; positives: unchanged
+        assert g_w[b, t].item() == pytest.approx(float(w[b]) * lp.grad[b, t].item(), rel=1e-12, abs=1e-15)
+    assert lp.grad[1].abs().sum() > 0  # the factor is tested on a non-zero gradient
+    with pytest.raises(ValueError, match=">= 0"):
+        fn(lp, ref, rewards, mask, weights=-w)
+
+
+def _teacher_mb(seed=12):
+    lp, old, _, mask = make_batch(seed=seed, spread=1.0, nan_pad=False)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])
+    from erpd_megatron.algorithms.advantages import grpo_advantages
+
+    adv = grpo_advantages(rewards.double(), group_size=5).double()
+    return lp, {"response_mask": mask, "old_logprobs": old, "rewards": rewards, "advantages": adv}
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse", "grpo", "sapo", "cispo"])
+def test_teacher_negative_weight_scales_negatives_only(loss):
+    """teachers.*.negative_weight reaches the loss as a per-sequence weight (it used to raise "mask must
+    contain only 0/1 values", or be dropped with input checks off)."""
+    from erpd_megatron.config import TeacherConfig
+    from erpd_megatron.pipeline.objectives import teacher_objective
+
+    lp, mb = _teacher_mb()
+    grads = {}
+    for nw in (1.0, 2.5):
+        x = lp.detach().clone().requires_grad_()
+        teacher_objective(TeacherConfig(loss=loss, negative_weight=nw))(x, mb)[0].backward()
+        grads[nw] = x.grad
+    neg = mb["rewards"] <= 0.5
+    m = mb["response_mask"].bool()
+    assert torch.allclose(grads[2.5][neg], 2.5 * grads[1.0][neg], rtol=1e-10, atol=1e-14)
+    assert torch.equal(grads[2.5][~neg], grads[1.0][~neg])
+    assert grads[1.0][neg][m[neg]].abs().sum() > 0

@@ -294,9 +294,18 @@ def _check_rewards(rewards: Tensor, batch: int) -> None:
     check_tensor("rewards", rewards.float())
 
 
-def _seq_mean(x: Tensor, m: Tensor) -> Tensor:
-    """Mean over sequences with at least one response token (0 if none)."""
+def _seq_mean(x: Tensor, m: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Mean over sequences with at least one response token (0 if none), of `weights * x` when given.
+
+    The divisor stays the number of sequences (not the sum of weights): a weight w on a sequence scales
+    its gradient by exactly w and leaves every other sequence's gradient unchanged.
+    """
     nonempty = (m.sum(-1) > 0).to(x.dtype)
+    if weights is not None:
+        check_tensor("weights", weights, shape=(x.shape[0],))
+        if bool((weights < 0).any()):
+            raise ValueError("weights must be >= 0 (a per-sequence loss weight)")
+        x = x * upcast(weights.detach()).to(x.dtype)
     return (x * nonempty).sum() / nonempty.sum().clamp(min=1)
 
 
@@ -308,10 +317,13 @@ def ce_loss(
     *,
     beta: float = 0.05,
     agg: str = "sum",
+    weights: Tensor | None = None,
 ) -> LossOut:
-    """Implicit-PRM cross-entropy: L = mean_y BCE(sigmoid(s(y)), l(y)), s(y) = beta * AGG_t (lp - lp_ref).
+    """Implicit-PRM cross-entropy: L = mean_y w(y) BCE(sigmoid(s(y)), l(y)), s(y) = beta * AGG_t (lp - lp_ref).
 
-    `rewards` [B] are the binary correctness labels l (values in [0, 1]).
+    `rewards` [B] are the binary correctness labels l (values in [0, 1]). `weights` [B] (>= 0, default 1)
+    are per-sequence loss weights (e.g. `negative_weight` on negatives, paper Tab. 9); the mean still
+    divides by the number of sequences.
     """
     score = sequence_score(logprobs, ref_logprobs, mask, beta, agg)
     _check_rewards(rewards, score.shape[0])
@@ -320,7 +332,7 @@ def ce_loss(
         raise ValueError("rewards for ce_loss must be binary labels in [0, 1]; map your reward to {0, 1} first")
     m = upcast(as_mask(mask, logprobs))
     per_seq = F.binary_cross_entropy_with_logits(score, labels, reduction="none")
-    loss = _seq_mean(per_seq, m)
+    loss = _seq_mean(per_seq, m, weights)
     valid = m.sum(-1) > 0
     s = score.detach()
     pos, neg = valid & (labels > 0.5), valid & (labels <= 0.5)
@@ -341,13 +353,18 @@ def mse_loss(
     *,
     beta: float = 0.05,
     agg: str = "sum",
+    weights: Tensor | None = None,
 ) -> LossOut:
-    """Paper eq. 10: L = mean_y (beta * sum_t (lp - lp_ref) - R(y))^2, R = outcome reward [B]."""
+    """Paper eq. 10: L = mean_y w(y) (beta * sum_t (lp - lp_ref) - R(y))^2, R = the regression target [B].
+
+    `weights` [B]: per-sequence loss weights as in `ce_loss`. Which target encodes a wrong answer matters:
+    the score starts at 0, so targets {0, 1} give negatives no gradient at step 0 (see docs/algorithms.md).
+    """
     score = sequence_score(logprobs, ref_logprobs, mask, beta, agg)
     _check_rewards(rewards, score.shape[0])
     target = rewards.to(score.dtype).detach()
     m = upcast(as_mask(mask, logprobs))
-    loss = _seq_mean((score - target) ** 2, m)
+    loss = _seq_mean((score - target) ** 2, m, weights)
     valid = m.sum(-1) > 0
     s, t = score.detach()[valid], target[valid]
     var_t = t.var(unbiased=False) if t.numel() else torch.zeros(())

@@ -50,9 +50,18 @@ def with_policy_metrics(loss_fn):
     return fn
 
 
-def _sample_weights(mb, negative_weight: float):
-    """Per-sequence weight: negative samples (reward <= 0.5) get `negative_weight` (paper Tab. 9 unlearning)."""
-    return 1.0 + (negative_weight - 1.0) * (mb["rewards"] <= 0.5).float()
+def sample_weights(rewards, negative_weight: float):
+    """Per-sequence loss weight [B]: negative samples (reward <= 0.5) get `negative_weight`, positives 1
+    (paper Tab. 9: a larger weight on negatives means stronger unlearning)."""
+    return 1.0 + (negative_weight - 1.0) * (rewards <= 0.5).float()
+
+
+def _weighted_advantages(adv, w):
+    """Scales each sequence's advantages by its weight. The GRPO / PPO / SAPO / CISPO per-token losses are
+    linear in A for a fixed sign of A (SAPO's tau and PPO's clip side depend only on the sign), so for w >= 0
+    this is exactly a per-sequence loss weight."""
+    w = w.to(adv.dtype)
+    return adv * (w if adv.dim() == 1 else w[:, None])
 
 
 def teacher_objective(t: TeacherConfig):
@@ -63,11 +72,9 @@ def teacher_objective(t: TeacherConfig):
         fn = L.ce_loss if name == "ce" else L.mse_loss
 
         def loss_fn(lp, mb, entropy=None):
-            mask = mb["response_mask"]
-            if t.negative_weight != 1.0:  # weight sequences through the mask: every token of a sequence scales
-                mask = mask * _sample_weights(mb, t.negative_weight)[:, None]
+            w = sample_weights(mb["rewards"], t.negative_weight) if t.negative_weight != 1.0 else None
             target = (mb["rewards"] > 0.5).float() if name == "ce" else mb["rewards"]
-            return fn(lp, mb["old_logprobs"], target, mask, beta=t.beta, agg=t.ce_reduce)
+            return fn(lp, mb["old_logprobs"], target, mb["response_mask"], beta=t.beta, agg=t.ce_reduce, weights=w)
 
     elif name == "sft":  # SFT on positive samples only (paper Tab. 9 recovery from an unlearned policy)
 
@@ -84,7 +91,10 @@ def teacher_objective(t: TeacherConfig):
         fn = L.get_loss(name)
 
         def loss_fn(lp, mb, entropy=None):
-            return fn(lp, mb["old_logprobs"], mb["advantages"], mb["response_mask"], **hp)
+            adv = mb["advantages"]
+            if t.negative_weight != 1.0:
+                adv = _weighted_advantages(adv, sample_weights(mb["rewards"], t.negative_weight))
+            return fn(lp, mb["old_logprobs"], adv, mb["response_mask"], **hp)
 
     else:
         raise ValueError(f"teacher loss {name!r} is not available (valid: ce, mse, sft, grpo, ppo, sapo, cispo)")
