@@ -1,9 +1,11 @@
 """Typed run configuration: dataclasses with a docstring per field, YAML presets, CLI overrides.
 
 Precedence is CLI > file > defaults (torchtitan's rule). Overrides are `section.field=value` with the value
-parsed as YAML (so `teacher.lr=1e-5`, `distill.strategies=[1,2]`, `eval.steps=[0,10,20]` all work).
-Everything is validated up front, before any compute: unknown keys, wrong types, impossible combinations
-(strategy 2 without an unlearned checkpoint, unknown loss names, ...) raise `ConfigError` naming the field.
+parsed as YAML; named runs (teachers, students) sit one level deeper: `teachers.ce.lr=1e-5`,
+`students.s1_ce.strategies=[1,2]`, `eval.k=8`, `onpolicy.loss=grpo`.
+Everything is validated up front, before any compute: unknown keys, wrong types, every numeric field against
+its allowed range (`RANGES`, one table), impossible combinations (strategy 2 without an unlearned checkpoint,
+a mini-batch larger than the batch, unknown loss names, ...) raise `ConfigError` naming the field.
 The resolved config is written to `<run_dir>/config.yaml` so a run can be reproduced or resumed.
 """
 
@@ -216,6 +218,56 @@ class RunConfig:
     iterate: IterateConfig = field(default_factory=IterateConfig)
 
 
+# ----------------------------------------------------------------------------- allowed ranges
+# Every int / float field of every section has an interval here ("[lo, hi]", "(lo, hi)", "inf" allowed);
+# `validate` checks each value (NaN and +-inf never pass an open bound) and names the field and the interval.
+# tests/test_config.py walks all numeric fields and fails on one without an entry.
+_POS, _NONNEG, _ONE_UP, _LR = "(0, inf)", "[0, inf)", "[1, inf)", "(0, 1]"
+RANGES: dict[type, dict[str, str]] = {
+    ModelConfig: {"tp": _ONE_UP, "pp": _ONE_UP, "dp": _ONE_UP, "micro_batch_size": _ONE_UP},
+    DataConfig: {"prompts_per_batch": _ONE_UP, "eval_prompts": _ONE_UP},
+    RolloutConfig: {"n_samples": _ONE_UP, "temperature": _POS, "top_p": "(0, 1]", "max_new_tokens": _ONE_UP},
+    TeacherConfig: {
+        "steps": _NONNEG, "mini_batch_size": _ONE_UP, "lr": _LR, "warmup_steps": _NONNEG, "beta": _POS,
+        "eps_low": "[0, 1)", "eps_high": _NONNEG, "tau_pos": _POS, "tau_neg": _POS, "kl_coef": _NONNEG,
+        "save_every": _ONE_UP, "negative_weight": _NONNEG, "critic_steps": _NONNEG, "critic_lr": _LR,
+        "gae_alpha": _POS, "early_stop_patience": _NONNEG,
+    },
+    DistillConfig: {
+        "teacher_step": "[-1, inf)", "unlearned_step": _ONE_UP, "steps": _NONNEG, "mini_batch_size": _ONE_UP,
+        "lr": _LR, "eps_low": "[0, 1)", "eps_high": _NONNEG, "kl_coef": _NONNEG, "entropy_coef": _NONNEG,
+        "signal_clip": _NONNEG,
+    },
+    OnPolicyConfig: {"steps": _NONNEG, "prompts_per_step": _ONE_UP, "lr": _LR},
+    EvalConfig: {"k": _ONE_UP, "temperature": _POS, "top_p": "(0, 1]", "every": _NONNEG},
+    IterateConfig: {"min_teacher_gain": "[-1, 1]", "online_steps": _NONNEG},
+    RunConfig: {"seed": "[0, 4294967295]", "iterations": _ONE_UP},
+}
+
+
+def in_range(value: float, interval: str) -> bool:
+    """`value` lies in `interval`, written "[lo, hi)" etc. NaN lies in none."""
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    above = lo < value if interval[0] == "(" else lo <= value
+    below = value < hi if interval[-1] == ")" else value <= hi
+    return above and below
+
+
+def _check_ranges(obj, where: str) -> None:
+    """Every ranged field of `obj` and of the sections / named runs it holds (depth first, in field order)."""
+    ranges = RANGES.get(type(obj), {})
+    for f in dataclasses.fields(obj):
+        value, path = getattr(obj, f.name), f"{where}{f.name}"
+        if f.name in ranges and not in_range(value, ranges[f.name]):
+            raise ConfigError(f"{path}={value!r} is out of range: allowed {ranges[f.name]}")
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, path + ".")
+        elif isinstance(value, dict):
+            for name, sub in value.items():
+                if dataclasses.is_dataclass(sub):
+                    _check_ranges(sub, f"{path}.{name}.")
+
+
 # ----------------------------------------------------------------------------- (de)serialisation
 
 
@@ -293,7 +345,7 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: dict |
         data = _deep_merge(data, loaded)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value (e.g. teacher.lr=1e-5)")
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. teachers.ce.lr=1e-5)")
         key, raw = item.split("=", 1)
         _set_path(data, key.strip().split("."), yaml.safe_load(raw))
     cfg = from_dict(RunConfig, data)
@@ -319,16 +371,14 @@ def save_config(cfg: RunConfig, path: Path) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """All checks that can run before any compute."""
-    m = cfg.model
-    for name in ("tp", "pp", "dp", "micro_batch_size"):
-        if getattr(m, name) < 1:
-            raise ConfigError(f"model.{name} must be >= 1, got {getattr(m, name)}")
+    _check_ranges(cfg, "")
     if cfg.rollout.engine not in ("local", "sglang"):
         raise ConfigError(f"rollout.engine must be 'local' or 'sglang', got {cfg.rollout.engine!r}")
     if cfg.rollout.reward_mode not in ("strict", "loose"):
         raise ConfigError(f"rollout.reward_mode must be 'strict' or 'loose', got {cfg.rollout.reward_mode!r}")
-    if cfg.rollout.n_samples < 1 or cfg.rollout.temperature <= 0:
-        raise ConfigError("rollout.n_samples must be >= 1 and rollout.temperature > 0")
+    # one fixed batch holds prompts_per_batch * n_samples sequences; a larger mini-batch would silently be clamped
+    batch_rows = cfg.data.prompts_per_batch * cfg.rollout.n_samples
+    too_big = "exceeds the fixed batch (data.prompts_per_batch * rollout.n_samples = {})"
     for name, t in cfg.teachers.items():
         where = f"teachers.{name}"
         if t.loss not in TEACHER_LOSSES:
@@ -337,8 +387,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{where}.agg: unknown aggregation {t.agg!r}; valid: {list(AGG_MODES)}")
         if t.ce_reduce not in ("sum", "mean"):
             raise ConfigError(f"{where}.ce_reduce must be 'sum' or 'mean'")
-        if t.steps < 0 or t.save_every < 1 or t.mini_batch_size < 1:
-            raise ConfigError(f"{where}: steps >= 0, save_every >= 1, mini_batch_size >= 1 required")
+        if t.mini_batch_size > batch_rows:
+            raise ConfigError(f"{where}.mini_batch_size={t.mini_batch_size} {too_big.format(batch_rows)}")
         if t.init != "base":
             src, _, step = t.init.partition("@")
             if src not in cfg.teachers or src == name or not step.lstrip("-").isdigit():
@@ -354,6 +404,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{where}.sign_mask must be none | pos | neg")
         if s.kl_estimator not in ("k1", "k2", "k3"):
             raise ConfigError(f"{where}.kl_estimator must be k1 | k2 | k3")
+        if s.mini_batch_size > batch_rows:
+            raise ConfigError(f"{where}.mini_batch_size={s.mini_batch_size} {too_big.format(batch_rows)}")
         if (1 in s.strategies or 2 in s.strategies) and s.teacher not in cfg.teachers:
             raise ConfigError(f"{where}.teacher: {s.teacher!r} is not a configured teacher {sorted(cfg.teachers)}")
         if 2 in s.strategies:
@@ -373,3 +425,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("iterate.online_steps needs an `onpolicy` section (its loss, lr, prompts_per_step)")
     if cfg.onpolicy is not None and cfg.onpolicy.loss not in ONPOLICY_LOSSES:
         raise ConfigError(f"onpolicy.loss: unknown loss {cfg.onpolicy.loss!r}; valid: {list(ONPOLICY_LOSSES)}")
+    if cfg.onpolicy is not None and cfg.onpolicy.prompts_per_step > cfg.data.prompts_per_batch:
+        # the baseline draws its prompts from the fixed batch's prompts: more per step would repeat prompts
+        raise ConfigError(f"onpolicy.prompts_per_step={cfg.onpolicy.prompts_per_step} exceeds "
+                          f"data.prompts_per_batch={cfg.data.prompts_per_batch} (its prompts come from that batch)")

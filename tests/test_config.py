@@ -41,7 +41,18 @@ def test_save_and_reload_roundtrip(tmp_path):
         (["students.s1_ce.strategies=[2]", "students.s1_ce.unlearned_step=7"], "strategy 2 needs an unlearned checkpoint"),
         (["students.s1_ce.strategies=[3]"], "strategy 3 needs `weak`"),
         (["students.s1_ce.teacher=nope"], "'nope' is not a configured teacher"),
-        (["model.tp=0"], "model.tp must be >= 1"),
+        (["model.tp=0"], "model.tp=0 is out of range: allowed [1, inf)"),
+        (["teachers.ce.lr=-1e-4"], "teachers.ce.lr=-0.0001 is out of range: allowed (0, 1]"),
+        (["teachers.ce.lr=.nan"], "teachers.ce.lr=nan is out of range"),
+        (["students.s1_ce.lr=.inf"], "students.s1_ce.lr=inf is out of range"),
+        (["eval.k=0"], "eval.k=0 is out of range: allowed [1, inf)"),
+        (["rollout.max_new_tokens=0"], "rollout.max_new_tokens=0 is out of range"),
+        (["rollout.top_p=1.5"], "rollout.top_p=1.5 is out of range: allowed (0, 1]"),
+        (["data.prompts_per_batch=0"], "data.prompts_per_batch=0 is out of range"),
+        (["onpolicy={loss: grpo}", "onpolicy.lr=0"], "onpolicy.lr=0.0 is out of range"),
+        (["teachers.ce.mini_batch_size=2048"], "teachers.ce.mini_batch_size=2048 exceeds the fixed batch"),
+        (["data.prompts_per_batch=8", "teachers.ce.mini_batch_size=64", "students.s1_ce.mini_batch_size=65"], "students.s1_ce.mini_batch_size=65"),
+        (["onpolicy={loss: grpo, prompts_per_step: 200}"], "onpolicy.prompts_per_step=200 exceeds"),
         (["teachers.ce"], "expected key=value"),
     ],
 )
@@ -65,3 +76,59 @@ def test_cli_help_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "demo" in out.stdout and "distill" in out.stdout
+
+
+def _numeric_fields(cls, seen=None):
+    """(dataclass, field name) of every int / float field reachable from `cls` (sections, named runs, optional)."""
+    import dataclasses
+    import types
+    import typing
+
+    seen = set() if seen is None else seen
+    if cls in seen:
+        return []
+    seen.add(cls)
+    out = []
+    for name, tp in typing.get_type_hints(cls).items():
+        origin = typing.get_origin(tp)
+        if origin is dict:  # named runs: teachers / students
+            inner = [typing.get_args(tp)[1]]
+        elif origin in (typing.Union, types.UnionType):  # optional sections
+            inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        else:
+            inner = [tp]
+        for t in inner:
+            if t in (int, float):
+                out.append((cls, name))
+            elif dataclasses.is_dataclass(t):
+                out += _numeric_fields(t, seen)
+    return out
+
+
+def test_every_numeric_field_has_a_checked_range():
+    from erpd_megatron.config import RANGES, in_range
+
+    fields = _numeric_fields(RunConfig)
+    assert len(fields) > 40  # the walk reaches teachers / students / onpolicy, not just the top level
+    missing = [f"{c.__name__}.{n}" for c, n in fields if n not in RANGES.get(c, {})]
+    assert not missing, f"numeric fields without an entry in config.RANGES: {missing}"
+    stale = [f"{c.__name__}.{n}" for c, names in RANGES.items() for n in names if (c, n) not in fields]
+    assert not stale, f"RANGES entries for fields that do not exist: {stale}"
+    for c, n in fields:  # every default passes its own range; NaN and inf pass none
+        assert in_range(getattr(c(), n), RANGES[c][n]), f"{c.__name__}.{n} default outside {RANGES[c][n]}"
+        assert not in_range(float("nan"), RANGES[c][n])
+        assert not in_range(float("inf"), RANGES[c][n]) and not in_range(float("-inf"), RANGES[c][n])
+
+
+def test_range_check_reaches_every_section():
+    """A value just outside its range is refused in each section, naming the full path."""
+    from erpd_megatron.config import RANGES, TeacherConfig
+
+    assert RANGES[TeacherConfig]["eps_low"] == "[0, 1)"
+    for override, path in [("model.dp=0", "model.dp"), ("data.eval_prompts=-1", "data.eval_prompts"),
+                           ("rollout.temperature=0", "rollout.temperature"), ("teachers.ce.eps_low=1", "teachers.ce.eps_low"),
+                           ("students.s1_ce.kl_coef=-0.1", "students.s1_ce.kl_coef"), ("eval.every=-1", "eval.every"),
+                           ("iterate.min_teacher_gain=2", "iterate.min_teacher_gain"), ("seed=-1", "seed"),
+                           ("iterations=0", "iterations")]:
+        with pytest.raises(ConfigError, match=rf"^{path}=.* is out of range: allowed "):
+            load_config(None, [override])
