@@ -91,6 +91,10 @@ class TeacherConfig:
     """Linear LR warm-up steps."""
     beta: float = 0.05
     """CE / MSE scale on the summed log-ratio (paper: 0.001-0.05)."""
+    mse_targets: list[float] = field(default_factory=lambda: [-1.0, 1.0])
+    """MSE: regression targets [wrong, correct] for R(y) in eq. 10. The score starts at 0, so with [0, 1] the
+    negatives get no gradient at step 0 and the unlearning phase of paper Fig. 5 cannot happen; the default
+    [-1, 1] lets the negatives' gradients dominate early, as the paper describes (Sec. 3.4)."""
     agg: str = "seq-mean-token-sum"
     """Loss aggregation (token-mean | seq-mean-token-mean | seq-mean-token-sum)."""
     ce_reduce: str = "sum"
@@ -385,6 +389,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{where}.loss: unknown loss {t.loss!r}; valid: {list(TEACHER_LOSSES)}")
         if t.agg not in AGG_MODES:
             raise ConfigError(f"{where}.agg: unknown aggregation {t.agg!r}; valid: {list(AGG_MODES)}")
+        if len(t.mse_targets) != 2 or not t.mse_targets[0] < t.mse_targets[1]:
+            raise ConfigError(f"{where}.mse_targets must be [wrong, correct] with wrong < correct, got {t.mse_targets}")
         if t.ce_reduce not in ("sum", "mean"):
             raise ConfigError(f"{where}.ce_reduce must be 'sum' or 'mean'")
         if t.mini_batch_size > batch_rows:

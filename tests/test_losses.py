@@ -457,3 +457,35 @@ def test_teacher_negative_weight_scales_negatives_only(loss):
     assert torch.allclose(grads[2.5][neg], 2.5 * grads[1.0][neg], rtol=1e-10, atol=1e-14)
     assert torch.equal(grads[2.5][~neg], grads[1.0][~neg])
     assert grads[1.0][neg][m[neg]].abs().sum() > 0
+
+
+@pytest.mark.parametrize("targets, neg_moves", [(None, True), ([0.0, 1.0], False), ([-1.0, 1.0], True)])
+def test_mse_teacher_targets_give_negatives_gradient_at_step_zero(targets, neg_moves):
+    """At step 0 the policy is the base (lp == lp_old), so s = 0 and dL/dlp_t = 2 (0 - R) beta / n_seq:
+    with the default targets [-1, 1] the negatives push down (+2 beta / n), with {0, 1} they get exactly 0."""
+    from erpd_megatron.config import TeacherConfig
+    from erpd_megatron.pipeline.objectives import teacher_objective
+
+    _, mb = _teacher_mb()
+    mask = mb["response_mask"]
+    lp = mb["old_logprobs"].clone().requires_grad_()
+    t = TeacherConfig(loss="mse", beta=0.1) if targets is None else TeacherConfig(loss="mse", beta=0.1, mse_targets=targets)
+    teacher_objective(t)(lp, mb)[0].backward()
+    nseq = 4  # row 4 of make_batch is empty
+    wrong, correct = t.mse_targets
+    for b, ts in rows(mask):
+        R = correct if mb["rewards"][b] > 0.5 else wrong
+        for tok in ts:
+            assert lp.grad[b, tok].item() == pytest.approx(2 * (0 - R) * 0.1 / nseq, abs=1e-12)
+    neg = (mb["rewards"] <= 0.5)[:, None] & mask.bool()
+    assert bool((lp.grad[neg] != 0).all()) == neg_moves and bool((lp.grad[neg] == 0).all()) == (not neg_moves)
+    assert TeacherConfig().mse_targets == [-1.0, 1.0]
+
+
+def test_mse_targets_validated():
+    from erpd_megatron.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="mse_targets"):
+        load_config(overrides=["teachers.ce.mse_targets=[1, 0]"])
+    with pytest.raises(ConfigError, match="mse_targets"):
+        load_config(overrides=["teachers.ce.mse_targets=[1]"])

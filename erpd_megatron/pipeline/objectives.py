@@ -10,6 +10,8 @@ collect time, so ratios start at exactly 1), `rewards` [B], `advantages` ([B] or
 
 from __future__ import annotations
 
+import torch
+
 from erpd_megatron.algorithms import losses as L
 from erpd_megatron.algorithms import metrics as M
 from erpd_megatron.config import DistillConfig, OnPolicyConfig, TeacherConfig
@@ -56,6 +58,14 @@ def sample_weights(rewards, negative_weight: float):
     return 1.0 + (negative_weight - 1.0) * (rewards <= 0.5).float()
 
 
+def mse_target(rewards, targets):
+    """R(y) of paper eq. 10 for the MSE teacher: targets[1] on correct samples (reward > 0.5), targets[0] on
+    wrong ones (default [-1, 1]; see TeacherConfig.mse_targets for why not [0, 1])."""
+    wrong, correct = targets
+    return torch.where(rewards > 0.5, torch.full_like(rewards.float(), correct),
+                       torch.full_like(rewards.float(), wrong))
+
+
 def _weighted_advantages(adv, w):
     """Scales each sequence's advantages by its weight. The GRPO / PPO / SAPO / CISPO per-token losses are
     linear in A for a fixed sign of A (SAPO's tau and PPO's clip side depend only on the sign), so for w >= 0
@@ -73,7 +83,7 @@ def teacher_objective(t: TeacherConfig):
 
         def loss_fn(lp, mb, entropy=None):
             w = sample_weights(mb["rewards"], t.negative_weight) if t.negative_weight != 1.0 else None
-            target = (mb["rewards"] > 0.5).float() if name == "ce" else mb["rewards"]
+            target = mse_target(mb["rewards"], t.mse_targets) if name == "mse" else (mb["rewards"] > 0.5).float()
             return fn(lp, mb["old_logprobs"], target, mb["response_mask"], beta=t.beta, agg=t.ce_reduce, weights=w)
 
     elif name == "sft":  # SFT on positive samples only (paper Tab. 9 recovery from an unlearned policy)
