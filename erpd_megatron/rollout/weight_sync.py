@@ -16,8 +16,9 @@ Who receives (``receivers``):
 - ``"all"`` (default): TP ``all_gather`` + PP ``broadcast``; every rank yields the same buckets.
   Needed for colocated SGLang, where each GPU's trainer process serializes CUDA-IPC handles for
   the engine TP rank on its own GPU. Costs (pp - 1) extra copies of each tensor per rank.
-- ``"rank0"``: only global rank 0 yields buckets. Every TP rank of the owning stage (DP/CP rank 0;
-  other replicas do nothing) sends its rows point-to-point to global rank 0, which receives them
+- ``"rank0"``: only global rank 0 yields buckets. Every rank first joins one world-wide exchange of
+  (dp, cp, pp, tp) coordinates; then every TP rank of the owning stage (DP/CP rank 0; other replicas
+  hold the same weights and stop there) sends its rows point-to-point to global rank 0, which receives them
   directly into the rows of preallocated HF tensors: the row routing (``_routes``) is derived once
   per parameter kind by pushing row labels through ``layouts.shard`` and ``maps.mcore_to_hf``, so
   stage 1-3 cost one receive per remote byte and one copy per local byte (no gather buffer, no
@@ -129,10 +130,13 @@ def _routes(cfg, name: str, kind: str, full_shape: tuple[int, ...], tp: int):
     return names, shapes, runs
 
 
-def _owner_ranks(tp: int) -> dict[tuple[int, int], int]:
-    """{(pp_rank, tp_rank): global rank} of the model replica that streams (DP rank 0, CP rank 0)."""
+def _owner_ranks() -> dict[tuple[int, int], int]:
+    """{(pp_rank, tp_rank): global rank} of the model replica that streams (DP rank 0, CP rank 0).
+    A collective over the whole world (every rank of every replica must call it)."""
     from megatron.core import parallel_state as ps
 
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return {(0, 0): 0}
     me = (ps.get_data_parallel_rank(), ps.get_context_parallel_rank(),
           ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), dist.get_rank())
     table: list = [None] * dist.get_world_size()
@@ -193,10 +197,13 @@ def iter_hf_buckets(policy, model_cfg=None, *, bucket_bytes: int = DEFAULT_BUCKE
     plan = _plan(policy, cfg, skip_tied=cfg.tie_word_embeddings)
     local = dict(policy.named_parameters_global())
     if receivers == "rank0":
-        if ps.get_data_parallel_rank() != 0:  # other DP replicas hold the same weights: nothing to do
+        # The owner table is an all_gather over the whole world: every replica must join it before
+        # the non-streaming ones (DP or CP rank != 0, same weights) leave; leaving first hung DP > 1.
+        owners = _owner_ranks()
+        if ps.get_data_parallel_rank() != 0 or ps.get_context_parallel_rank() != 0:
             return
         arena = None if copy else _Arena(bucket_bytes, _device(local))
-        tensors = _rank0_tensors(cfg, plan, local, dtype, copy, arena)
+        tensors = _rank0_tensors(cfg, plan, local, dtype, copy, arena, owners)
     else:
         tensors = _all_tensors(cfg, plan, local, dtype, copy)
 
@@ -244,7 +251,8 @@ class _Arena:
         return self.bufs[self.cur][off:off + nbytes].view(dtype).view(shape)
 
 
-def _rank0_tensors(cfg, plan, local, dtype, copy: bool, arena: _Arena | None) -> Iterator[tuple[str, torch.Tensor]]:
+def _rank0_tensors(cfg, plan, local, dtype, copy: bool, arena: _Arena | None,
+                   owners: dict[tuple[int, int], int]) -> Iterator[tuple[str, torch.Tensor]]:
     """receivers="rank0": every TP rank of the owning stage (DP/CP rank 0) sends the rows it holds
     point-to-point to global rank 0, which receives them straight into the rows of preallocated HF
     tensors (``_routes``): no gather buffer, no ``cat``, no un-fusing copy. Its own rows are copied
@@ -255,9 +263,7 @@ def _rank0_tensors(cfg, plan, local, dtype, copy: bool, arena: _Arena | None) ->
     from checkpoints_conv import maps
 
     tp = ps.get_tensor_model_parallel_world_size()
-    distributed = dist.is_initialized() and dist.get_world_size() > 1
-    owners = _owner_ranks(tp) if distributed else {(0, 0): 0}
-    me = dist.get_rank() if distributed else 0
+    me = dist.get_rank() if dist.is_initialized() else 0
     for name, stage, local_shape, pdtype in plan:
         kind, _ = maps.tp_kind(cfg, name)
         full_shape = _full_shape(kind, local_shape, tp)
