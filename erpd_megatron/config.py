@@ -95,8 +95,10 @@ class TeacherConfig:
     """MSE: regression targets [wrong, correct] for R(y) in eq. 10. The score starts at 0, so with [0, 1] the
     negatives get no gradient at step 0 and the unlearning phase of paper Fig. 5 cannot happen; the default
     [-1, 1] lets the negatives' gradients dominate early, as the paper describes (Sec. 3.4)."""
-    agg: str = "seq-mean-token-sum"
-    """Loss aggregation (token-mean | seq-mean-token-mean | seq-mean-token-sum)."""
+    agg: str = "auto"
+    """Policy-loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum, or "auto" = the loss's
+    own default (sapo: seq-mean-token-mean; grpo / ppo / cispo: token-mean). CE / MSE reduce per sequence
+    (`ce_reduce`) and ignore it."""
     ce_reduce: str = "sum"
     """CE: aggregate the log-ratio over tokens by "sum" (paper eq. 3) or "mean"."""
     eps_low: float = 0.2
@@ -387,7 +389,7 @@ def validate(cfg: RunConfig) -> None:
         where = f"teachers.{name}"
         if t.loss not in TEACHER_LOSSES:
             raise ConfigError(f"{where}.loss: unknown loss {t.loss!r}; valid: {list(TEACHER_LOSSES)}")
-        if t.agg not in AGG_MODES:
+        if t.agg not in (*AGG_MODES, "auto"):
             raise ConfigError(f"{where}.agg: unknown aggregation {t.agg!r}; valid: {list(AGG_MODES)}")
         if len(t.mse_targets) != 2 or not t.mse_targets[0] < t.mse_targets[1]:
             raise ConfigError(f"{where}.mse_targets must be [wrong, correct] with wrong < correct, got {t.mse_targets}")

@@ -489,3 +489,39 @@ def test_mse_targets_validated():
         load_config(overrides=["teachers.ce.mse_targets=[1, 0]"])
     with pytest.raises(ConfigError, match="mse_targets"):
         load_config(overrides=["teachers.ce.mse_targets=[1]"])
+
+
+@pytest.mark.parametrize("loss, expected", [("grpo", "token-mean"), ("ppo", "token-mean"), ("cispo", "token-mean"),
+                                            ("sapo", "seq-mean-token-mean")])
+def test_teacher_agg_default_resolves_per_loss(loss, expected):
+    """teachers.*.agg defaults to "auto": the teacher loss equals the function called with that loss's own
+    aggregation, and differs from the other two (the batch has unequal lengths, so the three differ)."""
+    from erpd_megatron.config import TeacherConfig
+    from erpd_megatron.pipeline.objectives import resolve_agg, teacher_objective
+
+    assert TeacherConfig().agg == "auto" and resolve_agg(loss, "auto") == expected
+    lp, mb = _teacher_mb(seed=13)
+    got = teacher_objective(TeacherConfig(loss=loss))(lp, mb)[0].item()
+    kw = {} if loss in ("sapo", "cispo") else {"eps_low": 0.2, "eps_high": 0.28}
+    by_agg = {a: L.get_loss(loss)(lp, mb["old_logprobs"], mb["advantages"], mb["response_mask"], agg=a, **kw)[0].item()
+              for a in AGGS}
+    assert got == pytest.approx(by_agg[expected], abs=1e-12)
+    assert all(abs(got - v) > 1e-6 for a, v in by_agg.items() if a != expected)
+    # an explicit setting still wins
+    explicit = teacher_objective(TeacherConfig(loss=loss, agg="seq-mean-token-sum"))(lp, mb)[0].item()
+    assert explicit == pytest.approx(by_agg["seq-mean-token-sum"], abs=1e-12)
+
+
+def test_cispo_teacher_keeps_no_lower_clip():
+    """CISPO's IS weight is not clipped from below (eps_low=None): a token with r = 0.5 keeps weight 0.5
+    even though the teachers' PPO eps_low is 0.2."""
+    from erpd_megatron.config import TeacherConfig
+    from erpd_megatron.pipeline.objectives import teacher_objective
+
+    old = torch.zeros(1, 3, dtype=torch.float64)
+    lp = torch.tensor([[0.0, math.log(0.5), 0.0]], dtype=torch.float64, requires_grad=True)
+    mb = {"response_mask": torch.tensor([[0.0, 1.0, 1.0]]), "old_logprobs": old, "rewards": torch.tensor([1.0]),
+          "advantages": torch.tensor([1.0], dtype=torch.float64)}
+    teacher_objective(TeacherConfig(loss="cispo"))(lp, mb)[0].backward()
+    assert lp.grad[0, 1].item() == pytest.approx(-0.5 / 2, abs=1e-12)  # -w A / n_tokens, w = r = 0.5
+    assert lp.grad[0, 2].item() == pytest.approx(-1.0 / 2, abs=1e-12)

@@ -6,6 +6,7 @@ See docs/algorithms.md for every formula, its source and what differs from the p
 from .advantages import decoupled_gae, gae, grpo_advantages, length_adaptive_lambda, outcome_token_rewards
 from .losses import (
     AGG_MODES,
+    DEFAULT_AGG,
     LOSSES,
     SEQUENCE_REWARD_LOSSES,
     aggregate,
@@ -44,6 +45,7 @@ from .signals import (
 
 __all__ = [
     "AGG_MODES",
+    "DEFAULT_AGG",
     "LOSSES",
     "SEQUENCE_REWARD_LOSSES",
     "STRATEGIES",

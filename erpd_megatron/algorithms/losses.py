@@ -31,6 +31,10 @@ from torch import Tensor
 from .common import as_mask, check_tensor, item, masked_mean, per_token, upcast, zero_outside
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+# Each policy loss's default aggregation (what agg="auto" in the config resolves to): SAPO's objective
+# averages tokens within a response, then responses; GRPO / PPO / CISPO / distill use DAPO's token-mean.
+DEFAULT_AGG = {"grpo": "token-mean", "ppo": "token-mean", "cispo": "token-mean", "distill": "token-mean",
+               "sapo": "seq-mean-token-mean"}
 KL_ESTIMATORS = ("k1", "k2", "k3")
 # |log r| beyond this is pathological; clamping keeps exp() finite (the gradient is 0 there).
 LOG_RATIO_CLAMP = 20.0

@@ -74,6 +74,11 @@ def _weighted_advantages(adv, w):
     return adv * (w if adv.dim() == 1 else w[:, None])
 
 
+def resolve_agg(loss: str, agg: str) -> str:
+    """The aggregation a policy loss uses: `agg`, or the loss's own default (losses.DEFAULT_AGG) for "auto"."""
+    return L.DEFAULT_AGG[loss] if agg == "auto" else agg
+
+
 def teacher_objective(t: TeacherConfig):
     """Stage-1 loss of a teacher run."""
     name = t.loss
@@ -94,10 +99,12 @@ def teacher_objective(t: TeacherConfig):
             return nll, {"sft/nll": float(nll), "sft/positive_tokens": float(pos.sum())}
 
     elif name in ("grpo", "ppo", "sapo", "cispo"):  # ppo: per-token GAE advantages from the critic
-        hp = {"grpo": dict(eps_low=t.eps_low, eps_high=t.eps_high, agg=t.agg),
-              "ppo": dict(eps_low=t.eps_low, eps_high=t.eps_high, agg=t.agg),
-              "sapo": dict(tau_pos=t.tau_pos, tau_neg=t.tau_neg, agg=t.agg),
-              "cispo": dict(eps_high=t.eps_high, agg=t.agg)}[name]
+        agg = resolve_agg(name, t.agg)
+        # CISPO keeps its own lower clip (none: eps_low=None, MiniMax-M1's "large" eps_low); eps_low is PPO's
+        hp = {"grpo": dict(eps_low=t.eps_low, eps_high=t.eps_high, agg=agg),
+              "ppo": dict(eps_low=t.eps_low, eps_high=t.eps_high, agg=agg),
+              "sapo": dict(tau_pos=t.tau_pos, tau_neg=t.tau_neg, agg=agg),
+              "cispo": dict(eps_high=t.eps_high, agg=agg)}[name]
         fn = L.get_loss(name)
 
         def loss_fn(lp, mb, entropy=None):
@@ -124,5 +131,5 @@ def distill_objective(s: DistillConfig):
 
 def onpolicy_objective(o: OnPolicyConfig, t: TeacherConfig | None = None):
     """On-policy baseline: one update per fresh batch, so r = 1 and the clip never binds (kept for parity)."""
-    t = t or TeacherConfig(loss=o.loss, agg="token-mean")
+    t = t or TeacherConfig(loss=o.loss)  # agg "auto": the loss's own default
     return teacher_objective(t)

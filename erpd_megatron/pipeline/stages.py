@@ -273,7 +273,7 @@ def train_onpolicy(ctx, iteration: int = 0, init=None, steps: int | None = None,
     steps = steps or onpolicy_steps(ctx)
     from erpd_megatron.config import TeacherConfig
 
-    t = TeacherConfig(loss=o.loss, agg="token-mean")
+    t = TeacherConfig(loss=o.loss)  # agg "auto": sapo seq-mean-token-mean, grpo / ppo / cispo token-mean
     train_loop(ctx, method, batch=None, next_batch=next_batch, loss_fn=objectives.onpolicy_objective(o, t),
                steps=steps, mini_batch_size=o.prompts_per_step * ctx.cfg.rollout.n_samples, lr=o.lr,
                save_every=1, eval_every=max(1, steps // 4), init=init or ctx.base_ckpt(iteration),
