@@ -53,6 +53,29 @@ def flops_per_token(cfg, seq: int) -> float:
     return 3 * (2 * matmul + attn)
 
 
+def reseed(seed: int = 0) -> None:
+    """Same starting weights for every variant: PolicyEngine seeds megatron's RNG tracker only when it
+    initialises the parallel state (the first variant); later variants would draw their weights from
+    wherever the previous one left the model-parallel CUDA generator. So reseed all generators here."""
+    from megatron.core import parallel_state as ps
+
+    from erpd_megatron.megatron.parallel import set_seed
+
+    torch.manual_seed(seed)
+    if ps.model_parallel_is_initialized():
+        set_seed(seed)  # python, torch (CPU + CUDA) and megatron's model-parallel tracker
+
+
+def free_memory() -> None:
+    """gc first: megatron's DDP buffers and optimizers sit in reference cycles, so `del` alone frees
+    nothing and empty_cache() would keep their blocks (inflating the next variant's peak memory)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def loss_fn(lp, mb, ent):
     m = mb["response_mask"].float()
     return -(lp * m).sum() / m.sum().clamp(min=1), {}
@@ -65,7 +88,7 @@ def run_variant(name: str, spec: str, fp8: str | None, cfg, seq: int, mbs: int, 
     from erpd_megatron.megatron.parallel import ParallelConfig
 
     cuda = torch.cuda.is_available()
-    torch.manual_seed(0)
+    reseed(0)
     eng = PolicyEngine(cfg, ParallelConfig(), OptimConfig(lr=1e-6, micro_batch_size=mbs),
                        BuildOptions(spec=spec, fp8=fp8, fp8_recipe="delayed", attention=attention), seed=0)
     B = mbs * micro
@@ -109,8 +132,7 @@ def run_variant(name: str, spec: str, fp8: str | None, cfg, seq: int, mbs: int, 
         if mode == "train":
             res[mode]["first_loss"] = first
     del eng
-    if cuda:
-        torch.cuda.empty_cache()
+    free_memory()
     return res
 
 
@@ -123,7 +145,7 @@ def _hf_from_policy(cfg, mbs: int, dtype):
     from erpd_megatron.megatron.parallel import ParallelConfig
     from erpd_megatron.rollout.weight_sync import iter_hf_buckets
 
-    torch.manual_seed(0)
+    reseed(0)
     eng = PolicyEngine(cfg, ParallelConfig(), OptimConfig(micro_batch_size=mbs), BuildOptions(spec="local"), seed=0,
                        trainable=False)
     hf_cfg = dict(cfg.to_hf())
@@ -143,11 +165,7 @@ def _hf_from_policy(cfg, mbs: int, dtype):
     if missing:
         raise RuntimeError(f"HF model did not receive {sorted(missing)[:5]}")
     del eng
-    import gc
-
-    gc.collect()  # megatron DDP buffers hold reference cycles
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
     return model
 
 
@@ -203,8 +221,8 @@ def run_hf_variant(name: str, cfg, seq: int, mbs: int, micro: int, steps: int, p
         if mode == "logprob":
             opt = None  # free the optimizer state before the log-prob pass
             model = model.to(torch.bfloat16 if cuda else torch.float32).eval()  # what a plain precompute loop runs
+            free_memory()
         if cuda:
-            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         first = None
         for i in range(2 + steps):
@@ -230,8 +248,8 @@ def run_hf_variant(name: str, cfg, seq: int, mbs: int, micro: int, steps: int, p
         if mode == "train":
             res[mode]["first_loss"] = first
     model = None
-    if cuda:
-        torch.cuda.empty_cache()
+    opt = None
+    free_memory()
     return res
 
 
