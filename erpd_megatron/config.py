@@ -91,6 +91,10 @@ class TeacherConfig:
     """Linear LR warm-up steps."""
     beta: float = 0.05
     """CE / MSE scale on the summed log-ratio (paper: 0.001-0.05)."""
+    beta_ref_len: float = 20000.0
+    """CE / MSE with ce_reduce "sum": length-aware beta, s(y) = beta * (beta_ref_len / |y|) * sum_t log-ratio, so
+    beta regularises per token as the paper's beta does on its ~20k-token answers (default 20000; 0 = off,
+    the literal eq. 3 sum, under which a 25-token answer is regularised ~1000x less per token)."""
     mse_targets: list[float] = field(default_factory=lambda: [-1.0, 1.0])
     """MSE: regression targets [wrong, correct] for R(y) in eq. 10. The score starts at 0, so with [0, 1] the
     negatives get no gradient at step 0 and the unlearning phase of paper Fig. 5 cannot happen; the default
@@ -234,7 +238,7 @@ RANGES: dict[type, dict[str, str]] = {
     DataConfig: {"prompts_per_batch": _ONE_UP, "eval_prompts": _ONE_UP},
     RolloutConfig: {"n_samples": _ONE_UP, "temperature": _POS, "top_p": "(0, 1]", "max_new_tokens": _ONE_UP},
     TeacherConfig: {
-        "steps": _NONNEG, "mini_batch_size": _ONE_UP, "lr": _LR, "warmup_steps": _NONNEG, "beta": _POS,
+        "steps": _NONNEG, "mini_batch_size": _ONE_UP, "lr": _LR, "warmup_steps": _NONNEG, "beta": _POS, "beta_ref_len": _NONNEG,
         "eps_low": "[0, 1)", "eps_high": _NONNEG, "tau_pos": _POS, "tau_neg": _POS, "kl_coef": _NONNEG,
         "save_every": _ONE_UP, "negative_weight": _NONNEG, "critic_steps": _NONNEG, "critic_lr": _LR,
         "gae_alpha": _POS, "early_stop_patience": _NONNEG,

@@ -461,8 +461,9 @@ def test_teacher_negative_weight_scales_negatives_only(loss):
 
 @pytest.mark.parametrize("targets, neg_moves", [(None, True), ([0.0, 1.0], False), ([-1.0, 1.0], True)])
 def test_mse_teacher_targets_give_negatives_gradient_at_step_zero(targets, neg_moves):
-    """At step 0 the policy is the base (lp == lp_old), so s = 0 and dL/dlp_t = 2 (0 - R) beta / n_seq:
-    with the default targets [-1, 1] the negatives push down (+2 beta / n), with {0, 1} they get exactly 0."""
+    """At step 0 the policy is the base (lp == lp_old), so s = 0 and dL/dlp_t = 2 (0 - R) beta_eff / n_seq
+    (beta_eff = beta * beta_ref_len / |y|): with the default targets [-1, 1] the negatives push down,
+    with {0, 1} they get exactly 0."""
     from erpd_megatron.config import TeacherConfig
     from erpd_megatron.pipeline.objectives import teacher_objective
 
@@ -476,7 +477,8 @@ def test_mse_teacher_targets_give_negatives_gradient_at_step_zero(targets, neg_m
     for b, ts in rows(mask):
         R = correct if mb["rewards"][b] > 0.5 else wrong
         for tok in ts:
-            assert lp.grad[b, tok].item() == pytest.approx(2 * (0 - R) * 0.1 / nseq, abs=1e-12)
+            beta_eff = 0.1 * t.beta_ref_len / len(ts)
+            assert lp.grad[b, tok].item() == pytest.approx(2 * (0 - R) * beta_eff / nseq, abs=1e-9)
     neg = (mb["rewards"] <= 0.5)[:, None] & mask.bool()
     assert bool((lp.grad[neg] != 0).all()) == neg_moves and bool((lp.grad[neg] == 0).all()) == (not neg_moves)
     assert TeacherConfig().mse_targets == [-1.0, 1.0]
@@ -525,3 +527,43 @@ def test_cispo_teacher_keeps_no_lower_clip():
     teacher_objective(TeacherConfig(loss="cispo"))(lp, mb)[0].backward()
     assert lp.grad[0, 1].item() == pytest.approx(-0.5 / 2, abs=1e-12)  # -w A / n_tokens, w = r = 0.5
     assert lp.grad[0, 2].item() == pytest.approx(-1.0 / 2, abs=1e-12)
+
+
+def test_length_aware_beta_hand_numbers():
+    """s = beta * ref_len / |y| * sum_t (lp - lp_ref). Row 0: 2 tokens, log-ratios 0.3 and -0.1 -> sum 0.2;
+    row 1: 4 tokens, each 0.05 -> sum 0.2. beta 0.01, ref_len 100: s0 = 0.01 * 50 * 0.2 = 0.1,
+    s1 = 0.01 * 25 * 0.2 = 0.05 (the plain sum gives 0.002 for both)."""
+    ref = torch.zeros(2, 5, dtype=torch.float64)
+    lp = torch.tensor([[0.0, 0.3, -0.1, 0.0, 0.0], [0.0, 0.05, 0.05, 0.05, 0.05]], dtype=torch.float64)
+    mask = torch.tensor([[0, 1, 1, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.float64)
+    s = L.sequence_score(lp, ref, mask, beta=0.01, ref_len=100)
+    assert s.tolist() == pytest.approx([0.1, 0.05], abs=1e-12)
+    assert L.sequence_score(lp, ref, mask, beta=0.01).tolist() == pytest.approx([0.002, 0.002], abs=1e-12)
+    # MSE loss and gradient at these numbers, targets -1 (row 0) and +1 (row 1):
+    lp.requires_grad_()
+    loss, _ = L.mse_loss(lp, ref, torch.tensor([-1.0, 1.0], dtype=torch.float64), mask, beta=0.01, ref_len=100)
+    assert loss.item() == pytest.approx(((0.1 + 1) ** 2 + (0.05 - 1) ** 2) / 2, abs=1e-12)
+    loss.backward()
+    # dL/dlp_t = 2 (s - R) * beta * ref_len / |y| / n_seq
+    assert lp.grad[0, 1].item() == pytest.approx(2 * 1.1 * 0.01 * 50 / 2, abs=1e-12)
+    assert lp.grad[1, 1].item() == pytest.approx(2 * -0.95 * 0.01 * 25 / 2, abs=1e-12)
+    with pytest.raises(ValueError, match="ref_len"):
+        L.sequence_score(lp, ref, mask, beta=0.01, ref_len=0)
+
+
+def test_teacher_beta_ref_len_default_and_off():
+    """The teacher objective passes beta_ref_len (default 20000); 0 restores the literal eq. 3 sum."""
+    from erpd_megatron.config import TeacherConfig
+    from erpd_megatron.pipeline.objectives import teacher_objective
+
+    lp, mb = _teacher_mb(seed=14)
+    lp = lp.detach()
+    labels = (mb["rewards"] > 0.5).double()
+    assert TeacherConfig().beta_ref_len == 20000.0
+    for ref_len in (20000.0, 7.0, 0.0):
+        got = teacher_objective(TeacherConfig(loss="ce", beta=0.001, beta_ref_len=ref_len))(lp, mb)[0].item()
+        exp = L.ce_loss(lp, mb["old_logprobs"], labels, mb["response_mask"], beta=0.001,
+                        ref_len=ref_len or None)[0].item()
+        assert got == pytest.approx(exp, abs=1e-12)
+    sums = teacher_objective(TeacherConfig(loss="ce", beta=0.001, beta_ref_len=0.0))(lp, mb)[0].item()
+    assert sums == pytest.approx(ref_ce_mse(lp, mb["old_logprobs"], labels, mb["response_mask"], 0.001, "sum", "ce"))

@@ -274,10 +274,19 @@ def ppo_value_loss(
 # --------------------------------------------------------------------------------------------
 # stage-1 sequence-score losses (implicit reward through the policy head)
 # --------------------------------------------------------------------------------------------
-def sequence_score(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, beta: float, agg: str = "sum") -> Tensor:
-    """s(y) = beta * AGG_t (lp - lp_ref) over response tokens, AGG in {"sum", "mean"}; shape [B]."""
+def sequence_score(
+    logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, beta: float, agg: str = "sum", ref_len: float | None = None
+) -> Tensor:
+    """s(y) = beta * AGG_t (lp - lp_ref) over response tokens, AGG in {"sum", "mean"}; shape [B].
+
+    ref_len (with agg="sum"): length-aware beta, s(y) = beta * (ref_len / |y|) * sum_t (lp - lp_ref), i.e.
+    beta means what it means for responses of ref_len tokens (deviation from eq. 3, which has no length
+    factor: the paper's beta is for ~20k-token answers and regularises ~1000x less per token on 25 tokens).
+    """
     if agg not in ("sum", "mean"):
         raise ValueError(f"agg must be 'sum' or 'mean' (how the log-ratio is reduced over a response), got {agg!r}")
+    if ref_len is not None and ref_len <= 0:
+        raise ValueError(f"ref_len must be > 0 (or None for the plain sum of eq. 3), got {ref_len}")
     check_tensor("logprobs", logprobs, finite=False)
     m = as_mask(mask, logprobs)
     check_tensor("logprobs", logprobs, mask=m)
@@ -287,6 +296,8 @@ def sequence_score(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, beta: f
     s = zero_outside(diff, m).sum(-1)
     if agg == "mean":
         s = s / m.sum(-1).clamp(min=1)
+    elif ref_len is not None:
+        s = s * (ref_len / m.sum(-1).clamp(min=1))
     return beta * s
 
 
@@ -322,14 +333,15 @@ def ce_loss(
     beta: float = 0.05,
     agg: str = "sum",
     weights: Tensor | None = None,
+    ref_len: float | None = None,
 ) -> LossOut:
     """Implicit-PRM cross-entropy: L = mean_y w(y) BCE(sigmoid(s(y)), l(y)), s(y) = beta * AGG_t (lp - lp_ref).
 
     `rewards` [B] are the binary correctness labels l (values in [0, 1]). `weights` [B] (>= 0, default 1)
     are per-sequence loss weights (e.g. `negative_weight` on negatives, paper Tab. 9); the mean still
-    divides by the number of sequences.
+    divides by the number of sequences. `ref_len`: length-aware beta (see `sequence_score`).
     """
-    score = sequence_score(logprobs, ref_logprobs, mask, beta, agg)
+    score = sequence_score(logprobs, ref_logprobs, mask, beta, agg, ref_len)
     _check_rewards(rewards, score.shape[0])
     labels = rewards.to(score.dtype).detach()
     if bool(((labels < 0) | (labels > 1)).any()):
@@ -358,13 +370,14 @@ def mse_loss(
     beta: float = 0.05,
     agg: str = "sum",
     weights: Tensor | None = None,
+    ref_len: float | None = None,
 ) -> LossOut:
     """Paper eq. 10: L = mean_y w(y) (beta * sum_t (lp - lp_ref) - R(y))^2, R = the regression target [B].
 
-    `weights` [B]: per-sequence loss weights as in `ce_loss`. Which target encodes a wrong answer matters:
+    `weights` [B], `ref_len`: as in `ce_loss`. Which target encodes a wrong answer matters:
     the score starts at 0, so targets {0, 1} give negatives no gradient at step 0 (see docs/algorithms.md).
     """
-    score = sequence_score(logprobs, ref_logprobs, mask, beta, agg)
+    score = sequence_score(logprobs, ref_logprobs, mask, beta, agg, ref_len)
     _check_rewards(rewards, score.shape[0])
     target = rewards.to(score.dtype).detach()
     m = upcast(as_mask(mask, logprobs))

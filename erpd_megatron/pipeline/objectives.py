@@ -89,7 +89,8 @@ def teacher_objective(t: TeacherConfig):
         def loss_fn(lp, mb, entropy=None):
             w = sample_weights(mb["rewards"], t.negative_weight) if t.negative_weight != 1.0 else None
             target = mse_target(mb["rewards"], t.mse_targets) if name == "mse" else (mb["rewards"] > 0.5).float()
-            return fn(lp, mb["old_logprobs"], target, mb["response_mask"], beta=t.beta, agg=t.ce_reduce, weights=w)
+            return fn(lp, mb["old_logprobs"], target, mb["response_mask"], beta=t.beta, agg=t.ce_reduce, weights=w,
+                      ref_len=t.beta_ref_len or None)
 
     elif name == "sft":  # SFT on positive samples only (paper Tab. 9 recovery from an unlearned policy)
 
