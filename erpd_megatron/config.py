@@ -12,6 +12,7 @@ The resolved config is written to `<run_dir>/config.yaml` so a run can be reprod
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -148,10 +149,12 @@ class DistillConfig:
     """Strategy 3: checkpoint directory of the weaker earlier policy."""
     sign_mask: str = "none"
     """Keep only "pos" / "neg" signal parts on positive samples (paper Tab. 12), or "none"."""
-    steps: int = 20
-    """Distillation optimizer steps."""
-    mini_batch_size: int = 256
-    """Sequences per step."""
+    steps: int = 16
+    """Distillation optimizer steps. The paper runs students for at most about one epoch over the fixed batch:
+    16 or 32 steps (Sec. 4.1), 10 when iterating (Sec. 4.4)."""
+    mini_batch_size: int = 0
+    """Sequences per step; 0 = one epoch: (data.prompts_per_batch * rollout.n_samples) // steps (see
+    `student_mini_batch`). More than ~1.5 epochs logs a warning."""
     lr: float = 3e-5
     """Adam learning rate."""
     eps_low: float = 0.2
@@ -244,7 +247,7 @@ RANGES: dict[type, dict[str, str]] = {
         "gae_alpha": _POS, "early_stop_patience": _NONNEG,
     },
     DistillConfig: {
-        "teacher_step": "[-1, inf)", "unlearned_step": _ONE_UP, "steps": _NONNEG, "mini_batch_size": _ONE_UP,
+        "teacher_step": "[-1, inf)", "unlearned_step": _ONE_UP, "steps": _NONNEG, "mini_batch_size": _NONNEG,
         "lr": _LR, "eps_low": "[0, 1)", "eps_high": _NONNEG, "kl_coef": _NONNEG, "entropy_coef": _NONNEG,
         "signal_clip": _NONNEG,
     },
@@ -379,6 +382,22 @@ def save_config(cfg: RunConfig, path: Path) -> None:
 # ----------------------------------------------------------------------------- validation
 
 
+log = logging.getLogger("erpd.config")
+# Students beyond this many passes over the fixed batch get a warning (the paper: at most about one epoch).
+STUDENT_MAX_EPOCHS = 1.5
+
+
+def student_mini_batch(cfg: RunConfig, s: DistillConfig) -> int:
+    """A student's sequences per step: its mini_batch_size, or for 0 the one-epoch size batch // steps."""
+    rows = cfg.data.prompts_per_batch * cfg.rollout.n_samples
+    return s.mini_batch_size or max(1, rows // max(s.steps, 1))
+
+
+def student_epochs(cfg: RunConfig, s: DistillConfig) -> float:
+    """Passes a student makes over the fixed batch: steps * mini-batch / (prompts_per_batch * n_samples)."""
+    return s.steps * student_mini_batch(cfg, s) / (cfg.data.prompts_per_batch * cfg.rollout.n_samples)
+
+
 def validate(cfg: RunConfig) -> None:
     """All checks that can run before any compute."""
     _check_ranges(cfg, "")
@@ -429,6 +448,11 @@ def validate(cfg: RunConfig) -> None:
                 )
         if 3 in s.strategies and not s.weak:
             raise ConfigError(f"{where}: strategy 3 needs `weak` (a checkpoint of a weaker earlier policy)")
+        epochs = student_epochs(cfg, s)
+        if epochs > STUDENT_MAX_EPOCHS:
+            log.warning("%s runs %.1f epochs over the fixed batch (%d steps x %d sequences of %d); the paper's students "
+                        "run at most about one (16-32 steps, 10 when iterating): lower steps or mini_batch_size "
+                        "(0 = one epoch)", where, epochs, s.steps, student_mini_batch(cfg, s), batch_rows)
     for key in ("promote", "fallback"):
         name = getattr(cfg.iterate, key)
         if name and name not in cfg.students:

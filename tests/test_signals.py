@@ -139,3 +139,28 @@ def test_sequential_index():
         S.sequential_index(-1, [4])
     with pytest.raises(ValueError):
         S.sequential_index(0, [4, 0])
+
+
+# ----------------------------------------------------------------------------- students' budget (issue 11)
+def test_student_defaults_run_one_epoch_and_more_warns(caplog):
+    """Default students: 16 steps, mini-batch 0 = batch // steps -> exactly one epoch (128 x 8 = 1024 rows ->
+    64 per step). 20 steps x 256 of 1024 rows = 5 epochs logs a warning naming the student."""
+    import logging
+
+    from erpd_megatron.config import DistillConfig, load_config, student_epochs, student_mini_batch
+
+    assert (DistillConfig().steps, DistillConfig().mini_batch_size) == (16, 0)
+    with caplog.at_level(logging.WARNING, logger="erpd.config"):
+        cfg = load_config()
+    s = cfg.students["s1_ce"]
+    assert student_mini_batch(cfg, s) == 1024 // 16 == 64 and student_epochs(cfg, s) == 1.0
+    assert "epochs" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="erpd.config"):
+        cfg = load_config(overrides=["students.s1_ce.steps=20", "students.s1_ce.mini_batch_size=256"])
+    assert student_epochs(cfg, cfg.students["s1_ce"]) == 5.0
+    assert "students.s1_ce runs 5.0 epochs" in caplog.text
+    # iterating with the paper's 10 steps: 1024 // 10 = 102 per step, 0.996 epochs, no warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="erpd.config"):
+        cfg = load_config(overrides=["students.s1_ce.steps=10"])
+    assert student_mini_batch(cfg, cfg.students["s1_ce"]) == 102 and "epochs" not in caplog.text

@@ -13,6 +13,7 @@ import torch
 
 from erpd_megatron.algorithms import signals as S
 from erpd_megatron.algorithms.advantages import grpo_advantages
+from erpd_megatron.config import student_mini_batch
 from erpd_megatron.data.rollout_store import RolloutStore
 from erpd_megatron.pipeline import objectives
 from erpd_megatron.pipeline.collect import add_policy_logprobs, batch_prompts, sample_batch
@@ -186,6 +187,7 @@ def train_students(ctx, iteration: int = 0, only: str | None = None) -> None:
         cols = list(signal_columns(ctx, s, iteration))
         batch = load_batch(ctx, store, iteration, cols)
         sigs = build_signals(ctx, s, batch, iteration)
+        mbs = student_mini_batch(ctx.cfg, s)  # 0 in the config = one epoch over the fixed batch
         next_batch = None
         if s.ensemble == "sum" or len(sigs) == 1:
             batch["signal"] = S.ensemble(sigs, batch["response_mask"]) if len(sigs) > 1 else sigs[0]
@@ -194,14 +196,14 @@ def train_students(ctx, iteration: int = 0, only: str | None = None) -> None:
             per[-1] += s.steps - sum(per)
             n = batch["input_ids"].shape[0]
 
-            def next_batch(step, policy, batch=batch, sigs=sigs, per=per, n=n, mbs=s.mini_batch_size):
+            def next_batch(step, policy, batch=batch, sigs=sigs, per=per, n=n, mbs=mbs):
                 b = slice_batch(batch, minibatch_indices(n, mbs, step, ctx.cfg.seed))
                 b["signal"] = slice_batch({"x": sigs[S.sequential_index(step, per)]},
                                           minibatch_indices(n, mbs, step, ctx.cfg.seed))["x"]
                 return b
 
         train_loop(ctx, method, batch=None if next_batch else batch, next_batch=next_batch,
-                   loss_fn=objectives.distill_objective(s), steps=s.steps, mini_batch_size=s.mini_batch_size,
+                   loss_fn=objectives.distill_objective(s), steps=s.steps, mini_batch_size=mbs,
                    lr=s.lr, save_every=_save_every(ctx, s.steps), init=ctx.base_ckpt(iteration),
                    eval_fn=_eval_fn(ctx, method, iteration, True))
 
