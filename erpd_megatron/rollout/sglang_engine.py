@@ -1,30 +1,32 @@
-"""``SGLangEngine``: rollouts from one or more SGLang 0.5.x servers over their native HTTP API.
+"""``SGLangEngine``: rollouts from one or more SGLang servers (written against sglang 0.5.23) over
+their native HTTP API.
 
 Stdlib only (``http.client`` + threads); sglang itself is imported lazily and only to serialize
-weights when it is installed (see ``sglang_wire.py``).
+weights when it is installed (see ``sglang_wire.py``). The parts live in their own files:
+``sglang_launch.py`` (command line, process group, log file), ``sglang_http.py`` (one HTTP call,
+the retry helper, request / response shapes), ``sglang_weights.py`` (update session, transports).
 
-- Servers: started here (``python -m sglang.launch_server --tp-size N ...``, one per ``LaunchSpec``
-  slot, own process group, log file) or attached by URL. ``/health`` is polled until it answers 200.
+- Servers: started here (``LaunchSpec``: one DP=1 server per slot, own process group, log file in
+  the run directory) or attached by URL. ``/health`` is polled until it answers 200; TP and DP sizes
+  come from ``/server_info`` (``/get_server_info`` on servers that predate it).
+- Security: servers bind 127.0.0.1 unless a host is given; a non-loopback host needs an API key
+  (``--api-key``), which the client sends as ``Authorization: Bearer <key>`` on every call.
 - ``generate``: one ``POST /generate`` per sample (``input_ids``, ``sampling_params`` with ``n = 1``
   and a per-sample ``sampling_seed``, ``return_logprob``), spread over servers by worker threads that
   pull from one queue. Response tokens and behaviour log-probs come from
   ``meta_info.output_token_logprobs`` (``[logprob, token_id, text]`` triples), the finish reason from
   ``meta_info.finish_reason.type``. Results are keyed by (prompt, sample): a retried request can
   never produce a duplicate, and ``generate`` raises rather than return fewer samples.
+  ``sampling_seed`` only makes sampling reproducible on servers started with
+  ``--enable-deterministic-inference`` (``LaunchSpec.deterministic_inference``).
 - Failure handling: a refused / reset / timed-out request marks its server suspect; the worker
   checks ``/health``, aborts a hung request (``/abort_request``), restarts the server if we launched
   it (kill its process group, relaunch, wait for health; at most ``max_restarts`` times), and puts
   the request back in the queue (at most ``max_retries`` tries per sample). An aborted generation
   (``finish_reason.type == "abort"``) is retried the same way. Every control call has a timeout.
-- Weights: ``update_weights(buckets, version)`` pauses every server (``/pause_generation``), streams
-  the buckets (each bucket goes to every server before the next is read), then ``/flush_cache`` and
-  ``/continue_generation``. Three transports:
-  ``"tensor"`` (colocated: ``/update_weights_from_tensor``, ``load_format="flattened_bucket"``,
-  one base64 ForkingPickler payload per server TP rank; CUDA IPC, so same node),
-  ``"distributed"`` (disaggregated: ``/init_weights_update_group`` once, then per bucket
-  ``/update_weights_from_distributed`` while this process broadcasts each tensor from rank 0 of the
-  custom group), ``"disk"`` (write safetensors + the model's config files into a directory, then
-  ``/update_weights_from_disk``).
+- Colocated memory (``offload_tags``): after each ``generate`` the servers release those memory
+  tags (``/release_memory_occupation``) so the trainer has the GPU; ``update_weights`` resumes
+  "weights" before writing, ``generate`` resumes the rest first.
 - After a restart a server holds its launch checkpoint again. If weights were pushed before, the
   engine re-loads the last disk checkpoint when there is one, else calls ``resync_fn(url)`` when
   given; otherwise samples from that server carry the server's own reported version (never the
@@ -33,83 +35,41 @@ weights when it is installed (see ``sglang_wire.py``).
 
 from __future__ import annotations
 
-import http.client
-import json
 import logging
 import os
-import shutil
-import signal
 import subprocess
-import sys
 import threading
-import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from erpd_megatron.rollout import sglang_wire
-from erpd_megatron.rollout.engine import (
-    RolloutEngine,
-    Sample,
-    SamplingParams,
-    WeightBucket,
-    derive_seed,
-    expand_requests,
+from erpd_megatron.rollout.engine import RolloutEngine, Sample, SamplingParams, derive_seed, expand_requests
+from erpd_megatron.rollout.sglang_http import (  # noqa: F401 - re-exported
+    NotFound,
+    RetryableGeneration,
+    ServerUnreachable,
+    SGLangError,
+    control,
+    http_json,
+    parse_generate_response,
+    retry,
+    run_each,
+    sglang_sampling_params,
 )
+from erpd_megatron.rollout.sglang_launch import LaunchSpec, is_loopback, start_server, stop_server, tail
+from erpd_megatron.rollout.sglang_weights import WeightUpdates
 
 log = logging.getLogger(__name__)
 
-
-class SGLangError(RuntimeError):
-    """A server answered, but with an error (HTTP >= 400 or ``success: false``)."""
-
-
-class ServerUnreachable(SGLangError):
-    """Connection refused / reset / timed out: the server may be dead or hung."""
-
-
-class RetryableGeneration(SGLangError):
-    """The server aborted a generation (paused in abort mode, restarting, overloaded)."""
+API_KEY_ENV = "ERPD_SGLANG_API_KEY"
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
 
 
 class RolloutError(RuntimeError):
     """``generate`` could not produce every requested sample."""
-
-
-@dataclass
-class LaunchSpec:
-    """How to start the servers ourselves (``sglang.launch_server``)."""
-
-    model_path: str
-    tp: int = 1
-    num_servers: int = 1
-    host: str = "127.0.0.1"
-    base_port: int = 30000
-    """Server k listens on ``base_port + k``."""
-    gpus_per_server: int | None = None
-    """GPUs between consecutive servers' ``--base-gpu-id``; default ``tp``."""
-    enable_memory_saver: bool = False
-    """Pass ``--enable-memory-saver`` (needed by ``release_memory`` / ``resume_memory``)."""
-    extra_args: tuple[str, ...] = ()
-    command: tuple[str, ...] | None = None
-    """Full command override; ``{port}``, ``{host}``, ``{index}``, ``{tp}``, ``{model_path}`` are filled in."""
-    env: dict[str, str] | None = None
-    log_dir: str | None = None
-    startup_timeout: float = 900.0
-
-    def argv(self, index: int) -> list[str]:
-        fill = dict(port=self.base_port + index, host=self.host, index=index, tp=self.tp, model_path=self.model_path)
-        if self.command is not None:
-            return [str(a).format(**fill) for a in self.command]
-        argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", self.model_path,
-                "--tp-size", str(self.tp), "--host", self.host, "--port", str(fill["port"]),
-                "--base-gpu-id", str(index * (self.gpus_per_server or self.tp))]
-        if self.enable_memory_saver:
-            argv.append("--enable-memory-saver")
-        return argv + list(self.extra_args)
 
 
 @dataclass
@@ -125,37 +85,19 @@ class _Server:
     restarts: int = 0
     alive: bool = True
     stale_weights: bool = False
+    session: bool | None = None
+    """Has /begin_weight_update (None: not asked yet; False: older server, 404)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-# ---------------------------------------------------------------------- HTTP
-def http_json(url: str, method: str, path: str, body: dict | None = None, timeout: float = 60.0):
-    """One HTTP call; returns (status, parsed JSON or text). Network failures -> ``ServerUnreachable``."""
-    u = urlsplit(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
-    try:
-        payload = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
-        conn.request(method, path, body=payload, headers=headers)
-        resp = conn.getresponse()
-        raw = resp.read()
-    except (OSError, http.client.HTTPException) as e:  # refused, reset, socket timeout, bad status line
-        raise ServerUnreachable(f"{method} {url}{path}: {type(e).__name__}: {e}") from e
-    finally:
-        conn.close()
-    try:
-        data = json.loads(raw) if raw[:1] in (b"{", b"[") else raw.decode(errors="replace")
-    except ValueError:
-        data = raw.decode(errors="replace")
-    return resp.status, data
-
-
-class SGLangEngine(RolloutEngine):
+class SGLangEngine(WeightUpdates, RolloutEngine):
     def __init__(self, urls: Sequence[str] | None = None, launch: LaunchSpec | None = None, *,
                  tp: int | None = None,
+                 api_key: str | None = None,
                  weight_transport: str = "tensor",
                  bucket_layout: str = "typed",
                  pause_mode: str = "retract",
+                 offload_tags: Sequence[str] | None = None,
                  request_timeout: float = 1800.0,
                  control_timeout: float = 600.0,
                  health_timeout: float = 30.0,
@@ -171,11 +113,14 @@ class SGLangEngine(RolloutEngine):
                  resync_fn: Callable[[str], None] | None = None,
                  send_sampling_seed: bool = True):
         """Attach to ``urls`` or start servers from ``launch`` (exactly one of them).
-        ``tp``: TP size of attached servers (default: read from ``/get_server_info``).
-        ``weight_transport``: "tensor" | "distributed" | "disk" (see module docstring).
+        ``tp``: TP size of attached servers (default: read from ``/server_info``).
+        ``api_key``: sent as a Bearer token (default: ``launch.api_key``, else $ERPD_SGLANG_API_KEY).
+        ``weight_transport``: "tensor" (colocated, CUDA IPC: same node) | "distributed" (NCCL
+        broadcast from this process) | "disk" (safetensors + ``/update_weights_from_disk``).
         ``bucket_layout``: "typed" (every 0.5.x) | "bytes" (newer 0.5.x, mixed dtypes per payload).
-        ``pause_mode``: body of ``/pause_generation`` ("retract" | "abort" | "in_place"; ignored by
-        old 0.5.x servers, which take no body).
+        ``pause_mode``: body of ``/pause_generation`` ("retract" | "abort" | "in_place").
+        ``offload_tags``: memory tags released after each ``generate`` (colocated; servers need
+        ``--enable-memory-saver``); None = keep everything resident.
         ``send_sampling_seed``: send per-sample ``sampling_seed``; set False for servers whose sampling
         backend refuses seeds (0.5.x flashinfer with top-p / top-k asserts on them)."""
         if (urls is None) == (launch is None):
@@ -186,10 +131,17 @@ class SGLangEngine(RolloutEngine):
             raise ValueError(f"bucket_layout must be one of {sglang_wire.LAYOUTS}, got {bucket_layout!r}")
         if weight_transport == "disk" and disk_dir is None:
             raise ValueError("weight_transport='disk' needs disk_dir=")
+        bad = set(offload_tags or ()) - set(MEMORY_TAGS)
+        if bad:
+            raise ValueError(f"offload_tags must be among {MEMORY_TAGS}, got {sorted(bad)}")
+        if launch is not None and launch.command is None and launch.log_dir is None:
+            raise ValueError("LaunchSpec.log_dir is required (the server logs go into the run directory)")
         self.launch = launch
+        self.api_key = api_key or (launch.api_key if launch else None) or os.environ.get(API_KEY_ENV) or None
         self.weight_transport = weight_transport
         self.bucket_layout = bucket_layout
         self.pause_mode = pause_mode
+        self.offload_tags = tuple(offload_tags) if offload_tags else ()
         self.request_timeout = request_timeout
         self.control_timeout = control_timeout
         self.health_timeout = health_timeout
@@ -206,95 +158,129 @@ class SGLangEngine(RolloutEngine):
         self.send_sampling_seed = send_sampling_seed
         self.weight_version = None
         self._last_disk_path: str | None = None
+        self._released: set[str] = set()
         self._dist_group = None
         self._call_id = 0
         self._closed = False
 
         if urls is not None:
             self.servers = [_Server(url=u.rstrip("/"), index=k, tp=tp) for k, u in enumerate(urls)]
+            remote = [s.url for s in self.servers if not is_loopback(_host(s.url))]
+            if remote and not self.api_key:
+                log.warning("attaching to %s without an API key: anyone on that network can update its weights "
+                            "(start the servers with --api-key and set %s)", remote, API_KEY_ENV)
         else:
-            self.servers = [_Server(url=f"http://{launch.host}:{launch.base_port + k}", index=k, tp=launch.tp,
-                                    argv=launch.argv(k)) for k in range(launch.num_servers)]
+            self.servers = [_Server(url=launch.url(k), index=k, tp=launch.tp, argv=launch.argv(k))
+                            for k in range(launch.num_servers)]
             for s in self.servers:
                 self._start(s)
         for s in self.servers:
             self._wait_healthy(s, launch.startup_timeout if launch else self.health_timeout)
-            if s.tp is None:
-                s.tp = self._query_tp(s)
+            self._read_server_info(s)
 
     @classmethod
-    def from_config(cls, rollout_cfg, model_path: str, **kw) -> SGLangEngine:
-        """From a ``RolloutConfig``-like object: attach to ``sglang_urls`` when given, else launch
-        ``sglang_num_servers`` (default 1) servers of ``sglang_tp`` (default 1) GPUs from ``model_path``.
-        Optional fields read when present: ``sglang_port``, ``sglang_extra_args``, ``weight_transport``,
-        ``sglang_log_dir``; keyword arguments override / add constructor arguments."""
-        g = lambda name, default: getattr(rollout_cfg, name, default) or default  # noqa: E731
-        kw.setdefault("weight_transport", g("weight_transport", "tensor"))
-        urls = list(g("sglang_urls", []))
+    def from_config(cls, rollout_cfg, model_path: str, *, log_dir: str | None = None, **kw) -> SGLangEngine:
+        """From a ``RolloutConfig``: attach to ``sglang_urls`` when given, else launch
+        ``sglang_num_servers`` servers of ``sglang_tp`` GPUs from ``model_path`` with the ``sglang_*``
+        settings, logs into ``log_dir``. Keyword arguments override / add constructor arguments."""
+        g = lambda name, default: getattr(rollout_cfg, name, default)  # noqa: E731
+        kw.setdefault("weight_transport", g("sglang_weight_transport", "tensor"))
+        kw.setdefault("api_key", g("sglang_api_key", "") or None)
+        kw.setdefault("send_sampling_seed", bool(g("sglang_sampling_seed", True)))
+        if g("sglang_offload", False):
+            kw.setdefault("offload_tags", tuple(g("sglang_offload_tags", ("kv_cache", "cuda_graph"))))
+        if g("sglang_dist_master_address", ""):
+            kw.setdefault("dist_master_address", g("sglang_dist_master_address", ""))
+        if g("sglang_dist_master_port", 0):
+            kw.setdefault("dist_master_port", int(g("sglang_dist_master_port", 0)))
+        urls = list(g("sglang_urls", []) or [])
         if urls:
-            return cls(urls=urls, **kw)
-        spec = LaunchSpec(model_path=str(model_path), tp=int(g("sglang_tp", 1)),
-                          num_servers=int(g("sglang_num_servers", 1)), base_port=int(g("sglang_port", 30000)),
-                          extra_args=tuple(g("sglang_extra_args", ())), log_dir=g("sglang_log_dir", None),
-                          enable_memory_saver=bool(g("sglang_memory_saver", False)))
+            return cls(urls=urls, tp=g("sglang_tp", None) if g("sglang_tp", 0) else None, **kw)
+        spec = LaunchSpec(model_path=str(model_path), tp=int(g("sglang_tp", 1) or 1),
+                          num_servers=int(g("sglang_num_servers", 1) or 1),
+                          host=g("sglang_host", "127.0.0.1") or "127.0.0.1",
+                          base_port=int(g("sglang_port", 30000) or 30000),
+                          base_gpu_id=int(g("sglang_base_gpu_id", 0) or 0),
+                          mem_fraction_static=g("sglang_mem_fraction_static", None) or None,
+                          enable_memory_saver=bool(g("sglang_memory_saver", False) or g("sglang_offload", False)),
+                          deterministic_inference=bool(g("sglang_deterministic", False)),
+                          api_key=kw.get("api_key") or os.environ.get(API_KEY_ENV) or None,
+                          python=g("sglang_python", "") or None,
+                          extra_args=tuple(g("sglang_extra_args", ()) or ()),
+                          log_dir=log_dir or g("sglang_log_dir", "") or None)
         return cls(launch=spec, **kw)
 
     # ------------------------------------------------------------------ process management
     def _start(self, s: _Server) -> None:
-        log_dir = Path(self.launch.log_dir or os.environ.get("TMPDIR", "/tmp"))
+        log_dir = Path(self.launch.log_dir) if self.launch.log_dir else None
+        if log_dir is None:  # tests with a command override only: a private directory, never a fixed /tmp name
+            import tempfile
+
+            log_dir = Path(tempfile.mkdtemp(prefix="erpd_sglang_"))
+            self.launch.log_dir = str(log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         s.log_path = str(log_dir / f"sglang_server{s.index}.log")
-        env = {**os.environ, **(self.launch.env or {})}
-        with open(s.log_path, "ab") as fh:
-            fh.write(f"\n=== start (epoch {s.epoch}): {' '.join(s.argv)}\n".encode())
-            fh.flush()
-            # Own session = own process group, so the whole tree (scheduler, detokenizer, TP workers)
-            # can be stopped by the group id without touching anything else.
-            s.proc = subprocess.Popen(s.argv, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        s.proc = start_server(s.argv, s.log_path, self.launch.env, f"start (epoch {s.epoch})",
+                              secret=self.launch.api_key)
         s.alive = True
 
     def _stop(self, s: _Server, grace: float = 15.0) -> None:
         proc, s.proc = s.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                proc.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        stop_server(proc, grace)
 
     def _wait_healthy(self, s: _Server, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
+        def once():
             if s.proc is not None and s.proc.poll() is not None:
                 raise SGLangError(f"server {s.url} exited with code {s.proc.returncode} while starting; "
-                                  f"log: {s.log_path}\n{_tail(s.log_path)}")
-            if self._healthy(s):
-                return
-            if time.monotonic() > deadline:
-                raise SGLangError(f"server {s.url} not healthy after {timeout:.0f}s; log: {s.log_path}")
-            time.sleep(0.25)
+                                  f"log: {s.log_path}\n{tail(s.log_path)}")
+            if not self._healthy(s):
+                raise ServerUnreachable(f"{s.url}/health not 200 yet")
+
+        try:
+            retry(once, timeout=timeout, delay=0.25, max_delay=1.0, what=f"waiting for {s.url}")
+        except SGLangError as e:
+            if isinstance(e.__cause__, ServerUnreachable):
+                raise SGLangError(f"server {s.url} not healthy after {timeout:.0f}s; log: {s.log_path}") from e
+            raise
 
     def _healthy(self, s: _Server) -> bool:
         try:
-            status, _ = http_json(s.url, "GET", "/health", timeout=self.health_timeout)
+            status, _ = http_json(s.url, "GET", "/health", timeout=self.health_timeout, api_key=self.api_key)
             return status == 200
         except ServerUnreachable:
             return False
 
-    def _query_tp(self, s: _Server) -> int:
-        try:
-            status, info = http_json(s.url, "GET", "/get_server_info", timeout=self.control_timeout)
-        except ServerUnreachable:
-            status, info = 0, None
-        if status == 200 and isinstance(info, dict) and "tp_size" in info:
-            return int(info["tp_size"])
-        raise SGLangError(f"cannot read tp_size of {s.url} from /get_server_info; pass tp= to SGLangEngine")
+    def _read_server_info(self, s: _Server) -> None:
+        """TP / DP size from ``/server_info`` (``/get_server_info`` on older servers): sglang refuses
+        weight updates from a server with dp_size > 1."""
+        info = None
+        for path in ("/server_info", "/get_server_info"):
+            try:
+                info = self._control(s, path, method="GET")
+                break
+            except NotFound:
+                continue
+            except SGLangError:
+                break
+        if not isinstance(info, dict):
+            if s.tp is None:
+                raise SGLangError(f"cannot read tp_size of {s.url} from /server_info; pass tp= to SGLangEngine")
+            return
+        if s.tp is None:
+            if "tp_size" not in info:
+                raise SGLangError(f"{s.url}/server_info has no tp_size; pass tp= to SGLangEngine")
+            s.tp = int(info["tp_size"])
+        dp = int(info.get("dp_size", 1) or 1)
+        if dp > 1 and self.weight_transport != "disk":
+            raise SGLangError(f"{s.url} runs dp_size={dp}: sglang refuses weight updates unless dp_size == 1; "
+                              "start one DP=1 server per TP group instead")
+
+    def _control(self, s: _Server, path: str, body: dict | None = None, method: str = "POST",
+                 timeout: float | None = None):
+        return control(s.url, path, body, method=method, timeout=timeout or self.control_timeout, api_key=self.api_key)
+
+    def _live(self) -> list[_Server]:
+        return [s for s in self.servers if s.alive]
 
     def _recover(self, s: _Server, epoch_seen: int) -> bool:
         """After a failed call on incarnation ``epoch_seen``: True when the server is usable again."""
@@ -319,6 +305,7 @@ class SGLangEngine(RolloutEngine):
             self._stop(s)
             s.restarts += 1
             s.epoch += 1
+            s.session = None
             self._start(s)
             try:
                 self._wait_healthy(s, self.launch.startup_timeout)
@@ -334,8 +321,7 @@ class SGLangEngine(RolloutEngine):
 
     def _resync(self, s: _Server) -> None:
         if self._last_disk_path is not None:
-            self._control(s, "/update_weights_from_disk",
-                          {"model_path": self._last_disk_path, "weight_version": str(self.weight_version)})
+            self._reload_disk(s)
         elif self.resync_fn is not None:
             self.resync_fn(s.url)
         else:
@@ -348,6 +334,17 @@ class SGLangEngine(RolloutEngine):
         for i, p in enumerate(prompt_ids):
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty")
+        if "weights" in self._released:
+            raise RolloutError("the servers' weights were released (offload_tags) and not pushed again since: "
+                               "call update_weights before generate")
+        self._resume_released(MEMORY_TAGS)
+        try:
+            return self._generate(prompt_ids, sampling)
+        finally:
+            if self.offload_tags and not self._closed:  # colocated: hand the memory to the trainer
+                self.release_memory(self.offload_tags)
+
+    def _generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingParams) -> list[Sample]:
         self._call_id += 1
         call = f"erpd{os.getpid()}-{self._call_id}-{uuid.uuid4().hex[:6]}"
         keys = expand_requests(len(prompt_ids), sampling)
@@ -425,13 +422,27 @@ class SGLangEngine(RolloutEngine):
             raise SGLangError(f"{s.url}/generate: HTTP {status}: {data}")
         return self._parse_generation(s, data, key)
 
+    def _generate_one(self, s: _Server, prompt: Sequence[int], key: tuple[int, int], sampling: SamplingParams,
+                      call: str) -> Sample:
+        body = {
+            "rid": _rid(call, key),
+            "input_ids": [int(t) for t in prompt],
+            "sampling_params": sglang_sampling_params(
+                sampling, derive_seed(sampling.seed, *key) if self.send_sampling_seed else None),
+            "return_logprob": True,
+            "stream": False,
+        }
+        status, data = http_json(s.url, "POST", "/generate", body, timeout=self.request_timeout, api_key=self.api_key)
+        if status == 503:
+            raise RetryableGeneration(f"{s.url}/generate: 503 {data}")
+        if status != 200:
+            raise SGLangError(f"{s.url}/generate: HTTP {status}: {data}")
+        return self._parse_generation(s, data, key)
+
     def _parse_generation(self, s: _Server, data, key: tuple[int, int]) -> Sample:
         ids, logprobs, reason, meta = parse_generate_response(data, where=f"{s.url} rid {_rid('', key)}")
         server_version = meta.get("weight_version")
-        if s.stale_weights:
-            version = server_version
-        else:
-            version = self.weight_version
+        version = server_version if s.stale_weights else self.weight_version
         return Sample(prompt_index=key[0], sample_index=key[1], response_ids=ids, logprobs=logprobs,
                       finish_reason=reason, weight_version=version,
                       info={"server": s.url, "server_weight_version": server_version,
@@ -439,63 +450,44 @@ class SGLangEngine(RolloutEngine):
 
     def _abort_quietly(self, s: _Server, rid: str) -> None:
         try:
-            http_json(s.url, "POST", "/abort_request", {"rid": rid}, timeout=min(5.0, self.control_timeout))
+            http_json(s.url, "POST", "/abort_request", {"rid": rid}, timeout=min(5.0, self.control_timeout),
+                      api_key=self.api_key)
         except SGLangError:
             pass
 
     # ------------------------------------------------------------------ control calls
-    def _control(self, s: _Server, path: str, body: dict | None = None, method: str = "POST",
-                 timeout: float | None = None):
-        status, data = http_json(s.url, method, path, body, timeout=timeout or self.control_timeout)
-        if status != 200 or (isinstance(data, dict) and data.get("success") is False):
-            raise SGLangError(f"{s.url}{path}: HTTP {status}: {data}")
-        return data
-
-    def _each(self, fn: Callable[[_Server], object]) -> list:
-        """Run ``fn`` on every live server concurrently; re-raise the first error."""
-        live = [s for s in self.servers if s.alive]
-        out: list = [None] * len(live)
-        errs: list[BaseException] = []
-
-        def run(k, s):
-            try:
-                out[k] = fn(s)
-            except BaseException as e:
-                errs.append(e)
-
-        threads = [threading.Thread(target=run, args=(k, s), daemon=True) for k, s in enumerate(live)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errs:
-            raise errs[0]
-        return out
-
     def pause(self) -> None:
-        self._each(lambda s: self._control(s, "/pause_generation", {"mode": self.pause_mode}))
+        run_each(self._live(), lambda s: self._control(s, "/pause_generation", {"mode": self.pause_mode}))
 
     def resume(self) -> None:
-        self._each(lambda s: self._control(s, "/continue_generation", {}))
+        run_each(self._live(), lambda s: self._control(s, "/continue_generation", {}))
 
     def flush_cache(self, attempts: int = 20) -> None:
         """``/flush_cache`` answers 400 while requests are still running: retry briefly."""
         def flush(s):
-            for k in range(attempts):
-                status, data = http_json(s.url, "POST", "/flush_cache", None, timeout=self.control_timeout)
-                if status == 200:
-                    return
-                time.sleep(min(0.05 * 2 ** k, 2.0))
-            raise SGLangError(f"{s.url}/flush_cache kept failing: {data}")
-        self._each(flush)
+            def once():
+                status, data = http_json(s.url, "POST", "/flush_cache", None, timeout=self.control_timeout,
+                                         api_key=self.api_key)
+                if status != 200:
+                    raise _Busy(f"{s.url}/flush_cache: HTTP {status}: {data}")
+            retry(once, retry_on=(_Busy,), attempts=attempts, what=f"{s.url}/flush_cache")
+        run_each(self._live(), flush)
 
     def release_memory(self, tags: Sequence[str] | None = None) -> None:
         body = {} if tags is None else {"tags": list(tags)}
-        self._each(lambda s: self._control(s, "/release_memory_occupation", body))
+        run_each(self._live(), lambda s: self._control(s, "/release_memory_occupation", body))
+        self._released |= set(tags or MEMORY_TAGS)
 
     def resume_memory(self, tags: Sequence[str] | None = None) -> None:
         body = {} if tags is None else {"tags": list(tags)}
-        self._each(lambda s: self._control(s, "/resume_memory_occupation", body))
+        run_each(self._live(), lambda s: self._control(s, "/resume_memory_occupation", body))
+        self._released -= set(tags or MEMORY_TAGS)
+
+    def _resume_released(self, tags: Sequence[str]) -> None:
+        """Resume those of ``tags`` that this engine released (in sglang's tag order)."""
+        todo = [t for t in MEMORY_TAGS if t in tags and t in self._released]
+        if todo:
+            self.resume_memory(todo)
 
     def health(self) -> bool:
         return not self._closed and all(s.alive and self._healthy(s) for s in self.servers)
@@ -519,200 +511,16 @@ class SGLangEngine(RolloutEngine):
         if self._closed:
             raise RuntimeError("SGLangEngine is shut down")
 
-    # ------------------------------------------------------------------ weights
-    def update_weights(self, buckets: Iterable[WeightBucket], version: int | str | None = None) -> None:
-        self._check_open()
-        if self.weight_transport == "disk":
-            path = self.write_disk_checkpoint(buckets, version)
-            self.update_weights_from_disk(path, version)
-            return
-        self.pause()
-        try:
-            self.flush_cache()
-            for bucket in buckets:
-                if not bucket:
-                    continue
-                if self.weight_transport == "tensor":
-                    self._push_tensor_bucket(bucket, version)
-                else:
-                    self._push_distributed_bucket(bucket, version)
-            self.flush_cache()
-        finally:
-            self.resume()
-        self.weight_version = version
-        self._last_disk_path = None
-        for s in self.servers:
-            s.stale_weights = False
 
-    def _push_tensor_bucket(self, bucket: WeightBucket, version) -> None:
-        for payload in sglang_wire.flatten_bucket(bucket, self.bucket_layout):
-            def send(s, payload=payload):
-                # One serialization per TP rank: each rank consumes its own handles (as sglang's Engine does).
-                body = {"serialized_named_tensors": [sglang_wire.serialize(payload) for _ in range(s.tp)],
-                        "load_format": "flattened_bucket", "flush_cache": False, "abort_all_requests": False,
-                        "weight_version": None if version is None else str(version)}
-                self._control(s, "/update_weights_from_tensor", body)
-            self._each(send)
-
-    def update_weights_from_serialized(self, payloads_per_rank: Sequence[str], version=None, server: int = 0) -> None:
-        """Low-level: post payloads already serialized per TP rank (e.g. gathered from the trainer ranks
-        that share GPUs with server ``server``), as ``flattened_bucket``. No pause / flush here."""
-        self._control(self.servers[server], "/update_weights_from_tensor",
-                      {"serialized_named_tensors": list(payloads_per_rank), "load_format": "flattened_bucket",
-                       "flush_cache": False, "weight_version": None if version is None else str(version)})
-
-    def _ensure_dist_group(self) -> None:
-        if self._dist_group is not None:
-            return
-        if self.dist_master_port is None:
-            raise ValueError("weight_transport='distributed' needs dist_master_port=")
-        live = [s for s in self.servers if s.alive]
-        world = 1 + sum(s.tp for s in live)
-        offsets, off = {}, 1
-        for s in live:
-            offsets[s.index], off = off, off + s.tp
-        init_method = f"tcp://{self.dist_master_address}:{self.dist_master_port}"
-        errs: list[BaseException] = []
-
-        def join(s):
-            try:
-                self._control(s, "/init_weights_update_group", {
-                    "master_address": self.dist_master_address, "master_port": self.dist_master_port,
-                    "rank_offset": offsets[s.index], "world_size": world,
-                    "group_name": self.dist_group_name, "backend": self.dist_backend})
-            except BaseException as e:
-                errs.append(e)
-
-        # The servers block in rendezvous until rank 0 (us) joins: post first, then join ourselves.
-        threads = [threading.Thread(target=join, args=(s,), daemon=True) for s in live]
-        for t in threads:
-            t.start()
-        group = sglang_wire.init_custom_process_group(backend=self.dist_backend, init_method=init_method,
-                                                      world_size=world, rank=0, group_name=self.dist_group_name)
-        for t in threads:
-            t.join()
-        if errs:
-            raise errs[0]
-        self._dist_group = group
-
-    def _push_distributed_bucket(self, bucket: WeightBucket, version) -> None:
-        import torch.distributed as dist
-
-        self._ensure_dist_group()
-        body = {"names": [n for n, _ in bucket], "dtypes": [sglang_wire.dtype_name(t.dtype) for _, t in bucket],
-                "shapes": [list(t.shape) for _, t in bucket], "group_name": self.dist_group_name,
-                "flush_cache": False, "weight_version": None if version is None else str(version)}
-        errs: list[BaseException] = []
-
-        def post(s):
-            try:
-                self._control(s, "/update_weights_from_distributed", body)
-            except BaseException as e:
-                errs.append(e)
-
-        threads = [threading.Thread(target=post, args=(s,), daemon=True) for s in self.servers if s.alive]
-        for t in threads:
-            t.start()
-        # Same order as the names list: the servers post one broadcast per tensor, in order.
-        for _, t in bucket:
-            dist.broadcast(t.detach().contiguous(), src=0, group=self._dist_group)
-        for t in threads:
-            t.join()
-        if errs:
-            raise errs[0]
-
-    def write_disk_checkpoint(self, buckets: Iterable[WeightBucket], version) -> str:
-        """Write buckets as ``model-0000k.safetensors`` (one file per bucket, with an index) plus the
-        non-weight files of ``disk_template_dir`` (config, tokenizer) into ``disk_dir/v{version}``."""
-        from safetensors.torch import save_file
-
-        out = Path(self.disk_dir) / f"v{version}"
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        if self.disk_template_dir:
-            for f in Path(self.disk_template_dir).iterdir():
-                if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".pt")) \
-                        and f.name != "model.safetensors.index.json":
-                    shutil.copy2(f, out / f.name)
-        weight_map, total = {}, 0
-        for k, bucket in enumerate(buckets):
-            if not bucket:
-                continue
-            fname = f"model-{k:05d}.safetensors"
-            save_file({n: t.detach().contiguous().cpu() for n, t in bucket}, str(out / fname))
-            for n, t in bucket:
-                weight_map[n] = fname
-                total += t.numel() * t.element_size()
-        (out / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-        return str(out)
-
-    def update_weights_from_disk(self, model_path: str, version=None) -> None:
-        """``/update_weights_from_disk`` on every server (sglang pauses / flushes itself for this one)."""
-        self._each(lambda s: self._control(s, "/update_weights_from_disk", {
-            "model_path": str(model_path), "weight_version": None if version is None else str(version)}))
-        self.weight_version = version
-        self._last_disk_path = str(model_path)
-        for s in self.servers:
-            s.stale_weights = False
-
-
-# ---------------------------------------------------------------------- wire helpers (pure)
-def sglang_sampling_params(sampling: SamplingParams, seed: int | None) -> dict:
-    """``sampling_params`` of one ``/generate`` request (field names of sglang's ``SamplingParams``)."""
-    p = {"n": 1, "temperature": float(sampling.temperature), "top_p": float(sampling.top_p),
-         "max_new_tokens": int(sampling.max_new_tokens)}
-    if sampling.top_k > 0:
-        p["top_k"] = int(sampling.top_k)
-    if sampling.stop:
-        p["stop"] = list(sampling.stop)
-    if sampling.stop_token_ids:
-        p["stop_token_ids"] = list(sampling.stop_token_ids)
-    if seed is not None:
-        p["sampling_seed"] = int(seed)
-    return p
-
-
-def parse_generate_response(data, where: str = "") -> tuple[list[int], list[float], str, dict]:
-    """(response ids, behaviour log-probs, "stop" | "length", meta_info) of a non-streamed /generate
-    answer. Raises ``RetryableGeneration`` for an aborted request, ``SGLangError`` for a malformed one."""
-    if isinstance(data, list):  # a batch answer for a single request
-        if len(data) != 1:
-            raise SGLangError(f"{where}: expected one generation, got {len(data)}")
-        data = data[0]
-    if not isinstance(data, dict) or "meta_info" not in data:
-        raise SGLangError(f"{where}: /generate answer without meta_info: {str(data)[:300]}")
-    meta = data["meta_info"]
-    fr = meta.get("finish_reason")
-    kind = fr.get("type") if isinstance(fr, dict) else fr
-    if kind == "abort":
-        raise RetryableGeneration(f"{where}: generation aborted: {fr}")
-    if kind not in ("stop", "length"):
-        raise SGLangError(f"{where}: unexpected finish_reason {fr!r}")
-    triples = meta.get("output_token_logprobs")
-    if triples is None:
-        raise SGLangError(f"{where}: meta_info has no output_token_logprobs (was return_logprob sent?)")
-    ids, lps = [], []
-    for k, tr in enumerate(triples):
-        lp, tok = tr[0], tr[1]
-        if lp is None:
-            raise SGLangError(f"{where}: output token {k} has no logprob")
-        ids.append(int(tok))
-        lps.append(float(lp))
-    out_ids = data.get("output_ids")
-    if out_ids is not None and list(out_ids) != ids:
-        raise SGLangError(f"{where}: output_ids and output_token_logprobs disagree")
-    return ids, lps, kind, meta
+class _Busy(SGLangError):
+    """``/flush_cache`` refused while requests still run."""
 
 
 def _rid(call: str, key: tuple[int, int]) -> str:
     return f"{call}-p{key[0]}-s{key[1]}"
 
 
-def _tail(path: str | None, n: int = 2000) -> str:
-    if not path or not os.path.exists(path):
-        return ""
-    with open(path, "rb") as fh:
-        fh.seek(max(0, os.path.getsize(path) - n))
-        return fh.read().decode(errors="replace")
+def _host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname or ""
