@@ -660,7 +660,7 @@ def _load_config(args) -> tuple[dict, str]:
                 return json.load(f), args.hf_config
             except json.JSONDecodeError as e:
                 raise ValueError(f"{args.hf_config}: not a JSON config ({e})") from None
-    from launchers.models import get_model_config
+    from erpd_megatron.model_shapes import get_model_config
 
     return get_model_config(args.model), args.model
 
@@ -668,9 +668,8 @@ def _load_config(args) -> tuple[dict, str]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="erpd plan", description="per-GPU memory, FLOPs and step time of a layout")
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--model", default="qwen3-4b", help="embedded model name (launchers/models.py)")
+    src.add_argument("--model", default="qwen3-4b", help="embedded model name (erpd_megatron/model_shapes.py)")
     src.add_argument("--hf-config", help="path to an HF config.json")
-    src.add_argument("--recipe", help="take model and layout from a launcher recipe (flags below override)")
     d = Layout()
     for f in ["tp", "pp", "dp", "cp", "micro_batch", "global_batch", "seq_len", "gpus_per_node", "rollout_tp",
               "rollout_nodes"]:
@@ -696,15 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """`erpd plan ...`: prints the table (or JSON); exit code 0 = fits, 2 = refused."""
     args = build_parser().parse_args(argv)
-    if args.recipe:
-        from launchers.models import get_model_config
-        from launchers.recipes import get_recipe
-
-        r = get_recipe(args.recipe)
-        cfg, name, L = get_model_config(r.model), r.model, r.layout
-    else:
-        cfg, name = _load_config(args)
-        L = Layout()
+    # a launcher recipe's layout: `python -m launchers plan RECIPE` (the planner imports no launcher code)
+    cfg, name = _load_config(args)
+    L = Layout()
     for f in ["tp", "pp", "dp", "cp", "micro_batch", "global_batch", "seq_len", "gpus_per_node", "rollout_tp",
               "rollout_nodes", "nodes", "recompute", "attention", "param_dtype", "grad_dtype", "rollout",
               "rollout_mem_fraction"]:

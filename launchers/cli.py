@@ -16,8 +16,8 @@ import argparse
 import json
 import sys
 
+from erpd_megatron.model_shapes import get_model_config
 from erpd_megatron.planner import LayoutError, Plan, check_or_raise
-from launchers.models import get_model_config
 from launchers.recipes import RECIPES, Recipe, apply_overrides, get_recipe
 
 

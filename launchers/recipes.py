@@ -96,7 +96,7 @@ class Recipe:
     name: str
     description: str
     model: str
-    """key of launchers.models.MODELS (the HF config the planner checks)"""
+    """key of erpd_megatron.model_shapes.MODELS (the HF config the planner checks)"""
     layout: Layout
     trainer: list[str]
     """trainer command without overrides, e.g. ["erpd", "run", "--config", PRESET]"""

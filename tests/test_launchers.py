@@ -8,6 +8,7 @@ import os
 import re
 import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -228,3 +229,14 @@ def test_local_executor_runs_micro_pipeline(tmp_path, toy_base, monkeypatch):
     assert shown.startswith("erpd run --config")
     summary = json.loads((tmp_path / "cpu_demo" / "summary.json").read_text())
     assert {"ce", "mse", "ppo", "s1_ce", "s2_mse"} <= set(summary["methods"])
+
+
+def test_planner_imports_no_launcher_code():
+    """The dependency is one-way: launchers -> planner / model shapes, never back (no import cycle)."""
+    code = ("import sys, erpd_megatron.planner, erpd_megatron.model_shapes\n"
+            "bad = [m for m in sys.modules if m == 'launchers' or m.startswith('launchers.')]\n"
+            "assert not bad, bad\n"
+            "sys.exit(erpd_megatron.planner.main(['--model', 'qwen3-toy', '--json']))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout)["ok"] is True

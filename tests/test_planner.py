@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from erpd_megatron import planner
+from erpd_megatron.model_shapes import MODELS
 from erpd_megatron.planner import GiB, Hardware, Layout, ModelShape, count_params, param_inventory, plan
-from launchers.models import MODELS
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,5 @@
-"""Literal Hugging Face configs of the models the recipes train.
+"""Literal Hugging Face configs of the models the launcher recipes train (shared by the planner and
+`launchers/`; the planner imports nothing from the launchers).
 
 These are the `config.json` fields of the released checkpoints that matter for memory, FLOPs and layout
 checks (the planner reads them; nothing here downloads anything). Tokenizer ids and generation settings
@@ -134,7 +135,7 @@ QWEN3_5_27B: dict = {
     "vision_config": {"model_type": "qwen3_5_vision", "depth": 27},
 }
 
-#: name -> HF config dict (names are what `--model` and the recipes take)
+#: name -> HF config dict (names are what `erpd plan --model` and the recipes take)
 MODELS: dict[str, dict] = {
     "qwen3-toy": QWEN3_TOY,
     "qwen3-1.7b": QWEN3_1_7B,
