@@ -28,27 +28,134 @@ from erpd_megatron.config import ConfigError, RunConfig, load_config, save_confi
 log = logging.getLogger("erpd")
 
 
-def parse(argv: list[str], prog: str, base: dict | None = None) -> RunConfig:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="YAML preset (see erpd_megatron/presets/)")
-    p.add_argument("overrides", nargs="*", help="section.field=value (CLI > file > defaults)")
-    ns = p.parse_args(argv)
-    return load_config(ns.config, ns.overrides, base=base)
+PRESETS = Path(__file__).resolve().parent.parent / "presets"
 
 
-def _check_same_config(cfg: RunConfig) -> None:
-    """A run dir belongs to one config: resuming with a different one would mix incompatible results."""
+def _epilog(prog: str) -> str:
+    """Presets, config sections (with their keys) and two examples, built from the files and dataclasses."""
+    import dataclasses
+    import textwrap
+    import typing
+
+    lines = ["presets (--config NAME):"]
+    for f in sorted(PRESETS.glob("*.yaml")):
+        first = next((x.lstrip("# ").strip() for x in f.read_text().splitlines() if x.startswith("#")), "")
+        lines.append(f"  {f.stem:<11} {first[:90]}")
+    lines.append("\nconfig sections (override any key as section.key=value; --print-config shows every value):")
+    for name, tp in typing.get_type_hints(RunConfig).items():
+        args = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        sub = args[-1] if args else tp
+        if dataclasses.is_dataclass(sub):
+            label = f"{name}.NAME" if typing.get_origin(tp) is dict else name
+            keys = " ".join(f.name for f in dataclasses.fields(sub))
+            lines += textwrap.wrap(keys, 100, initial_indent=f"  {label:<14} ", subsequent_indent=" " * 17)
+        else:
+            lines.append(f"  {name:<14} (top level)")
+    lines += ["\nexamples:",
+              f"  {prog} --config micro run_dir=runs/try teachers.ce.lr=3e-4 eval.k=2",
+              f"  {prog} --config demo 'students.s1_ce.strategies=[1,2]' students.s1_ce.unlearned_step=10 --print-config"]
+    return "\n".join(lines)
+
+
+def build_parser(prog: str, stages: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    what = " -> ".join(stages) if stages else "all stages"
+    p = argparse.ArgumentParser(prog=prog, epilog=_epilog(prog),
+                                description=f"{what} of one config; finished work is skipped, so rerunning resumes.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="PRESET|FILE",
+                   help="a preset name (listed below) or a YAML file (default: none, the built-in defaults)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML and exit without building anything (default: off)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="overrides, each value parsed as YAML; CLI > file > defaults (default: none)")
+    return p
+
+
+def config_path(spec: str | None) -> str | None:
+    """A YAML path as given, or the preset of that name ("micro" -> presets/micro.yaml)."""
+    if spec and not Path(spec).exists() and (PRESETS / f"{spec}.yaml").exists():
+        return str(PRESETS / f"{spec}.yaml")
+    return spec
+
+
+def parse(argv: list[str], prog: str, base: dict | None = None,
+          stages: tuple[str, ...] = ()) -> tuple[RunConfig, argparse.Namespace]:
+    ns = build_parser(prog, stages).parse_args(argv)
+    return load_config(config_path(ns.config), ns.overrides, base=base), ns
+
+
+def print_config(cfg: RunConfig) -> None:
     import yaml
 
-    path = Path(cfg.run_dir) / "config.yaml"
-    if path.exists():
-        old = yaml.safe_load(path.read_text())
-        if old != to_dict(cfg):
-            diff = sorted(k for k in set(old) | set(to_dict(cfg)) if old.get(k) != to_dict(cfg).get(k))
-            raise ConfigError(f"{path}: the run directory was created with another config (differs in {diff}); "
-                              f"use another run_dir or delete it")
-    else:
-        save_config(cfg, path)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+
+
+# Resuming may change these without altering any finished result; the rest of a run dir's config is locked.
+# Steps may only grow: training continues from the last checkpoint and the mini-batch of a step is a pure
+# function of (seed, step), so the finished steps are the ones an uninterrupted longer run would have made.
+GROWABLE = ("iterations", "teachers.*.steps", "students.*.steps", "onpolicy.steps")
+FREE = ("eval.every", "rollout.sglang_urls")  # which steps are evaluated / where the servers run
+
+
+def _leaf_changes(old, new, path: str = "") -> list[tuple[str, object, object]]:
+    """(path, old, new) of every differing value; added or removed teachers / students are not changes."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            if path in ("teachers", "students") and (k not in old or k not in new):
+                continue
+            out += _leaf_changes(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))
+        return out
+    return [] if old == new else [(path, old, new)]
+
+
+def locked_changes(old: dict, new: dict, started: set[str]) -> list[str]:
+    """Changes from a run dir's config `old` to `new` that would alter results already there, as text.
+
+    `started`: methods with a checkpoint directory ("promoted" once an iteration promoted a student). A teacher's
+    steps are locked once a student reading its last checkpoint has started, a student's once a promotion
+    happened, a sequential ensemble's always (its steps are split between the signals)."""
+    import re
+
+    def students_of(teacher: str) -> list[str]:
+        return [n for n, s in new.get("students", {}).items() if s.get("teacher") == teacher
+                and s.get("teacher_step", -1) <= 0 and {1, 2} & set(s.get("strategies", []))]
+
+    bad = []
+    for path, a, b in _leaf_changes(old, new):
+        generic = re.sub(r"^(teachers|students)\.[^.]+\.", r"\1.*.", path)
+        if generic in FREE:
+            continue
+        if path == "onpolicy.steps" and a == 0:  # 0 meant the ERPD budget: compare the steps it stood for
+            a = -(-old["data"]["prompts_per_batch"] // old["onpolicy"]["prompts_per_step"])
+        grows = generic in GROWABLE and isinstance(a, int) and isinstance(b, int) and b >= a
+        name = path.split(".")[1] if generic.startswith(("teachers.", "students.")) else ""
+        used = (generic == "teachers.*.steps" and any(
+                    m == s or m.endswith(f"_{s}") for s in students_of(name) for m in started)) or \
+               (generic == "students.*.steps" and ("promoted" in started
+                                                   or new["students"][name].get("ensemble") == "sequential"))
+        if not grows or used:
+            bad.append(f"{path}: {a!r} -> {b!r}")
+    return bad
+
+
+def check_resumable(cfg: RunConfig) -> None:
+    """Refuse a run dir whose config.yaml differs from `cfg` in a way that would mix incompatible results.
+    Read-only: the config is recorded only once the data has been validated (`_pipeline`)."""
+    import yaml
+
+    root = Path(cfg.run_dir)
+    path = root / "config.yaml"
+    if not path.exists():
+        return
+    started = {p.name for p in (root / "ckpt").glob("*") if p.is_dir()}
+    if any(root.glob("iter_*/promoted.json")):
+        started.add("promoted")
+    bad = locked_changes(yaml.safe_load(path.read_text()), to_dict(cfg), started)
+    if bad:
+        raise ConfigError(f"{path}: the run directory was created with another config ({'; '.join(bad)}); "
+                          f"only steps (growing), iterations, eval.every, rollout.sglang_urls and new teachers / "
+                          f"students may change on resume; use another run_dir or delete it")
 
 
 def _maybe_torchrun(cfg: RunConfig, argv: list[str], sub: str) -> int | None:
@@ -66,7 +173,9 @@ def _pipeline(cfg: RunConfig, stages: tuple[str, ...]) -> dict:
     from erpd_megatron.pipeline.collect import collect
     from erpd_megatron.pipeline.context import Timer, build_context
 
-    ctx = build_context(cfg)
+    ctx = build_context(cfg)  # validates the data (sizes, prompt lengths) before anything is recorded
+    if ctx.is_main:
+        save_config(cfg, ctx.run.root / "config.yaml")
     bookkeeping: dict[str, dict] = {}
     rollouts = cfg.data.prompts_per_batch * cfg.rollout.n_samples
     try:
@@ -135,15 +244,19 @@ ALL = ("collect", "teacher", "signals", "distill", "onpolicy", "report")
 
 def _main(argv, sub: str, stages: tuple[str, ...]) -> int:
     from erpd_megatron.data.prompts import PromptDataError
-    from erpd_megatron.pipeline.context import setup_logging
 
-    setup_logging()
     try:
-        cfg = parse(argv, f"erpd {sub}")
+        cfg, ns = parse(argv, f"erpd {sub}", stages=stages)  # before any heavy import: --help / --print-config answer at once
+        if ns.print_config:
+            print_config(cfg)
+            return 0
+        from erpd_megatron.pipeline.context import setup_logging
+
+        setup_logging()
         rc = _maybe_torchrun(cfg, argv, sub)
         if rc is not None:
             return rc
-        _check_same_config(cfg)
+        check_resumable(cfg)
         _pipeline(cfg, stages)
     except (ConfigError, PromptDataError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
         print(f"erpd {sub}: error: {e}", file=sys.stderr)

@@ -26,8 +26,13 @@ import sys
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from erpd_megatron.rollout.engine import SamplingParams
+from erpd_megatron.utils.cli import HelpFormatter
+
+if TYPE_CHECKING:  # the engine module imports torch: `erpd eval --help` must not
+    from erpd_megatron.rollout.engine import SamplingParams
 
 log = logging.getLogger("erpd.eval")
 
@@ -56,6 +61,7 @@ class LLMJudge:
         self.endpoint = base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
         self.model, self.timeout, self.max_chars = model, timeout, max_response_chars
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.errors, self.last_error = 0, ""  # failed calls (connection, HTTP, malformed reply)
 
     def __call__(self, problem: str, answer: str, response: str) -> bool | None:
         """True / False, or None when the judge failed or answered something else."""
@@ -71,7 +77,10 @@ class LLMJudge:
                 data = json.loads(resp.read())
             text = data["choices"][0]["message"]["content"] or ""
         except (OSError, ValueError, KeyError, IndexError) as e:
-            log.warning("judge call failed: %s", e)
+            self.errors += 1
+            self.last_error = f"{type(e).__name__}: {e}"
+            if self.errors <= 3:  # one refused connection per sample would flood the log
+                log.warning("judge call failed: %s", self.last_error)
             return None
         words = re.findall(r"[A-Za-z]+", text.upper())
         if "INCORRECT" in words:
@@ -133,7 +142,10 @@ def evaluate(engine, tokenizer, problems: Sequence, sampling: SamplingParams, k:
         "mean_length": sum(len(s.response_ids) for s in samples) / len(samples) if samples else 0.0,
         "truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples) if samples else 0.0,
         "avg_at_k_math_verify": sum(mv) / len(mv) if mv else 0.0,
-        "judge_calls": sum(v is not None for v in verdicts) if judge is not None else 0,
+        # calls: samples the judge was asked about; failures: calls without a verdict (error or other reply)
+        "judge_calls": sum(m == 0.0 for m in mv) if judge is not None else 0,
+        "judge_failures": sum(m == 0.0 and v is None for m, v in zip(mv, verdicts)) if judge is not None else 0,
+        "judge_last_error": getattr(judge, "last_error", "") if judge is not None else "",
         "judge_flips": sum(1 for m, v in zip(mv, verdicts) if m == 0 and v is True),
         "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
                      "max_new_tokens": sampling.max_new_tokens, "seed": sampling.seed},
@@ -141,41 +153,78 @@ def evaluate(engine, tokenizer, problems: Sequence, sampling: SamplingParams, k:
     return {"total": total, "per_problem": per}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="erpd eval", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="erpd eval", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                                 epilog="example:\n  erpd eval --benchmark aime24.jsonl --model /path/hf_dir --k 16 "
+                                        "--max-new-tokens 8192 --out res.json")
     ap.add_argument("--benchmark", required=True, help="JSONL/Parquet file with problem, answer (optional id)")
     ap.add_argument("--model", help="HF model directory (LocalEngine; also the tokenizer source)")
-    ap.add_argument("--sglang-url", action="append", default=[], help="attach to SGLang server(s) instead")
-    ap.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
-    ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--max-new-tokens", type=int, default=1024)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limit", type=int, default=0, help="first N problems only")
-    ap.add_argument("--instruction", default="default", help='prompt suffix ("default", "" for none)')
-    ap.add_argument("--reward-mode", default="strict", choices=("strict", "loose"))
+    ap.add_argument("--sglang-url", action="append", default=[], help="attach to SGLang server(s) instead (repeat)")
+    ap.add_argument("--tokenizer", help="tokenizer directory (needed with --sglang-url; default: --model)")
+    ap.add_argument("--k", type=int, default=4, help="samples per problem (AVG@K, pass@K), >= 1")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, > 0")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1]")
+    ap.add_argument("--max-new-tokens", type=int, default=1024, help="response length cap, >= 1")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--limit", type=int, default=0, help="first N problems only (0 = all)")
+    ap.add_argument("--instruction", default="default", help='prompt suffix ("default" = the boxed-answer '
+                    'instruction, "" for none)')
+    ap.add_argument("--reward-mode", default="strict", choices=("strict", "loose"),
+                    help="math-verify: last \\boxed{} only (strict) or any final answer (loose)")
     ap.add_argument("--judge-url", help="OpenAI-compatible endpoint for the LLM-judge fallback (off by default)")
-    ap.add_argument("--judge-model", default="default")
-    ap.add_argument("--batch-size", type=int, default=256, help="LocalEngine rows per forward")
+    ap.add_argument("--judge-model", default="default", help="model name sent to the judge")
+    ap.add_argument("--batch-size", type=int, default=256, help="LocalEngine rows per forward, >= 1")
     ap.add_argument("--out", help="write the JSON result here (default: stdout)")
-    args = ap.parse_args(argv)
-    if not args.model and not args.sglang_url:
-        ap.error("give --model (local engine) or --sglang-url")
+    return ap
 
+
+class UsageError(ValueError):
+    """A flag value or path the command cannot use; main prints it as one line and exits 2."""
+
+
+def _check_args(args) -> None:
+    """Everything checkable before a model is loaded."""
+    for flag, ok in (("--k", args.k >= 1), ("--temperature", args.temperature > 0),
+                     ("--top-p", 0 < args.top_p <= 1), ("--max-new-tokens", args.max_new_tokens >= 1),
+                     ("--limit", args.limit >= 0), ("--batch-size", args.batch_size >= 1)):
+        if not ok:  # `not (x > 0)` also catches NaN
+            raise UsageError(f"{flag}={getattr(args, flag[2:].replace('-', '_'))} is out of range (see --help)")
+    if not args.model and not args.sglang_url:
+        raise UsageError("give --model (local engine) or --sglang-url")
+    if args.sglang_url and not (args.tokenizer or args.model):
+        raise UsageError("--tokenizer is needed with --sglang-url")
+    if not Path(args.benchmark).is_file():
+        raise UsageError(f"--benchmark {args.benchmark}: no such file")
+    for flag, d in (("--model", args.model), ("--tokenizer", args.tokenizer)):
+        if d and not Path(d).is_dir():  # checked here: transformers would read it as a Hub repo id
+            raise UsageError(f"{flag} {d}: not a directory (give a local HF model directory)")
+    if args.model and not (Path(args.model) / "config.json").is_file():
+        raise UsageError(f"--model {args.model}: no config.json (not a HF model directory)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from erpd_megatron.data.prompts import PromptDataError
+
+    try:
+        _check_args(args)
+        return _run(args)
+    except (UsageError, PromptDataError) as e:
+        print(f"erpd eval: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     from transformers import AutoTokenizer
 
     from erpd_megatron.data.prompts import load_prompts
     from erpd_megatron.rewards.math import MathReward
+    from erpd_megatron.rollout.engine import SamplingParams
 
     problems = load_prompts(args.benchmark)
     if args.limit:
         problems = problems[: args.limit]
-    tok_dir = args.tokenizer or args.model
-    if not tok_dir:
-        ap.error("--tokenizer is needed with --sglang-url")
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     if args.sglang_url:
         from erpd_megatron.rollout.sglang_engine import SGLangEngine
 
@@ -201,6 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{t['problems']} problems x {t['k']}: AVG@{t['k']} {t['avg_at_k']:.4f}  pass@{t['k']} {t['pass_at_k']:.4f}  "
           f"mean length {t['mean_length']:.1f}", file=sys.stderr)
     engine.shutdown()
+    if t["judge_calls"] and t["judge_failures"] == t["judge_calls"]:
+        # every fallback verdict is missing: AVG@K above is math-verify's alone, not what was asked for
+        print(f"erpd eval: error: all {t['judge_calls']} judge calls failed ({t['judge_last_error']})",
+              file=sys.stderr)
+        return 1
+    if t["judge_failures"]:
+        print(f"erpd eval: warning: {t['judge_failures']} of {t['judge_calls']} judge calls failed", file=sys.stderr)
     return 0
 
 
