@@ -34,7 +34,13 @@ def erpd(*args, env=None, check=True):
 
 
 def test_micro_pipeline_end_to_end(tmp_path, toy_base):
+    from conftest import write_mixed_batch
+
     run = tmp_path / "micro"
+    # the fixed batch holds correct and wrong samples in every group whatever the base scores on this machine
+    # (a short warm-up may score 0 %: all rewards 0, and the MSE / PPO teachers would get no gradient)
+    rewards = write_mixed_batch(run, toy_base, prompts_per_batch=16, n_samples=4)
+    assert 0 < sum(rewards) < len(rewards)
     erpd("run", "--config", str(PRESETS / "micro.yaml"), f"run_dir={run}", f"model.base={toy_base}")
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["methods"]) == {"ce", "mse", "ppo", "s1_ce", "s2_mse", "onpolicy_grpo"}
@@ -63,8 +69,9 @@ def test_micro_pipeline_end_to_end(tmp_path, toy_base):
     # signals were precomputed into the rollout store, next to the rollouts
     from erpd_megatron.data.rollout_store import RolloutStore
 
-    cols = RolloutStore(run / "rollouts").per_token_columns(0)
-    assert {"old_logprobs", "lp_ce_s4", "lp_mse_s4", "lp_mse_s2"} <= set(cols)
+    store = RolloutStore(run / "rollouts")
+    assert {"old_logprobs", "lp_ce_s4", "lp_mse_s4", "lp_mse_s2"} <= set(store.per_token_columns(0))
+    assert store.read_table(0, columns=["reward"])["reward"].to_pylist() == rewards  # the injected batch was used
 
 
 def _final_weights(ckpt_root: Path) -> dict:
