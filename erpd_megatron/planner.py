@@ -666,37 +666,55 @@ def _load_config(args) -> tuple[dict, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="erpd plan", description="per-GPU memory, FLOPs and step time of a layout")
+    from erpd_megatron.utils.cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(prog="erpd plan", description="per-GPU memory, FLOPs and step time of a layout",
+                                 formatter_class=HelpFormatter,
+                                 epilog="examples:\n  erpd plan --model qwen3-4b --tp 2 --dp 4 --seq-len 16384\n"
+                                        "  erpd plan --hf-config /path/config.json --nodes 4 --pp 2 --json\n"
+                                        "a launcher recipe's layout: python -m launchers plan RECIPE")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--model", default="qwen3-4b", help="embedded model name (erpd_megatron/model_shapes.py)")
-    src.add_argument("--hf-config", help="path to an HF config.json")
+    src.add_argument("--hf-config", help="path to an HF config.json (instead of --model)")
+    src.add_argument("--recipe", help=argparse.SUPPRESS)  # moved to the launchers: say so in one line
     d = Layout()
-    for f in ["tp", "pp", "dp", "cp", "micro_batch", "global_batch", "seq_len", "gpus_per_node", "rollout_tp",
-              "rollout_nodes"]:
-        ap.add_argument("--" + f.replace("_", "-"), type=int, default=None, help=f"default {getattr(d, f)}")
+    for f, what in [("tp", "tensor-parallel size"), ("pp", "pipeline-parallel size"), ("dp", "data-parallel size"),
+                    ("cp", "context-parallel size"), ("micro_batch", "sequences per micro-batch"),
+                    ("global_batch", "sequences per optimizer step"), ("seq_len", "tokens per sequence"),
+                    ("gpus_per_node", "GPUs per node"), ("rollout_tp", "SGLang tensor-parallel size"),
+                    ("rollout_nodes", "nodes of the disaggregated SGLang servers")]:
+        ap.add_argument("--" + f.replace("_", "-"), type=int, default=None, help=f"{what} (default: {getattr(d, f)})")
     ap.add_argument("--nodes", type=int, default=None, help="training nodes (checks the world size; sets DP if "
                     "--dp is not given)")
-    ap.add_argument("--recompute", choices=["none", "selective", "full"])
-    ap.add_argument("--attention", choices=["flash", "unfused"])
-    ap.add_argument("--param-dtype", choices=list(DTYPE_BYTES))
-    ap.add_argument("--grad-dtype", choices=["bf16", "fp32"])
-    ap.add_argument("--no-sequence-parallel", action="store_true")
-    ap.add_argument("--no-distributed-optimizer", action="store_true")
-    ap.add_argument("--rollout", choices=["none", "colocated", "disaggregated"])
-    ap.add_argument("--rollout-mem-fraction", type=float)
-    ap.add_argument("--no-rollout-offload", action="store_true")
-    ap.add_argument("--mfu", type=float, default=H100.mfu)
-    ap.add_argument("--peak-tflops", type=float, default=H100.peak_tflops)
-    ap.add_argument("--gpu-mem-gib", type=float, default=H100.memory_gib)
+    ap.add_argument("--recompute", choices=["none", "selective", "full"],
+                    help=f"activation recomputation (default: {d.recompute})")
+    ap.add_argument("--attention", choices=["flash", "unfused"], help=f"attention kernel (default: {d.attention})")
+    ap.add_argument("--param-dtype", choices=list(DTYPE_BYTES), help=f"weights (default: {d.param_dtype})")
+    ap.add_argument("--grad-dtype", choices=["bf16", "fp32"], help=f"gradient buffers (default: {d.grad_dtype})")
+    ap.add_argument("--no-sequence-parallel", action="store_true", help="turn Megatron sequence parallelism off")
+    ap.add_argument("--no-distributed-optimizer", action="store_true", help="replicate optimizer state over DP")
+    ap.add_argument("--rollout", choices=["none", "colocated", "disaggregated"],
+                    help=f"where the SGLang engine runs (default: {d.rollout})")
+    ap.add_argument("--rollout-mem-fraction", type=float,
+                    help=f"GPU memory share of a colocated engine (default: {d.rollout_mem_fraction})")
+    ap.add_argument("--no-rollout-offload", action="store_true", help="keep the colocated engine resident")
+    ap.add_argument("--mfu", type=float, default=H100.mfu, help="model FLOPs utilisation assumed for step time")
+    ap.add_argument("--peak-tflops", type=float, default=H100.peak_tflops, help="dense bf16 peak per GPU")
+    ap.add_argument("--gpu-mem-gib", type=float, default=H100.memory_gib, help="memory per GPU")
     ap.add_argument("--json", action="store_true", help="print JSON only")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`erpd plan ...`: prints the table (or JSON); exit code 0 = fits, 2 = refused."""
+    """`erpd plan ...`: prints the table (or JSON); exit code 0 = fits, 2 = refused or a bad argument."""
     args = build_parser().parse_args(argv)
-    # a launcher recipe's layout: `python -m launchers plan RECIPE` (the planner imports no launcher code)
-    cfg, name = _load_config(args)
+    try:
+        if args.recipe:
+            raise ValueError(f"recipes are planned by the launchers: python -m launchers plan {args.recipe}")
+        cfg, name = _load_config(args)
+    except (KeyError, ValueError, OSError) as e:  # unknown model, unreadable / malformed config: one line
+        print(f"erpd plan: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
     L = Layout()
     for f in ["tp", "pp", "dp", "cp", "micro_batch", "global_batch", "seq_len", "gpus_per_node", "rollout_tp",
               "rollout_nodes", "nodes", "recompute", "attention", "param_dtype", "grad_dtype", "rollout",

@@ -48,6 +48,9 @@ def _parsers():
 
     yield "run", build_parser("erpd run")
     yield "eval", eval_parser()
+    from erpd_megatron.planner import build_parser as plan_parser
+
+    yield "plan", plan_parser()
 
 
 @pytest.mark.parametrize("name, parser", list(_parsers()), ids=lambda x: x if isinstance(x, str) else "")
@@ -121,6 +124,9 @@ def test_user_errors_are_one_line_exit_2(tmp_path, bench):
         (["run", f"run_dir={tmp_path / 'r'}", "eval.k=0"], "eval.k=0 is out of range: allowed [1, inf)"),
         (["teacher", "--config", "nope"], "config file not found: nope"),
         (["run", "teacher.lr=1e-5"], "unknown key(s) ['teacher']"),
+        (["plan", "--recipe", "nope"], "python -m launchers plan nope"),
+        (["plan", "--model", "nope"], "unknown model 'nope'; known:"),
+        (["plan", "--hf-config", tmp_path / "none.json"], "No such file or directory"),
     ]
     for argv, needle in cases:
         _one_line_exit_2(erpd(*argv), needle)
