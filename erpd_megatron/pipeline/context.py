@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,13 +155,14 @@ def load_prompts(cfg: RunConfig, run: RunDir):
     paths = []
     for which, spec, n in (("train", cfg.data.train, cfg.data.prompts_per_batch * max(cfg.iterations, 1) * 4),
                            ("eval", cfg.data.eval, cfg.data.eval_prompts)):
-        if spec == "toy":
+        if spec in ("toy", "toy_val"):  # toy_val: the toy's validation split (tuning), disjoint from "toy"
             from erpd_megatron.toy import task
 
-            path = run.root / "data" / f"toy_{which}.jsonl"
+            path = run.root / "data" / f"{spec}_{which}.jsonl"
             if not path.exists():
-                probs = (task.train_problems if which == "train" else task.eval_problems)(n, seed=cfg.seed)
-                task.write_jsonl(probs, path)
+                draw = task.train_problems if which == "train" else \
+                    task.validation_problems if spec == "toy_val" else task.eval_problems
+                task.write_jsonl(draw(n, seed=cfg.seed), path)
             spec = str(path)
         paths.append(spec)
     train, evals = _load(paths[0]), _load(paths[1])
@@ -202,8 +202,7 @@ class Timer:
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("ERPD_LOG", "INFO"), format="%(asctime)s %(name)s %(message)s",
-                        datefmt="%H:%M:%S")
-    # megatron-core logs every bucket / optimizer setting at INFO each time a policy is built
-    for name in ("megatron", "megatron.core"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    """Console logging above tqdm bars, megatron's INFO chatter off, known warnings quiet (utils/console.py)."""
+    from erpd_megatron.utils.console import setup_logging as _setup
+
+    _setup()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-# One problem in eight is held out (8,100 of the 64,800 default problems).
+# One problem in eight is held out (8,100 of the 64,800 default problems), half of them for validation.
 HELDOUT_MODULUS = 8
 
 
@@ -81,6 +81,12 @@ def is_heldout(p: Problem) -> bool:
     return zlib.crc32(p.problem.encode()) % HELDOUT_MODULUS == 0
 
 
+def is_validation(p: Problem) -> bool:
+    """The held-out partition is split again in two halves: validation (for choosing hyper-parameters)
+    and test (what ``eval_problems`` reports on), so tuning never sees the reported problems."""
+    return is_heldout(p) and (zlib.crc32(p.problem.encode()) // HELDOUT_MODULUS) % 2 == 1
+
+
 @lru_cache(maxsize=8)
 def _all_problems(task: ToyTask, heldout: bool) -> tuple[Problem, ...]:
     out = []
@@ -115,8 +121,16 @@ def train_problems(n: int, seed: int = 0, task: ToyTask = ToyTask()) -> list[Pro
 
 
 def eval_problems(n: int, seed: int = 0, task: ToyTask = ToyTask()) -> list[Problem]:
-    """``n`` distinct held-out problems (sampled without replacement; disjoint from every train draw)."""
-    return _sample(heldout_pool(task), n, random.Random(f"toy-eval-{seed}"), "eval_problems")
+    """``n`` distinct held-out test problems (sampled without replacement; disjoint from every train and
+    every validation draw)."""
+    test = [p for p in heldout_pool(task) if not is_validation(p)]
+    return _sample(test, n, random.Random(f"toy-eval-{seed}"), "eval_problems")
+
+
+def validation_problems(n: int, seed: int = 0, task: ToyTask = ToyTask()) -> list[Problem]:
+    """``n`` distinct held-out validation problems (for tuning; disjoint from ``eval_problems`` and train)."""
+    val = [p for p in heldout_pool(task) if is_validation(p)]
+    return _sample(val, n, random.Random(f"toy-val-{seed}"), "validation_problems")
 
 
 def write_jsonl(problems: list[Problem], path: str | Path) -> Path:

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import hashlib
 import json
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,12 +111,23 @@ class WarmupConfig:
     eval_samples: int = 4  # samples per prompt at T=1
     eval_every: int = 0  # 0: evaluate only at the end; else also every k steps (learning curve)
     model: dict = field(default_factory=dict)  # overrides of toy_model_config()
+    schedule: str = "cosine"  # "cosine" (decay to min_lr_ratio) or "constant" (after the linear warm-up)
     recipe_version: int = RECIPE_VERSION
+
+
+# The demo's base (docs/toy_task.md, DESIGN.md section 7): 3 layers, hidden 128, warmed at a CONSTANT lr.
+# A cosine-decayed warm-up leaves a base that no RL at lr <= 1e-4 moves; a constant-lr one keeps headroom
+# (~57 % at T = 1 vs ~69 % greedy) that RL can reach. ~600k parameters, ~2-3 CPU-minutes.
+DEMO_MODEL = {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2, "head_dim": 32,
+              "intermediate_size": 384}
+DEMO_BASE = WarmupConfig(steps=300, lr=2e-3, schedule="constant", model=DEMO_MODEL)
 
 
 def _lr_at(step: int, cfg: WarmupConfig) -> float:
     if step < cfg.lr_warmup_steps:
         return cfg.lr * (step + 1) / cfg.lr_warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
     t = (step - cfg.lr_warmup_steps) / max(1, cfg.steps - cfg.lr_warmup_steps)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
@@ -193,6 +208,8 @@ def _cached(out: Path, cfg: WarmupConfig) -> dict | None:
 
 def warmup(out_dir: str | Path, cfg: WarmupConfig = WarmupConfig(), *, force: bool = False, log=_print) -> dict:
     """Train (or find cached) the toy base model in ``out_dir``; returns the warmup.json contents."""
+    if cfg.schedule not in ("cosine", "constant"):
+        raise ValueError(f"WarmupConfig.schedule: expected 'cosine' or 'constant', got {cfg.schedule!r}")
     out = Path(out_dir)
     if not force and (hit := _cached(out, cfg)) is not None:
         log(f"[toy.warmup] cached: {out} (acc T=1 {hit['final']['acc_t1']:.3f}, greedy {hit['final']['acc_greedy']:.3f})")
@@ -266,22 +283,59 @@ def _save(model, tokenizer, out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
-def ensure_base_model(out_dir: str | Path, cfg: WarmupConfig = WarmupConfig(), log=_print) -> Path:
-    """The demo's entry point: the warmed-up base model dir, trained on first use and cached after."""
-    warmup(out_dir, cfg, log=log)
-    return Path(out_dir)
+def cache_root() -> Path | None:
+    """Shared cache of warmed-up bases (``$ERPD_CACHE``, default ``~/.cache/erpd``; ``ERPD_CACHE=off`` disables)."""
+    env = os.environ.get("ERPD_CACHE", "")
+    if env.lower() in ("off", "0", "none"):
+        return None
+    return Path(env) if env else Path.home() / ".cache" / "erpd"
+
+
+def cache_key(cfg: WarmupConfig) -> str:
+    return hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ensure_base_model(out_dir: str | Path, cfg: WarmupConfig = DEMO_BASE, log=_print) -> Path:
+    """The demo's entry point: the warmed-up base model dir, trained on first use and cached after.
+
+    Besides ``out_dir`` itself, a shared cache (``cache_root()/toy_base-<key>``) keyed by the whole
+    ``WarmupConfig`` lets a second run directory reuse the base instead of warming it up again.
+    """
+    out = Path(out_dir)
+    root = cache_root()
+    shared = root / f"toy_base-{cache_key(cfg)}" if root is not None else None
+    if _cached(out, cfg) is None and shared is not None and _cached(shared, cfg) is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sorted(shared.iterdir(), key=lambda f: f.name == WARMUP_JSON):  # warmup.json last
+            if f.is_file():
+                shutil.copy2(f, out / f.name)
+        log(f"[toy.warmup] copied cached base {shared} -> {out}")
+    warmup(out, cfg, log=log)
+    if shared is not None and _cached(shared, cfg) is None:
+        try:
+            tmp = shared.with_name(shared.name + f".tmp{os.getpid()}")
+            shutil.copytree(out, tmp, dirs_exist_ok=True)
+            os.replace(tmp, shared)
+        except OSError as e:  # a read-only home or a concurrent writer: the run dir copy is enough
+            log(f"[toy.warmup] could not fill the shared cache {shared}: {e}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m erpd_megatron.toy.warmup", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output HF checkpoint dir")
-    ap.add_argument("--steps", type=int, default=WarmupConfig.steps)
-    ap.add_argument("--seed", type=int, default=WarmupConfig.seed)
+    ap.add_argument("--steps", type=int, default=DEMO_BASE.steps)
+    ap.add_argument("--seed", type=int, default=DEMO_BASE.seed)
+    ap.add_argument("--lr", type=float, default=DEMO_BASE.lr)
+    ap.add_argument("--schedule", choices=("cosine", "constant"), default=DEMO_BASE.schedule)
     ap.add_argument("--eval-every", type=int, default=0, help="also evaluate every k steps (learning curve)")
-    ap.add_argument("--model", type=json.loads, default={}, help='JSON overrides of toy_model_config, e.g. \'{"hidden_size": 96}\'')
+    ap.add_argument("--model", type=json.loads, default=DEMO_MODEL,
+                    help='JSON overrides of toy_model_config, e.g. \'{"hidden_size": 96}\' (default: the demo base)')
     ap.add_argument("--force", action="store_true", help="retrain even if a matching warmup.json exists")
     a = ap.parse_args(argv)
-    warmup(a.out, WarmupConfig(steps=a.steps, seed=a.seed, eval_every=a.eval_every, model=a.model), force=a.force)
+    cfg = dataclasses.replace(DEMO_BASE, steps=a.steps, seed=a.seed, lr=a.lr, schedule=a.schedule,
+                              eval_every=a.eval_every, model=a.model)
+    warmup(a.out, cfg, force=a.force)
 
 
 if __name__ == "__main__":
