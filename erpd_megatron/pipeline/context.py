@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,7 +203,8 @@ class Timer:
 
 
 def setup_logging() -> None:
-    """Console logging above tqdm bars, megatron's INFO chatter off, known warnings quiet (utils/console.py)."""
-    from erpd_megatron.utils.console import setup_logging as _setup
-
-    _setup()
+    logging.basicConfig(level=os.environ.get("ERPD_LOG", "INFO"), format="%(asctime)s %(name)s %(message)s",
+                        datefmt="%H:%M:%S")
+    # megatron-core logs every bucket / optimizer setting at INFO each time a policy is built
+    for name in ("megatron", "megatron.core"):
+        logging.getLogger(name).setLevel(logging.WARNING)
