@@ -73,7 +73,35 @@ class RolloutConfig:
     max_new_tokens: int = 40
     """Response length cap."""
     sglang_urls: list[str] = field(default_factory=list)
-    """Attach to running SGLang servers (engine=sglang); empty = launch one per node."""
+    """Attach to running SGLang servers (engine=sglang); empty = launch `sglang_num_servers` here."""
+    sglang_tp: int = 1
+    """TP size of each SGLang server (each server is DP=1: sglang refuses weight updates when dp_size > 1)."""
+    sglang_num_servers: int = 1
+    """Servers to launch; server k uses GPUs [sglang_base_gpu_id + k * sglang_tp, ...) and port sglang_port + k."""
+    sglang_base_gpu_id: int = 0
+    """--base-gpu-id of server 0."""
+    sglang_host: str = "127.0.0.1"
+    """Bind address of launched servers; anything but loopback needs $ERPD_SGLANG_API_KEY (never stored here)."""
+    sglang_port: int = 30000
+    """Port of server 0."""
+    sglang_mem_fraction_static: float = 0.0
+    """--mem-fraction-static (weights + KV cache share of each GPU); 0 = sglang's default."""
+    sglang_offload: bool = False
+    """Colocated: start with --enable-memory-saver and release `sglang_offload_tags` after each generation."""
+    sglang_offload_tags: list[str] = field(default_factory=lambda: ["kv_cache", "cuda_graph"])
+    """Memory released between generations (add "weights" only if every generation follows a weight push)."""
+    sglang_weight_transport: str = "tensor"
+    """tensor (colocated, CUDA IPC) | distributed (NCCL broadcast from trainer rank 0) | disk."""
+    sglang_dist_master_address: str = ""
+    """distributed: address of trainer rank 0 as the servers reach it (default 127.0.0.1)."""
+    sglang_dist_master_port: int = 0
+    """distributed: free port on trainer rank 0 for the weight-update group (0 = pick one)."""
+    sglang_deterministic: bool = False
+    """--enable-deterministic-inference: without it sglang ignores per-sample seeds (sampling not reproducible)."""
+    sglang_python: str = ""
+    """Python interpreter of the environment sglang is installed in (sglang pins its own torch); "" = this one."""
+    sglang_extra_args: list[str] = field(default_factory=list)
+    """More sglang.launch_server arguments."""
     reward_mode: str = "strict"
     """math-verify mode: "strict" (last \\boxed{} only) or "loose"."""
 
@@ -211,6 +239,30 @@ class IterateConfig:
 
 
 @dataclass
+class WandbConfig:
+    mode: str = "disabled"
+    """Weights & Biases: "online", "offline" (files under <run_dir>/wandb/, `wandb sync` later) or "disabled"
+    (wandb is then never imported). One W&B run per method, grouped by the run dir's name."""
+    project: str = "erpd"
+    """W&B project."""
+    entity: str = ""
+    """W&B team or user ("" = the logged-in default)."""
+    group: str = ""
+    """W&B group of this run's methods ("" = the run dir's name)."""
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1
+    """Print one console line every N optimizer steps (JSONL, TensorBoard and W&B get every step)."""
+    progress: str = "auto"
+    """Progress bars: "auto" (only when stderr is a terminal), "on" or "off"."""
+    report_kl: str = "token"
+    """KL axis of the report's plot: "token" (per response token) or "sequence" (summed over the response)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class RunConfig:
     run_dir: str = "runs/erpd"
     """Everything a run writes: config, rollouts, checkpoints, signals, metrics, eval, report."""
@@ -229,6 +281,8 @@ class RunConfig:
     """On-policy baseline with the same rollout budget (None = skip)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     iterate: IterateConfig = field(default_factory=IterateConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Console, progress bars, experiment tracking; may change when resuming (results do not depend on it)."""
 
 
 # ----------------------------------------------------------------------------- allowed ranges
@@ -239,7 +293,10 @@ _POS, _NONNEG, _ONE_UP, _LR = "(0, inf)", "[0, inf)", "[1, inf)", "(0, 1]"
 RANGES: dict[type, dict[str, str]] = {
     ModelConfig: {"tp": _ONE_UP, "pp": _ONE_UP, "dp": _ONE_UP, "micro_batch_size": _ONE_UP},
     DataConfig: {"prompts_per_batch": _ONE_UP, "eval_prompts": _ONE_UP},
-    RolloutConfig: {"n_samples": _ONE_UP, "temperature": _POS, "top_p": "(0, 1]", "max_new_tokens": _ONE_UP},
+    RolloutConfig: {"n_samples": _ONE_UP, "temperature": _POS, "top_p": "(0, 1]", "max_new_tokens": _ONE_UP,
+                    "sglang_tp": _ONE_UP, "sglang_num_servers": _ONE_UP, "sglang_base_gpu_id": _NONNEG,
+                    "sglang_port": "[1, 65535]", "sglang_mem_fraction_static": "[0, 1)",
+                    "sglang_dist_master_port": "[0, 65535]"},
     TeacherConfig: {
         "steps": _NONNEG, "mini_batch_size": _ONE_UP, "lr": _LR, "warmup_steps": _NONNEG, "beta": _POS, "beta_ref_len": _NONNEG,
         "eps_low": "[0, 1)", "eps_high": _NONNEG, "tau_pos": _POS, "tau_neg": _POS, "kl_coef": _NONNEG,
@@ -255,6 +312,7 @@ RANGES: dict[type, dict[str, str]] = {
     EvalConfig: {"k": _ONE_UP, "temperature": _POS, "top_p": "(0, 1]", "every": _NONNEG},
     IterateConfig: {"min_teacher_gain": "[-1, 1]", "online_steps": _NONNEG},
     RunConfig: {"seed": "[0, 4294967295]", "iterations": _ONE_UP},
+    LoggingConfig: {"log_every": _ONE_UP},
 }
 
 
@@ -403,6 +461,12 @@ def validate(cfg: RunConfig) -> None:
     _check_ranges(cfg, "")
     if cfg.rollout.engine not in ("local", "sglang"):
         raise ConfigError(f"rollout.engine must be 'local' or 'sglang', got {cfg.rollout.engine!r}")
+    if cfg.rollout.sglang_weight_transport not in ("tensor", "distributed", "disk"):
+        raise ConfigError("rollout.sglang_weight_transport must be tensor, distributed or disk, "
+                          f"got {cfg.rollout.sglang_weight_transport!r}")
+    bad_tags = sorted(set(cfg.rollout.sglang_offload_tags) - {"weights", "kv_cache", "cuda_graph"})
+    if bad_tags:
+        raise ConfigError(f"rollout.sglang_offload_tags: unknown tag(s) {bad_tags}; allowed weights, kv_cache, cuda_graph")
     if cfg.rollout.reward_mode not in ("strict", "loose"):
         raise ConfigError(f"rollout.reward_mode must be 'strict' or 'loose', got {cfg.rollout.reward_mode!r}")
     # one fixed batch holds prompts_per_batch * n_samples sequences; a larger mini-batch would silently be clamped
@@ -448,6 +512,10 @@ def validate(cfg: RunConfig) -> None:
                 )
         if 3 in s.strategies and not s.weak:
             raise ConfigError(f"{where}: strategy 3 needs `weak` (a checkpoint of a weaker earlier policy)")
+        if 1 in s.strategies and s.teacher in cfg.teachers and cfg.teachers[s.teacher].loss == "mse":
+            log.warning("%s uses strategy 1 over the MSE teacher %r: the paper reports that this pairing does not help "
+                        "(Sec. 3.4); strategy 1 goes with strong teachers (ce / sapo / grpo), strategy 2 "
+                        "(teacher over its unlearned checkpoint) with MSE teachers", where, s.teacher)
         epochs = student_epochs(cfg, s)
         if epochs > STUDENT_MAX_EPOCHS:
             log.warning("%s runs %.1f epochs over the fixed batch (%d steps x %d sequences of %d); the paper's students "
@@ -459,6 +527,12 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"iterate.{key}: {name!r} is not a configured student {sorted(cfg.students)}")
     if cfg.iterate.online_steps and cfg.onpolicy is None:
         raise ConfigError("iterate.online_steps needs an `onpolicy` section (its loss, lr, prompts_per_step)")
+    lg = cfg.logging
+    for key, value, valid in (("mode", lg.wandb.mode, ("online", "offline", "disabled")),
+                              ("progress", lg.progress, ("auto", "on", "off")),
+                              ("report_kl", lg.report_kl, ("token", "sequence"))):
+        if value not in valid:
+            raise ConfigError(f"logging.{'wandb.' if key == 'mode' else ''}{key}: {value!r} is not one of {list(valid)}")
     if cfg.onpolicy is not None and cfg.onpolicy.loss not in ONPOLICY_LOSSES:
         raise ConfigError(f"onpolicy.loss: unknown loss {cfg.onpolicy.loss!r}; valid: {list(ONPOLICY_LOSSES)}")
     if cfg.onpolicy is not None and cfg.onpolicy.prompts_per_step > cfg.data.prompts_per_batch:

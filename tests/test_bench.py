@@ -129,8 +129,8 @@ def test_erpd_vs_onpolicy_minimal(tmp_path):
     base = tmp_path / "base"
     warmup(base, WarmupConfig(steps=2, batch_size=8, eval_prompts=4, eval_samples=1), log=lambda m: None)
     overrides = [f"model.base={base}", "model.micro_batch_size=8", "data.prompts_per_batch=4", "data.eval_prompts=4",
-                 "rollout.n_samples=2", "rollout.max_new_tokens=8", "teachers.mse.steps=2", "teachers.mse.save_every=2",
-                 "teachers.mse.mini_batch_size=8", "students.s1_mse.steps=2", "students.s1_mse.mini_batch_size=8",
+                 "rollout.n_samples=2", "rollout.max_new_tokens=8", "teachers.sapo.steps=2", "teachers.sapo.save_every=2",
+                 "teachers.sapo.mini_batch_size=8", "students.s1_sapo.steps=2", "students.s1_sapo.mini_batch_size=8",
                  "onpolicy.prompts_per_step=2", "eval.k=1", "eval.every=2"]
     try:
         res = erpd_vs_onpolicy.run(tmp_path / "out", seeds=(1, 2), overrides=overrides, work_dir=tmp_path / "work")
@@ -141,7 +141,7 @@ def test_erpd_vs_onpolicy_minimal(tmp_path):
     doc = _check_schema(tmp_path / "out" / "erpd_vs_onpolicy.json", "erpd_vs_onpolicy")
     assert doc["results"]["seeds"] == [1, 2] and len(doc["results"]["per_seed"]) == 2
     kinds = {n: m["kind"] for n, m in res["methods"].items()}
-    assert kinds == {"mse": "teacher", "s1_mse": "erpd", "onpolicy_grpo": "onpolicy"}
+    assert kinds == {"sapo": "teacher", "s1_sapo": "erpd", "onpolicy_grpo": "onpolicy"}
     for m in res["methods"].values():
         _check_spread(m["final_accuracy"])
         assert m["final_accuracy"]["n"] == 2
@@ -151,4 +151,4 @@ def test_erpd_vs_onpolicy_minimal(tmp_path):
     assert [p["rollouts"] for p in op] == [p["step"] * 2 * 2 for p in op] and op[-1]["rollouts"] == 8
     for c in res["curves"]:
         assert all(p["compute_s"] >= 0 for p in c["points"])
-    assert "s1_mse" in res["paired_erpd_minus_onpolicy"]
+    assert "s1_sapo" in res["paired_erpd_minus_onpolicy"]

@@ -164,3 +164,27 @@ def test_student_defaults_run_one_epoch_and_more_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="erpd.config"):
         cfg = load_config(overrides=["students.s1_ce.steps=10"])
     assert student_mini_batch(cfg, cfg.students["s1_ce"]) == 102 and "epochs" not in caplog.text
+
+
+def test_strategy1_over_mse_teacher_warns_and_bench_pairs_strong_teacher(caplog):
+    """Strategy 1 over an MSE teacher logs the pairing warning (paper Sec. 3.4); strategy 2 over MSE and
+    strategy 1 over CE do not; the benchmark preset's ERPD arm is strategy 1 over a strong teacher."""
+    import logging
+
+    from erpd_megatron.bench.erpd_vs_onpolicy import PRESET
+    from erpd_megatron.config import load_config
+
+    mse = ["teachers.mse.loss=mse", "students.s1_ce.teacher=mse"]
+    cases = [(mse, True), ([*mse, "students.s1_ce.strategies=[2]"], False), ([], False)]
+    for overrides, warns in cases:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="erpd.config"):
+            load_config(overrides=overrides)
+        assert ("strategy 1 over the MSE teacher 'mse'" in caplog.text) == warns, overrides
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="erpd.config"):
+        cfg = load_config(str(PRESET))
+    assert "MSE teacher" not in caplog.text
+    for s in cfg.students.values():
+        loss = cfg.teachers[s.teacher].loss
+        assert (1 not in s.strategies or loss in ("ce", "sapo", "grpo")) and (2 not in s.strategies or loss == "mse")

@@ -1,8 +1,8 @@
 """Benchmark 3: ERPD vs on-policy GRPO on the toy task, through the real pipeline, over several seeds.
 
 For each seed, `erpd_megatron.pipeline.run._pipeline(cfg, ALL)` runs the preset
-`erpd_megatron/presets/bench.yaml` (a reduced demo: one fixed batch, a CE teacher, a strategy-1
-student, and on-policy GRPO with the same rollout budget) in a fresh run dir. All seeds share one
+`erpd_megatron/presets/bench.yaml` (a reduced demo: one fixed batch, a strong (SAPO) teacher, a
+strategy-1 student, and on-policy GRPO with the same rollout budget) in a fresh run dir. All seeds share one
 warmed-up base model (the toy warm-up is seed-fixed); the seed changes sampling and training.
 
 What is reported (the paper's Table 4 comparison, at toy scale):
