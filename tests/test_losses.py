@@ -567,3 +567,32 @@ def test_teacher_beta_ref_len_default_and_off():
         assert got == pytest.approx(exp, abs=1e-12)
     sums = teacher_objective(TeacherConfig(loss="ce", beta=0.001, beta_ref_len=0.0))(lp, mb)[0].item()
     assert sums == pytest.approx(ref_ce_mse(lp, mb["old_logprobs"], labels, mb["response_mask"], 0.001, "sum", "ce"))
+
+
+def test_behaviour_kl_exact_on_a_frequency_matched_batch():
+    """pi_b = [1/2, 1/4, 1/4], pi = [1/4, 1/4, 1/2]. A batch of 4 tokens sampled from pi_b in exact
+    proportion (0, 0, 1, 2) makes both estimators equal the exact KL(pi_b || pi) = 1/2 log 2 - 1/4 log 2
+    = 1/4 log 2: k1 = mean(-log r) directly; k3 = mean(r - 1 - log r) = (sum_x pi(x) - 1) + KL."""
+    from erpd_megatron.algorithms import metrics as M
+
+    pb, p = torch.tensor([0.5, 0.25, 0.25]).double(), torch.tensor([0.25, 0.25, 0.5]).double()
+    y = torch.tensor([[0, 0, 1, 2]])
+    mask = torch.ones(1, 4)
+    exact = 0.25 * math.log(2)
+    assert M.behaviour_kl(p.log()[y], pb.log()[y], mask, estimator="k1") == pytest.approx(exact, abs=1e-12)
+    assert M.behaviour_kl(p.log()[y], pb.log()[y], mask, estimator="k3") == pytest.approx(exact, abs=1e-12)
+    # per sequence: the sum over the 4 tokens
+    assert M.behaviour_kl(p.log()[y], pb.log()[y], mask, per="sequence", estimator="k1") == pytest.approx(4 * exact)
+    # the old metric (reverse-form log-ratio on pi_b samples) had the opposite sign in expectation
+    assert M.reverse_kl(p.log()[y], pb.log()[y], mask, estimator="k1") == pytest.approx(-exact, abs=1e-12)
+
+
+def test_policy_metrics_name_estimator_and_samples():
+    from erpd_megatron.config import TeacherConfig
+    from erpd_megatron.pipeline.objectives import KL_SEQ_METRIC, KL_TOKEN_METRIC, teacher_objective
+
+    lp, mb = _teacher_mb(seed=15)
+    _, met = teacher_objective(TeacherConfig(loss="grpo", kl_coef=0.1))(lp, mb)
+    assert KL_TOKEN_METRIC == "policy/kl_fwd_k3_tok_batch" and KL_SEQ_METRIC == "policy/kl_fwd_k1_seq_batch"
+    assert met[KL_TOKEN_METRIC] > 0 and "kl_loss/k3_tok_batch" in met
+    assert not any("kl_to_old" in k for k in met)

@@ -52,12 +52,12 @@ def test_micro_pipeline_end_to_end(tmp_path, toy_base):
         lines = (run / "metrics" / f"{name}.jsonl").read_text().splitlines()  # one line per optimizer step
         assert [json.loads(x)["step"] for x in lines] == list(range(1, m["steps"] + 1))
         last = json.loads(lines[-1])
-        for key in ("policy/kl_to_old_token", "policy/entropy", "policy/logprob_pos", "perf/tokens_per_s",
+        for key in ("policy/kl_fwd_k3_tok_batch", "policy/entropy", "policy/logprob_pos", "perf/tokens_per_s",
                     "perf/response_length", "train/grad_norm"):
             assert key in last, (name, key)
         assert last["policy/entropy"] > 0
         if name != "onpolicy_grpo":  # on-policy batches are sampled by the policy being updated: KL 0
-            assert last["policy/kl_to_old_token"] > 0, name
+            assert last["policy/kl_fwd_k3_tok_batch"] > 0, name
     # ERPD and the on-policy baseline consume the same rollout budget
     assert summary["methods"]["onpolicy_grpo"]["rollouts"] == summary["methods"]["s1_ce"]["rollouts"] == 16 * 4
     assert summary["methods"]["ce"]["kl"] > 0

@@ -23,6 +23,7 @@ from .losses import (
     sequence_score,
 )
 from .metrics import (
+    behaviour_kl,
     clip_fractions,
     entropy_mean,
     explained_variance,
@@ -66,6 +67,7 @@ __all__ = [
     "grpo_advantages",
     "length_adaptive_lambda",
     "outcome_token_rewards",
+    "behaviour_kl",
     "clip_fractions",
     "entropy_mean",
     "explained_variance",

@@ -6,6 +6,8 @@ never tensors, and never raise on an empty mask (they return 0.0 there, except w
 reverse_kl             KL(pi_theta || pi_ref) = E_{y ~ pi_theta}[log pi_theta(y) - log pi_ref(y)], estimated
                        on samples from the *new* policy (the paper's reported KL). per="token" gives the
                        mean per-token log-ratio, per="sequence" the mean over sequences of the summed log-ratio.
+behaviour_kl           KL(pi_b || pi_theta) on samples from the behaviour policy pi_b (a stored batch): the
+                       training-time KL of teachers / students, per token (k3) or per sequence (k1).
 entropy_mean           masked mean of per-token entropies.
 clip_fractions         fraction of response tokens whose PPO gradient is removed by the clip (low / high).
 explained_variance     1 - Var(target - pred) / Var(target) (the paper's MSE fit diagnostic, Sec. 3.4).
@@ -42,6 +44,30 @@ def reverse_kl(
     ref = zero_outside(upcast(ref_logprobs.detach()), m)
     d = lp - ref
     kl = d if estimator == "k1" else torch.expm1(-d) + d
+    if per == "token":
+        return item(masked_mean(kl, m))
+    seq = zero_outside(kl, m).sum(-1)
+    nonempty = m.sum(-1) > 0
+    return item(seq[nonempty].mean()) if bool(nonempty.any()) else 0.0
+
+
+def behaviour_kl(
+    logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, per: str = "token", estimator: str = "k3"
+) -> float:
+    """KL(pi_b || pi_theta) estimated on tokens sampled from the behaviour policy pi_b (a stored batch).
+
+    This is the direction those samples estimate without importance weights (the training-time KL on a
+    fixed batch; the paper's reported reverse KL needs the new policy's own samples: `reverse_kl` at eval).
+    With r = pi_theta / pi_b: k1 = -log r (unbiased, can be < 0), k3 = r - 1 - log r (unbiased, >= 0).
+    per="token": mean over response tokens; per="sequence": mean over sequences of the per-token sum."""
+    if per not in ("token", "sequence"):
+        raise ValueError(f"per must be 'token' or 'sequence', got {per!r}")
+    if estimator not in ("k1", "k3"):
+        raise ValueError(f"estimator must be 'k1' or 'k3', got {estimator!r}")
+    lp, m = _inputs("logprobs", logprobs, mask)
+    check_tensor("behaviour_logprobs", behaviour_logprobs, shape=logprobs.shape, mask=m)
+    log_r = (lp - zero_outside(upcast(behaviour_logprobs.detach()), m)).clamp(-20.0, 20.0)
+    kl = -log_r if estimator == "k1" else torch.expm1(log_r) - log_r
     if per == "token":
         return item(masked_mean(kl, m))
     seq = zero_outside(kl, m).sum(-1)

@@ -26,22 +26,31 @@ def _with_kl(loss_fn, kl_coef: float, estimator: str = "k3"):
         loss, metrics = loss_fn(lp, mb, entropy)
         mask = mb["response_mask"]
         kl = L.aggregate(L.kl_penalty(lp, mb["old_logprobs"], estimator, mask=mask), mask, "token-mean")
-        return loss + kl_coef * kl, {**metrics, "kl_loss/value": float(kl)}
+        # the penalty's value: k3 form of KL(pi || pi_old), token mean, on the batch's (pi_old-sampled) tokens
+        return loss + kl_coef * kl, {**metrics, f"kl_loss/{estimator}_tok_batch": float(kl)}
 
     return fn
 
 
+# Training-time KL metric names: estimator and samples in the name. pi_old = the policy that sampled the batch
+# (teachers / students: the base; on-policy: the policy before its update). The batch's tokens come from
+# pi_old, so they estimate KL(pi_old || pi) ("fwd") without importance weights; the paper's reported reverse KL
+# KL(pi || pi_base) needs the policy's own samples and is measured at eval (pipeline/evaluate.py).
+KL_TOKEN_METRIC = "policy/kl_fwd_k3_tok_batch"  # KL(pi_old || pi) per token, k3 = r - 1 - log r (>= 0)
+KL_SEQ_METRIC = "policy/kl_fwd_k1_seq_batch"  # the same KL per sequence, k1 = sum_t -log r (unbiased, can be < 0)
+
+
 def with_policy_metrics(loss_fn):
-    """Adds the per-step diagnostics every stage logs: reverse KL to the policy that sampled the batch (for
-    teachers and students: the base; on-policy: the current policy before its update, so 0), k3 per token
-    and k1 per sequence, entropy, and the mean token log-prob of positive vs negative samples (the
-    unlearn-and-recover curve of paper Fig. 5). Metrics only: the loss is unchanged."""
+    """Adds the per-step diagnostics every stage logs: KL(pi_old || pi) on the batch's own samples, k3 per
+    token and k1 per sequence (KL_TOKEN_METRIC, KL_SEQ_METRIC; see the comment above), entropy, and the mean
+    token log-prob of positive vs negative samples (the unlearn-and-recover curve of paper Fig. 5). Metrics
+    only: the loss is unchanged."""
 
     def fn(lp, mb, entropy=None):
         loss, metrics = loss_fn(lp, mb, entropy)
         mask, old = mb["response_mask"], mb["old_logprobs"]
-        metrics["policy/kl_to_old_token"] = M.reverse_kl(lp, old, mask, per="token", estimator="k3")
-        metrics["policy/kl_to_old_seq"] = M.reverse_kl(lp, old, mask, per="sequence", estimator="k1")
+        metrics[KL_TOKEN_METRIC] = M.behaviour_kl(lp, old, mask, per="token", estimator="k3")
+        metrics[KL_SEQ_METRIC] = M.behaviour_kl(lp, old, mask, per="sequence", estimator="k1")
         if entropy is not None:
             metrics["policy/entropy"] = M.entropy_mean(entropy, mask)
         if "rewards" in mb:
