@@ -188,3 +188,24 @@ def test_strategy1_over_mse_teacher_warns_and_bench_pairs_strong_teacher(caplog)
     for s in cfg.students.values():
         loss = cfg.teachers[s.teacher].loss
         assert (1 not in s.strategies or loss in ("ce", "sapo", "grpo")) and (2 not in s.strategies or loss == "mse")
+
+
+# ----------------------------------------------------------------------------- no learning signal (issue 11)
+def test_no_signal_warning_names_batch_and_method(caplog):
+    import logging
+
+    from erpd_megatron.pipeline.stages import no_signal_reason, warn_if_no_signal
+
+    groups = torch.tensor([0, 0, 1, 1])
+    assert no_signal_reason(torch.zeros(4), groups, "ce") == "every reward equals 0 (4 samples)"
+    assert no_signal_reason(torch.ones(4), groups, "grpo") == "every reward equals 1 (4 samples)"
+    # rewards differ across prompts but not within any group: nothing for GRPO-style losses, CE still learns
+    constant_groups = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    assert "all sapo advantages are 0" in no_signal_reason(constant_groups, groups, "sapo")
+    assert no_signal_reason(constant_groups, groups, "ce") is None
+    assert no_signal_reason(torch.tensor([1.0, 0.0, 0.0, 0.0]), groups, "grpo") is None
+    with caplog.at_level(logging.WARNING, logger="erpd.stages"):
+        warn_if_no_signal({"rewards": torch.zeros(4), "group_ids": groups}, "fixed batch 2", "it2_ce", "ce")
+        warn_if_no_signal({"rewards": torch.tensor([1.0, 0.0, 1.0, 0.0]), "group_ids": groups}, "fixed batch 0", "x")
+    assert "fixed batch 2 carries no learning signal for it2_ce: every reward equals 0" in caplog.text
+    assert "for x" not in caplog.text

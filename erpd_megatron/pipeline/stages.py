@@ -59,6 +59,34 @@ def evaluate_base(ctx, iteration: int) -> None:
         evaluate_policy(ctx, name, 0, policy)
 
 
+# ----------------------------------------------------------------------------- no learning signal
+
+GROUP_NORMALISED = ("grpo", "sapo", "cispo")  # advantages = rewards normalised within each prompt's group
+
+
+def no_signal_reason(rewards: torch.Tensor, group_ids: torch.Tensor | None = None, loss: str = "") -> str | None:
+    """Why a batch teaches nothing, or None: every reward equal (no method can tell good from bad), or, for
+    the group-normalised losses, every prompt's samples sharing one reward (all advantages exactly 0)."""
+    r = rewards.float()
+    if r.numel() == 0:
+        return "the batch is empty"
+    if bool((r == r[0]).all()):
+        return f"every reward equals {float(r[0]):g} ({r.numel()} samples)"
+    if loss in GROUP_NORMALISED and group_ids is not None:
+        g = torch.as_tensor(group_ids)
+        if all(bool((r[g == k] == r[g == k][0]).all()) for k in torch.unique(g)):
+            return f"every prompt's samples share one reward: all {loss} advantages are 0"
+    return None
+
+
+def warn_if_no_signal(batch: dict, what: str, method: str, loss: str = "") -> str | None:
+    """Logs a warning naming the batch and the method when `no_signal_reason` finds one; returns the reason."""
+    reason = no_signal_reason(batch["rewards"], batch.get("group_ids"), loss)
+    if reason is not None:
+        log.warning("%s carries no learning signal for %s: %s", what, method, reason)
+    return reason
+
+
 # ----------------------------------------------------------------------------- stage 1
 
 
@@ -74,8 +102,9 @@ def train_teachers(ctx, iteration: int = 0, only: str | None = None) -> None:
         else:
             src, step = t.init.split("@")
             init = ckpt_at(ctx, method_name(src, iteration), int(step))
+        warn_if_no_signal(batch, f"fixed batch {iteration}", method, t.loss)
         b = dict(batch)
-        if t.loss in ("grpo", "sapo", "cispo"):
+        if t.loss in GROUP_NORMALISED:
             b["advantages"] = grpo_advantages(batch["rewards"], batch["group_ids"])
         elif t.loss == "ppo":
             b["advantages"] = critic_advantages(ctx, method, t, batch, iteration)
@@ -186,6 +215,7 @@ def train_students(ctx, iteration: int = 0, only: str | None = None) -> None:
         method = method_name(name, iteration)
         cols = list(signal_columns(ctx, s, iteration))
         batch = load_batch(ctx, store, iteration, cols)
+        warn_if_no_signal(batch, f"fixed batch {iteration}", method)
         sigs = build_signals(ctx, s, batch, iteration)
         mbs = student_mini_batch(ctx.cfg, s)  # 0 in the config = one epoch over the fixed batch
         next_batch = None
@@ -269,6 +299,7 @@ def train_onpolicy(ctx, iteration: int = 0, init=None, steps: int | None = None,
         if "old_logprobs" not in store.per_token_columns(step):
             add_policy_logprobs(ctx, store, step, "old_logprobs", policy)
         b = load_batch(ctx, store, step)
+        warn_if_no_signal(b, f"on-policy batch {step}", method, "grpo")  # its advantages are GRPO's for every loss
         b["advantages"] = grpo_advantages(b["rewards"], b["group_ids"])
         return b
 
