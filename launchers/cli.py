@@ -24,7 +24,7 @@ from launchers.recipes import RECIPES, Recipe, apply_overrides, get_recipe
 def plan_recipe(recipe: Recipe) -> Plan:
     """The planner's verdict on the recipe's layout (nodes / GPUs per node taken from the recipe)."""
     L = recipe.layout
-    L.gpus_per_node = recipe.gpus_per_node
+    L.gpus_per_node = recipe.tasks_per_node * recipe.procs_per_task  # trainer processes per node
     L.nodes = recipe.nodes if recipe.torchrun else None
     if recipe.rollout_servers is not None:
         L.rollout_tp = recipe.rollout_servers.tp
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             sp.add_argument("--dryrun", action="store_true", help="write the sbatch script / print the command only")
         else:
             sp.add_argument("--json", action="store_true")
-    st = sub.add_parser("status", help="state of a submitted job (sacct)")
+    st = sub.add_parser("status", help="state of a submitted job (scontrol / squeue, else sacct)")
     st.add_argument("job_id")
     # key=value items may come before or after the options
     args, extra = ap.parse_known_args(argv)
@@ -97,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(slurm.job_state(args.job_id)))
         return 0
+    from launchers import slurm
+
     try:
         recipe = apply_overrides(get_recipe(args.recipe), args.overrides, nodes=args.nodes)
+        slurm.validate(recipe)  # #SBATCH values, env names: refused before anything is written
     except (KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

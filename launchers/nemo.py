@@ -1,15 +1,17 @@
-"""nemo-run path: LocalExecutor (torchrun on this machine) and SlurmExecutor (pyxis containers, one
-heterogeneous group per role), sbatch scripts via `Experiment.dryrun` without a cluster.
+"""nemo-run path: LocalExecutor (torchrun on this machine) and SlurmExecutor (a pyxis container per task, or
+the repository and a Python environment on the shared file system when `slurm.container_image` is empty;
+one heterogeneous group per role), sbatch scripts via `Experiment.dryrun` without a cluster.
 
 nemo-run is an optional extra (`pip install 'erpd-megatron[launch]'`: nemo-run==0.11.1 needs
 leptonai==0.27.3) and is imported only inside these functions.
 
 On Slurm each task runs the very command the plain sbatch path writes (launchers/slurm.py:
-`bash -c 'cd CODE && exec torchrun --nnodes ... --node-rank=$SLURM_NODEID ...'`) instead of nemo-run's
+`bash -c 'cd CODE && exec torchrun --nnodes ... --node-rank=$SLURM_PROCID ...'`) instead of nemo-run's
 own Torchrun launcher: in a heterogeneous job that launcher would wrap every group (the SGLang servers
 too) in one torchrun with the first group's sizes. MASTER_ADDR comes from nemo-run's head-node variables.
 Requeue: `--requeue` on the allocation plus nemo-run's retry block (`scontrol requeue` on a non-zero exit
-while SLURM_RESTART_COUNT < retries); the rerun resumes from the run directory's last checkpoint.
+while SLURM_RESTART_COUNT < retries); the rerun resumes from the run directory's last checkpoint. Before
+the time limit `--signal=USR1@T` stops the trainer, which is such a non-zero exit.
 """
 
 from __future__ import annotations
@@ -34,16 +36,27 @@ def import_nemo_run():
     return nemo_run
 
 
-def _slurm_executor(run, recipe: Recipe, nodes: int, gpus: int, env: dict[str, str], het: bool):
+def _job_root(recipe: Recipe) -> str:
+    # not ".../nemo_run": without a container nemo-run rewrites every "/nemo_run" in the script to the job dir
+    return os.path.join(os.path.abspath(recipe.run_dir), "nemo")
+
+
+def _slurm_executor(run, recipe: Recipe, nodes: int, gpus: int, env: dict[str, str], het: bool, tasks: int = 1):
     s = recipe.slurm
-    job_root = os.path.join(os.path.abspath(recipe.run_dir), "nemo_run")
-    extra = {"requeue": True, "signal": f"B:USR1@{s.requeue_signal_s}", **s.extra_sbatch}
+    # USR1 to the tasks, not the batch shell (B:): nemo-run's shell runs srun in the foreground, so a trap
+    # there would only run after the time-limit kill, and without one USR1 kills the shell before its retry
+    # block. The trainer dies of USR1, srun exits non-zero, the retry block requeues while retries remain.
+    extra = {"requeue": True, "signal": f"USR1@{s.requeue_signal_s}", **s.extra_sbatch}
+    container = plain.uses_container(recipe)
     ex = run.SlurmExecutor(
-        account=s.account, partition=s.partition, time=s.time, nodes=nodes, ntasks_per_node=1,
-        gpus_per_node=gpus, exclusive=s.exclusive or None, container_image=s.container_image,
-        container_mounts=plain.container_mounts(recipe), env_vars=env, additional_parameters=extra,
-        job_name_prefix="erpd.", tunnel=run.LocalTunnel(job_dir=job_root), packager=run.Packager(),
-        setup_lines="\n".join(s.setup) or None,
+        account=s.account or None, partition=s.partition or None, time=s.time, nodes=nodes, ntasks_per_node=tasks,
+        gpus_per_node=gpus or None, exclusive=s.exclusive or None,
+        container_image=s.container_image if container else None,
+        container_mounts=plain.container_mounts(recipe) if container else [], env_vars=env,
+        additional_parameters=extra, job_name_prefix="erpd.", tunnel=run.LocalTunnel(job_dir=_job_root(recipe)),
+        packager=run.Packager(), setup_lines="\n".join(s.setup) or None,
+        # without a container nemo-run passes --chdir JOB_DIR/code, which its base Packager never creates
+        srun_args=None if container else ["--chdir", plain.task_code_dir(recipe)],
     )
     ex.retries = s.max_retries
     ex.poll_estimated_start_time = False
@@ -59,11 +72,13 @@ def _bash_task(run, command: str):
 def slurm_experiment(recipe: Recipe, base_dir: str | None = None):
     """(Experiment, [tasks], [executors]) for the recipe; the caller adds them and dryruns / runs."""
     run = import_nemo_run()
-    env = plain.job_env(recipe)
+    plain.validate(recipe)
+    # nemo-run writes `export KEY=VALUE` unquoted: quote the values here (MASTER_ADDR is meant to expand)
+    env = {k: shlex.quote(v) for k, v in plain.job_env(recipe).items()}
     het = recipe.rollout_servers is not None
     env["MASTER_ADDR"] = "$het_group_host_0" if het else "$head_node_ip"
     env["MASTER_PORT"] = str(recipe.slurm.rdzv_port)
-    train_ex = _slurm_executor(run, recipe, recipe.nodes, recipe.gpus_per_node, env, het)
+    train_ex = _slurm_executor(run, recipe, recipe.nodes, recipe.gpus_per_node, env, het, recipe.tasks_per_node)
     tasks = [_bash_task(run, plain.trainer_task_command(recipe, recipe.nodes))]
     executors = [train_ex]
     if het:
@@ -72,7 +87,7 @@ def slurm_experiment(recipe: Recipe, base_dir: str | None = None):
         train_ex.setup_lines = "\n".join(filter(None, [train_ex.setup_lines, plain.rollout_urls_line(recipe)]))
         executors.append(_slurm_executor(run, recipe, rs.nodes, rs.gpus_per_node, env, het))
         tasks.append(_bash_task(run, plain.rollout_task_command(recipe)))
-    base = base_dir or os.path.join(os.path.abspath(recipe.run_dir), "nemo_run", "experiments")
+    base = base_dir or os.path.join(_job_root(recipe), "experiments")
     exp = run.Experiment(f"erpd-{recipe.name}", executor=train_ex, base_dir=base, log_level="WARN")
     return exp, tasks, executors
 

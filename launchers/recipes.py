@@ -2,7 +2,7 @@
 
 A recipe says what runs (the trainer command `erpd run --config PRESET key=value ...`, or `erpd demo`),
 on what layout (a planner `Layout`: the planner checks it before every launch), and where (Slurm settings:
-account, partition, time, container, mounts, environment, requeue). The executors in `launchers/slurm.py`
+account, partition, time, container or Python environment, mounts, environment, requeue). The executors in `launchers/slurm.py`
 (plain sbatch) and `launchers/nemo.py` (nemo-run) turn the same recipe into equivalent sbatch scripts.
 
 The trainer's parallel sizes are written from the layout (one source of truth): TRAINER_KEYS maps layout
@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 import yaml
 
 from erpd_megatron.planner import H100, Hardware, Layout
+
+#: the CPU recipes' machine (the 2-core CI runner): what the planner checks memory against
+CPU_HOST = Hardware(name="CPU (2 cores, 24 GiB)", memory_gib=24.0, reserved_gib=4.0, peak_tflops=0.1, mfu=0.3)
 
 #: layout field -> trainer config key (erpd_megatron/config.py); only these are passed to the trainer
 TRAINER_KEYS: dict[str, str] = {
@@ -43,23 +46,35 @@ DEFAULT_ENV: dict[str, str] = {
     "OMP_NUM_THREADS": "8",
 }
 
+#: environment of CPU-only jobs (no CUDA / NCCL settings; torch picks its own thread count)
+CPU_ENV: dict[str, str] = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+
 
 @dataclass
 class SlurmSettings:
     """Cluster side of a recipe (any field can be overridden as `slurm.FIELD=VALUE`)."""
 
-    account: str = field(default_factory=lambda: os.environ.get("ERPD_SLURM_ACCOUNT", "my_account"))
-    partition: str = field(default_factory=lambda: os.environ.get("ERPD_SLURM_PARTITION", "batch"))
+    account: str = field(default_factory=lambda: os.environ.get("ERPD_SLURM_ACCOUNT", ""))
+    """empty: no --account line (the cluster's default account)"""
+    partition: str = field(default_factory=lambda: os.environ.get("ERPD_SLURM_PARTITION", ""))
+    """empty: no --partition line (the cluster's default partition)"""
     time: str = "04:00:00"
     """wall-clock limit per allocation; the job requeues itself and resumes, so runs may be longer"""
     job_name: str = ""
-    container_image: str = field(default_factory=lambda: os.environ.get("ERPD_CONTAINER_IMAGE", "erpd-megatron.sqsh"))
-    """enroot/pyxis image (squashfs path or registry URI) with torch, megatron-core and this project's deps"""
+    container_image: str = field(default_factory=lambda: os.environ.get("ERPD_CONTAINER_IMAGE", ""))
+    """enroot/pyxis image (squashfs path or registry URI) with torch, megatron-core and this project's deps.
+    Empty: no container and no pyxis flags; every task runs `python` below from `host_code_dir`"""
     container_mounts: list[str] = field(default_factory=lambda: ["/models:/models"])
+    """extra pyxis mounts (container jobs only; the checkout and the run root are always mounted)"""
     code_dir: str = "/workspace/erpd-megatron"
     """where the repository is mounted in the container (the working directory of every task)"""
     host_code_dir: str = ""
-    """repository on the cluster's shared file system (default: the launch directory)"""
+    """repository on the cluster's shared file system (default: the launch directory); the working
+    directory of every task when there is no container"""
+    python: str = ""
+    """interpreter every task runs (the trainer as `PYTHON -m erpd_megatron.cli`, torchrun as
+    `PYTHON -m torch.distributed.run`). Default: `python` / `torchrun` of the container's PATH; without a
+    container, the interpreter running the launcher (your venv on the shared file system)"""
     env: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ENV))
     max_retries: int = 3
     """requeues after a failure, preemption or time limit; each rerun resumes from the last checkpoint"""
@@ -104,8 +119,12 @@ class Recipe:
     """trainer overrides key -> value (recipe defaults; CLI key=value items are added)"""
     nodes: int = 1
     gpus_per_node: int = 8
+    """0: a CPU job (no --gpus-per-node line, CPU_ENV instead of the GPU environment)"""
+    tasks_per_node: int = 1
+    """Slurm tasks (torchrun agents) per node, each running gpus_per_node / tasks_per_node processes (1
+    without GPUs). 1 on real clusters; the one-node test cluster uses 2 to run the multi-node rendezvous"""
     torchrun: bool = True
-    """launch the trainer through torchrun (one process per GPU); False for the CPU demo"""
+    """launch the trainer through torchrun (one process per GPU); False: one plain process per task"""
     run_root: str = field(default_factory=lambda: os.environ.get("ERPD_RUN_ROOT", "runs"))
     """run directories live at RUN_ROOT/NAME: rerunning a recipe with the same name resumes it"""
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
@@ -116,6 +135,11 @@ class Recipe:
     @property
     def run_dir(self) -> str:
         return os.path.join(self.run_root, self.name)
+
+    @property
+    def procs_per_task(self) -> int:
+        """torchrun --nproc-per-node: the task's share of the node's GPUs, or 1 process on CPU nodes."""
+        return max(1, self.gpus_per_node // self.tasks_per_node)
 
     def trainer_overrides(self) -> dict[str, str]:
         """Layout-derived keys, then the recipe's / user's overrides, then the run directory."""
@@ -129,8 +153,13 @@ class Recipe:
 
 
 # ----------------------------------------------------------------------------------------- recipes
+def _cpu_slurm() -> SlurmSettings:
+    # CPU nodes: no container unless one is set (ERPD_CONTAINER_IMAGE), no node exclusivity, no GPU env
+    return SlurmSettings(time="01:00:00", exclusive=False, env=dict(CPU_ENV))
+
+
 def cpu_demo() -> Recipe:
-    """The tiny ERPD pipeline on this machine's CPU (what `make demo` runs)."""
+    """The tiny ERPD pipeline on one CPU node (what `make demo` runs), no GPU, no container needed."""
     return Recipe(
         name="cpu_demo",
         description="tiny Qwen3 toy task on CPU, one process",
@@ -139,10 +168,29 @@ def cpu_demo() -> Recipe:
                       grad_dtype="fp32", attention="unfused", recompute="none", nodes=None, gpus_per_node=1),
         trainer=["erpd", "demo"],
         nodes=1,
-        gpus_per_node=1,
+        gpus_per_node=0,
         torchrun=False,
+        slurm=_cpu_slurm(),
         # this machine: 24 GiB RAM shared with the OS and the rollout engine, ~0.1 TFLOP/s fp32 on 2 cores
-        hardware=Hardware(name="CPU (2 cores, 24 GiB)", memory_gib=24.0, reserved_gib=4.0, peak_tflops=0.1, mfu=0.3),
+        hardware=dataclasses.replace(CPU_HOST),
+    )
+
+
+def cpu_micro() -> Recipe:
+    """The CI-sized pipeline (erpd_megatron/presets/micro.yaml) on one CPU node: what the local Slurm tests
+    submit. `torchrun=true tasks_per_node=2 layout.dp=2` makes it a two-task DP=2 gloo job."""
+    return Recipe(
+        name="cpu_micro",
+        description="micro preset (toy task) on CPU, one process; no GPU, no container",
+        model="qwen3-toy",
+        layout=Layout(tp=1, pp=1, dp=1, micro_batch=16, global_batch=64, seq_len=64, param_dtype="fp32",
+                      grad_dtype="fp32", attention="unfused", recompute="none", nodes=None, gpus_per_node=1),
+        trainer=["erpd", "run", "--config", "erpd_megatron/presets/micro.yaml"],
+        nodes=1,
+        gpus_per_node=0,
+        torchrun=False,
+        slurm=_cpu_slurm(),
+        hardware=dataclasses.replace(CPU_HOST),
     )
 
 
@@ -192,6 +240,7 @@ def qwen35_27b_disagg() -> Recipe:
 
 RECIPES: dict[str, typing.Callable[[], Recipe]] = {
     "cpu_demo": cpu_demo,
+    "cpu_micro": cpu_micro,
     "qwen3_4b_1node": qwen3_4b_1node,
     "qwen35_27b": qwen35_27b,
     "qwen35_27b_disagg": qwen35_27b_disagg,
@@ -207,7 +256,7 @@ def get_recipe(name: str) -> Recipe:
 
 # ----------------------------------------------------------------------------------------- overrides
 _SECTIONS = {"layout": "layout", "slurm": "slurm", "rollout_servers": "rollout_servers"}
-_RECIPE_FIELDS = {"name", "nodes", "gpus_per_node", "run_root", "model"}
+_RECIPE_FIELDS = {"name", "nodes", "gpus_per_node", "tasks_per_node", "torchrun", "run_root", "model"}
 
 
 def _coerce(tp, raw: str, where: str):
@@ -269,12 +318,13 @@ def apply_overrides(recipe: Recipe, items: list[str], nodes: int | None = None) 
                 nodes = r.nodes
         else:
             r.overrides[key] = raw
+    per_node = r.tasks_per_node * r.procs_per_task  # trainer processes per node
     if nodes is not None:
         r.nodes = nodes
         r.layout.nodes = nodes
         if "layout.dp" not in " ".join(items):
-            r.layout.dp = max(1, nodes * r.gpus_per_node // (r.layout.tp * r.layout.pp * r.layout.cp))
+            r.layout.dp = max(1, nodes * per_node // (r.layout.tp * r.layout.pp * r.layout.cp))
     elif layout_touched and r.layout.nodes is not None and not any(i.startswith("layout.dp=") for i in items):
         # TP/PP/CP changed on a fixed node count: DP fills the nodes
-        r.layout.dp = max(1, r.layout.nodes * r.gpus_per_node // (r.layout.tp * r.layout.pp * r.layout.cp))
+        r.layout.dp = max(1, r.layout.nodes * per_node // (r.layout.tp * r.layout.pp * r.layout.cp))
     return r

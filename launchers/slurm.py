@@ -1,10 +1,15 @@
-"""Plain sbatch path (no nemo-run): render a recipe into one batch script, submit it, ask sacct.
+"""Plain sbatch path (no nemo-run): render a recipe into one batch script, submit it, ask scontrol / sacct.
 
 The script is what the nemo-run path produces, written out by hand: one `srun` job step per group
 (training, and the SGLang servers of a disaggregated recipe as a second heterogeneous group), each task
-a container (pyxis flags) running `torchrun --nnodes N --nproc-per-node G --node-rank $SLURM_NODEID
---rdzv-endpoint $MASTER_ADDR:$MASTER_PORT` on its node. The node rank and the host lists are expanded
-inside each task (`bash -c '...'`), not in the batch shell, so every node gets its own.
+a pyxis container (or, with `slurm.container_image` empty, the shared-FS checkout and `slurm.python`)
+running `torchrun --nnodes N --nproc-per-node G --node-rank $SLURM_PROCID --rdzv-endpoint
+$MASTER_ADDR:$MASTER_PORT` (one task per node: the task rank is the node index). The rank and the host
+lists are expanded inside each task (`bash -c '...'`), not in the batch shell, so every node gets its own.
+
+Quoting: every argument is one shell word (`shell_word`): literal text in single quotes, and only
+`$NAME` references to RUNTIME_VARS expanded by the task; `#SBATCH` values and env names are validated
+(`validate`). So a trainer override like `data.instruction=$(touch X)` reaches the trainer as that text.
 
 Requeue and resume: `#SBATCH --requeue` lets Slurm requeue on preemption / node failure; the script
 requeues itself on a non-zero exit and, through `--signal=B:USR1@T`, shortly before the time limit, up
@@ -15,35 +20,114 @@ the same run_dir, and the trainer resumes from its last checkpoint there.
 from __future__ import annotations
 
 import os
+import re
 import shlex
+import shutil
 import subprocess
+import sys
 
 from launchers.recipes import Recipe
 
+#: variables the batch script (or Slurm) sets for each task: a `$NAME` / `${NAME}` of these inside an
+#: argument is expanded in the task; nothing else of an argument ever is ($(...), backticks, other $VARS)
+RUNTIME_VARS = ("MASTER_ADDR", "MASTER_PORT", "ROLLOUT_URLS", "SLURM_JOB_ID", "SLURM_NODEID", "SLURM_PROCID",
+                "SLURM_LOCALID", "SLURM_NNODES", "SLURM_NTASKS", "SLURM_RESTART_COUNT")
+_NAMES = "|".join(RUNTIME_VARS)
+_VAR_REF = re.compile(r"\$(?:\{(" + _NAMES + r")\}|(" + _NAMES + r")(?![A-Za-z0-9_]))")
 
-def _arg(a: str) -> str:
-    # keep $VARS expandable inside the task (double quotes), quote everything else
-    if "$" in a:
-        return '"' + a.replace('"', '\\"') + '"'
-    return shlex.quote(a)
+
+def shell_word(a: str) -> str:
+    """`a` as one shell word: literal text single-quoted (shlex), RUNTIME_VARS references double-quoted so
+    that the task expands them. `data.instruction=$(touch X)` stays the literal text it is."""
+    parts, pos = [], 0
+    for m in _VAR_REF.finditer(a):
+        if m.start() > pos:
+            parts.append(shlex.quote(a[pos:m.start()]))
+        parts.append('"${%s}"' % (m.group(1) or m.group(2)))
+        pos = m.end()
+    if pos < len(a) or not parts:
+        parts.append(shlex.quote(a[pos:]))
+    return "".join(parts)
+
+
+# what may follow `#SBATCH --flag=` (sbatch does its own, partial, quote handling there: allow no quoting)
+_SBATCH_VALUE = re.compile(r"[\w.,:@%+=/\[\]-]+")
+_SBATCH_KEY = re.compile(r"[a-z][a-z0-9-]*")
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_sbatch_value(where: str, value) -> str:
+    v = str(value)
+    if not _SBATCH_VALUE.fullmatch(v):
+        raise ValueError(f"{where}={v!r}: not allowed on an #SBATCH line (letters, digits and . , : @ % + = / [ ] - "
+                         f"_ only; no spaces, quotes or shell characters)")
+    return v
+
+
+def validate(recipe: Recipe) -> None:
+    """Refuse settings that cannot be written safely into a batch script (ValueError naming the field)."""
+    s = recipe.slurm
+    for name in ("account", "partition", "time", "job_name"):
+        if getattr(s, name):
+            check_sbatch_value(f"slurm.{name}", getattr(s, name))
+    if not re.fullmatch(r"[\w.-]+", recipe.name):
+        raise ValueError(f"name={recipe.name!r}: letters, digits, '.', '-', '_' only (it names the run directory)")
+    check_sbatch_value("run_dir", os.path.abspath(recipe.run_dir))  # in #SBATCH --output
+    for k, v in s.extra_sbatch.items():
+        if not _SBATCH_KEY.fullmatch(str(k)):
+            raise ValueError(f"slurm.extra_sbatch key {k!r}: expected an sbatch long option name like 'qos'")
+        check_sbatch_value(f"slurm.extra_sbatch.{k}", v)
+    for k in s.env:
+        if not _ENV_KEY.fullmatch(k):
+            raise ValueError(f"slurm.env.{k}: not a shell variable name")
+    for name in ("nodes", "tasks_per_node"):
+        if getattr(recipe, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(recipe, name)}")
+    if recipe.gpus_per_node < 0 or (recipe.gpus_per_node and recipe.gpus_per_node % recipe.tasks_per_node):
+        raise ValueError(f"gpus_per_node={recipe.gpus_per_node} must be >= 0 and divisible by "
+                         f"tasks_per_node={recipe.tasks_per_node}")
+    if any(c in s.container_image for c in ",\n") or any("," in m or "\n" in m for m in s.container_mounts):
+        raise ValueError("slurm.container_image / container_mounts: no commas or newlines (pyxis lists)")
+
+
+def uses_container(recipe: Recipe) -> bool:
+    return bool(recipe.slurm.container_image)
+
+
+def task_code_dir(recipe: Recipe) -> str:
+    """Working directory of every task: the mounted checkout in a container, else the shared-FS checkout."""
+    s = recipe.slurm
+    return s.code_dir if uses_container(recipe) else os.path.abspath(s.host_code_dir or os.getcwd())
+
+
+def task_python(recipe: Recipe) -> str:
+    s = recipe.slurm
+    return s.python or ("python" if uses_container(recipe) else sys.executable)
 
 
 def trainer_task_command(recipe: Recipe, nnodes: int) -> str:
-    """Shell command one task (one node) runs: torchrun over the node's GPUs, or the plain command."""
+    """Shell command one task runs: torchrun over the task's share of the node (node rank = Slurm task rank,
+    which is the node index with one task per node), or the plain command."""
     argv = recipe.trainer_argv()
+    py = task_python(recipe)
+    if argv[0] == "erpd":  # the `erpd` console script == python -m erpd_megatron.cli
+        argv = ["-m", "erpd_megatron.cli"] + argv[1:]
+        if not recipe.torchrun:
+            argv = [py] + argv
     if recipe.torchrun:
-        if argv[0] == "erpd":  # the `erpd` console script == python -m erpd_megatron.cli
-            argv = ["-m", "erpd_megatron.cli"] + argv[1:]
-        argv = ["torchrun", f"--nnodes={nnodes}", f"--nproc-per-node={recipe.gpus_per_node}",
-                "--node-rank=$SLURM_NODEID", "--rdzv-backend=c10d", "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT",
-                "--rdzv-id=$SLURM_JOB_ID"] + argv
-    return f"cd {shlex.quote(recipe.slurm.code_dir)} && exec " + " ".join(_arg(a) for a in argv)
+        # in a container, its torchrun; otherwise the launcher's environment's (no PATH assumptions)
+        launcher = ["torchrun"] if uses_container(recipe) and not recipe.slurm.python else \
+            [py, "-m", "torch.distributed.run"]
+        argv = launcher + [f"--nnodes={nnodes * recipe.tasks_per_node}", f"--nproc-per-node={recipe.procs_per_task}",
+                           "--node-rank=$SLURM_PROCID", "--rdzv-backend=c10d",
+                           "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT", "--rdzv-id=$SLURM_JOB_ID"] + argv
+    return f"cd {shlex.quote(task_code_dir(recipe))} && exec " + " ".join(shell_word(a) for a in argv)
 
 
 def rollout_task_command(recipe: Recipe) -> str:
     assert recipe.rollout_servers is not None
     argv = recipe.rollout_servers.command()
-    return f"cd {shlex.quote(recipe.slurm.code_dir)} && exec " + " ".join(_arg(a) for a in argv)
+    return f"cd {shlex.quote(task_code_dir(recipe))} && exec " + " ".join(shell_word(a) for a in argv)
 
 
 def container_mounts(recipe: Recipe) -> list[str]:
@@ -54,14 +138,17 @@ def container_mounts(recipe: Recipe) -> list[str]:
 
 
 def container_flags(recipe: Recipe) -> list[str]:
+    """pyxis flags of every srun; none without a container image."""
     s = recipe.slurm
+    if not uses_container(recipe):
+        return []
     return [f"--container-image={s.container_image}", f"--container-mounts={','.join(container_mounts(recipe))}",
             f"--container-workdir={s.code_dir}"]
 
 
 def job_env(recipe: Recipe) -> dict[str, str]:
     env = dict(recipe.slurm.env)
-    env["PYTHONPATH"] = recipe.slurm.code_dir
+    env["PYTHONPATH"] = task_code_dir(recipe)
     env["ERPD_RUN_DIR"] = os.path.abspath(recipe.run_dir)
     return env
 
@@ -73,11 +160,12 @@ def rollout_urls_line(recipe: Recipe, group: int = 1) -> str:
             f"| sed 's|.*|http://&:{port}|' | paste -sd, -)]\"")
 
 
-def _sbatch_group(recipe: Recipe, nodes: int, gpus: int, job_name: str) -> list[str]:
+def _sbatch_group(recipe: Recipe, nodes: int, gpus: int, job_name: str, tasks: int = 1) -> list[str]:
     s = recipe.slurm
     flags = {"job-name": job_name, "account": s.account, "partition": s.partition, "time": s.time,
-             "nodes": nodes, "ntasks-per-node": 1, "gpus-per-node": gpus}
-    lines = [f"#SBATCH --{k}={v}" for k, v in flags.items()]
+             "nodes": nodes, "ntasks-per-node": tasks, "gpus-per-node": gpus}
+    # no account / partition: the cluster's defaults; no GPUs: no gres request (a CPU cluster refuses it)
+    lines = [f"#SBATCH --{k}={v}" for k, v in flags.items() if v not in ("", 0, None)]
     if s.exclusive:
         lines.append("#SBATCH --exclusive")
     lines += [f"#SBATCH --{k}={v}" for k, v in s.extra_sbatch.items()]
@@ -86,6 +174,7 @@ def _sbatch_group(recipe: Recipe, nodes: int, gpus: int, job_name: str) -> list[
 
 def render_sbatch(recipe: Recipe) -> str:
     """The whole batch script for `recipe` (homogeneous, or heterogeneous with a rollout group)."""
+    validate(recipe)
     s = recipe.slurm
     run_dir = os.path.abspath(recipe.run_dir)
     job = s.job_name or f"erpd-{recipe.name}"
@@ -95,7 +184,7 @@ def render_sbatch(recipe: Recipe) -> str:
              f"# submit: sbatch {os.path.join(run_dir, 'slurm', recipe.name + '.sbatch')}",
              f"#SBATCH --output={run_dir}/slurm/%x_%j.out", "#SBATCH --open-mode=append", "#SBATCH --requeue",
              f"#SBATCH --signal=B:USR1@{s.requeue_signal_s}"]
-    lines += _sbatch_group(recipe, recipe.nodes, recipe.gpus_per_node, job)
+    lines += _sbatch_group(recipe, recipe.nodes, recipe.gpus_per_node, job, recipe.tasks_per_node)
     if het:
         rs = recipe.rollout_servers
         lines.append("#SBATCH hetjob")
@@ -125,16 +214,16 @@ def render_sbatch(recipe: Recipe) -> str:
         "pids=()",
         "",
     ]
-    cflags = " ".join(shlex.quote(f) for f in container_flags(recipe))
+    cflags = "".join(shlex.quote(f) + " " for f in container_flags(recipe))
     if het:
         rs = recipe.rollout_servers
         lines += ["# rollout servers (SGLang), heterogeneous group 1",
-                  f"srun --het-group=1 --nodes={rs.nodes} --ntasks-per-node=1 {cflags} --kill-on-bad-exit=1 "
-                  f"--output={run_dir}/slurm/rollout_%j_%t.out bash -c {shlex.quote(rollout_task_command(recipe))} &",
+                  f"srun --het-group=1 --nodes={rs.nodes} --ntasks-per-node=1 {cflags}--kill-on-bad-exit=1 "
+                  f"--output={shlex.quote(run_dir)}/slurm/rollout_%j_%t.out bash -c {shlex.quote(rollout_task_command(recipe))} &",
                   "pids+=($!)", ""]
     group = "--het-group=0 " if het else ""
     lines += ["# trainer: one torchrun per node" if recipe.torchrun else "# trainer",
-              f"srun {group}--nodes={recipe.nodes} --ntasks-per-node=1 {cflags} --kill-on-bad-exit=1 "
+              f"srun {group}--nodes={recipe.nodes} --ntasks-per-node={recipe.tasks_per_node} {cflags}--kill-on-bad-exit=1 "
               f"bash -c {shlex.quote(trainer_task_command(recipe, recipe.nodes))} &",
               "train_pid=$!", "pids+=($train_pid)",
               # wait returns early when a trap runs; wait again until the trainer step is really gone
@@ -175,15 +264,42 @@ def submit(script: str, recipe: Recipe | None = None) -> str:
     return job_id
 
 
-def job_state(job_id: str) -> dict[str, str]:
-    """State of a job from `sacct` (JobID, State, ExitCode, Elapsed of the job allocation)."""
+def _scontrol_job(job_id: str) -> dict[str, str] | None:
+    """`scontrol show job -o ID` as a dict (live and recently finished jobs, no accounting needed)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        return None
+    if out.returncode != 0:
+        return None
+    fields = dict(tok.split("=", 1) for tok in out.stdout.split() if "=" in tok)
+    return fields if fields.get("JobId") == job_id and "JobState" in fields else None
+
+
+def _sacct_job(job_id: str) -> dict[str, str] | None:
     try:
         out = subprocess.run(["sacct", "-j", job_id, "--format=JobID,State,ExitCode,Elapsed", "--parsable2",
-                              "--noheader"], check=True, capture_output=True, text=True)
+                              "--noheader"], capture_output=True, text=True, timeout=30)
     except FileNotFoundError:
-        raise RuntimeError("sacct not found: run this on a Slurm login node") from None
+        return None
     for line in out.stdout.splitlines():
         parts = line.strip().split("|")
         if len(parts) >= 4 and parts[0] == job_id:
             return dict(zip(["job_id", "state", "exit_code", "elapsed"], parts[:4]))
-    return {"job_id": job_id, "state": "UNKNOWN", "exit_code": "", "elapsed": ""}
+    return None
+
+
+def job_state(job_id: str) -> dict[str, str]:
+    """State of a job: from `scontrol show job` while slurmctld remembers it (running, pending, and
+    finished within MinJobAge), else from `sacct` (needs accounting). `source` says which answered."""
+    j = _scontrol_job(job_id)
+    if j is not None:
+        return {"job_id": job_id, "state": j["JobState"], "exit_code": j.get("ExitCode", ""),
+                "elapsed": j.get("RunTime", ""), "restarts": j.get("Restarts", "0"), "reason": j.get("Reason", ""),
+                "nodes": j.get("NodeList", ""), "source": "scontrol"}
+    a = _sacct_job(job_id)
+    if a is not None:
+        return {**a, "source": "sacct"}
+    if shutil.which("scontrol") is None and shutil.which("sacct") is None:
+        raise RuntimeError("neither scontrol nor sacct found: run this on a Slurm login node")
+    return {"job_id": job_id, "state": "UNKNOWN", "exit_code": "", "elapsed": "", "source": "none"}

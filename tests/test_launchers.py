@@ -38,12 +38,15 @@ def fake_slurm(tmp_path, monkeypatch):
                               'if [ "$1" = show ]; then case "$3" in\n'
                               '  r*) printf "r1\\nr2\\n";; *) printf "n1\\nn2\\nn3\\nn4\\n";; esac; fi\n')
     _exe(bindir / "srun", f"""echo "$@" >> {log}/srun.txt
-nodes=1
+nodes=1; tpn=1
 while [ $# -gt 0 ]; do
-  case "$1" in --nodes=*) nodes=${{1#--nodes=}};; bash) break;; esac; shift
+  case "$1" in --nodes=*) nodes=${{1#--nodes=}};; --ntasks-per-node=*) tpn=${{1#--ntasks-per-node=}};;
+  bash) break;; esac; shift
 done
 rc=0
-for ((i = 0; i < nodes; i++)); do SLURM_NODEID=$i "$@" || rc=$?; done
+for ((i = 0; i < nodes; i++)); do for ((t = 0; t < tpn; t++)); do
+  SLURM_NODEID=$i SLURM_PROCID=$((i * tpn + t)) "$@" || rc=$?
+done; done
 exit $rc
 """)
     _exe(bindir / "torchrun", f'echo "$@" >> {log}/torchrun.txt\nexit ${{FAKE_TRAIN_RC:-0}}\n')
@@ -76,8 +79,8 @@ def test_sbatch_27b_lines(tmp_path):
     for flag in ["--nodes=4", "--container-image=/img/erpd.sqsh", f"--container-workdir={tmp_path / 'code'}",
                  "--container-mounts=", "/models:/models"]:
         assert flag in srun, flag
-    for flag in ["torchrun --nnodes=4 --nproc-per-node=8", '"--node-rank=$SLURM_NODEID"',
-                 '"--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT"', "-m erpd_megatron.cli run --config "
+    for flag in ["torchrun --nnodes=4 --nproc-per-node=8", '--node-rank="${SLURM_PROCID}"',
+                 '--rdzv-endpoint="${MASTER_ADDR}":"${MASTER_PORT}"', "-m erpd_megatron.cli run --config "
                  "erpd_megatron/presets/qwen35_27b.yaml", "model.tp=4 model.pp=2 model.dp=4",
                  f"run_dir={tmp_path / 'runs' / 'qwen35_27b'}"]:
         assert flag in srun, flag
@@ -191,7 +194,7 @@ def test_nemo_run_scripts(tmp_path, fake_slurm, monkeypatch, request):
         assert line in text.splitlines(), line
     (srun,) = [x for x in text.splitlines() if x.startswith("srun ")]
     for flag in ["--container-image /img/erpd.sqsh", "--container-mounts", "torchrun --nnodes=4 --nproc-per-node=8",
-                 '"--node-rank=$SLURM_NODEID"', '"--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT"', "model.tp=4"]:
+                 '--node-rank="${SLURM_PROCID}"', '--rdzv-endpoint="${MASTER_ADDR}":"${MASTER_PORT}"', "model.tp=4"]:
         assert flag in srun, flag
     assert "export MASTER_ADDR=$head_node_ip" in text and "export NCCL_DEBUG=WARN" in text
     assert 'scontrol requeue "$SLURM_JOB_ID"' in text and "TORCHX_MAX_RETRIES=3" in text
@@ -240,3 +243,84 @@ def test_planner_imports_no_launcher_code():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(p.stdout)["ok"] is True
+
+
+HOSTILE = {
+    "data.instruction": "$(touch {x}/dollar)",
+    "data.tick": "`touch {x}/tick`",
+    "data.quotes": "it's \"quoted\" ; touch {x}/semi",
+    "data.newline": "line1\ntouch {x}/newline\n'",
+    "data.home": "${{HOME}} $HOME",
+}
+
+
+def _recorder(path, out):
+    # stand-in torchrun / python: every argument (NUL-separated) and $FOO, one file per call
+    _exe(path, f'n=$(ls {out} | wc -l); printf "%s\\0" "$@" > {out}/$n.args; printf "%s" "$FOO" > {out}/$n.foo\n')
+
+
+@pytest.mark.parametrize("recipe,executor", [("qwen35_27b", "sbatch"), ("cpu_micro", "sbatch"),
+                                             ("cpu_micro", "nemo")])
+def test_hostile_overrides_arrive_literally(tmp_path, fake_slurm, monkeypatch, recipe, executor):
+    """Overrides with $(...), backticks, quotes and newlines reach the trainer as literal text through the
+    generated script (container path: stand-in torchrun; no-container path: slurm.python = a stand-in)."""
+    if executor == "nemo" and not HAS_NEMO:
+        pytest.skip("nemo-run not installed (optional extra `launch`)")
+    x, calls = tmp_path / "x", tmp_path / "calls"
+    x.mkdir()
+    calls.mkdir()
+    _recorder(tmp_path / "bin" / "torchrun", calls)
+    _recorder(tmp_path / "fakepy", calls)
+    hostile = {k: v.format(x=x) for k, v in HOSTILE.items()}
+    items = [f"{k}={v}" for k, v in hostile.items()] + [f"slurm.env.FOO=$(touch {x}/env) `id`"]
+    if recipe == "cpu_micro":
+        items += [f"slurm.python={tmp_path / 'fakepy'}", "slurm.container_image="]
+    r = _recipe(recipe, tmp_path, *items)
+    if executor == "sbatch":
+        script = slurm.write_sbatch(r)
+    else:
+        monkeypatch.setattr("sys.stdin", open(os.devnull))
+        from launchers import nemo
+
+        script, _ = nemo.run_slurm(r, dryrun=True)
+    env = {**os.environ, "SLURM_JOB_ID": "79", "SLURM_JOB_NODELIST": "n[1-4]"}
+    p = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert not list(x.iterdir()), "a hostile override was executed"
+    files = sorted(calls.glob("*.args"))
+    assert len(files) == r.nodes
+    for f in files:
+        argv = f.read_text().split("\0")[:-1]
+        for k, v in hostile.items():
+            assert f"{k}={v}" in argv, (k, argv)
+        assert f.with_suffix(".foo").read_text() == f"$(touch {x}/env) `id`"
+    if recipe == "cpu_micro":
+        assert "--container-image" not in open(script).read()
+
+
+@pytest.mark.parametrize("bad", ["slurm.partition=a b", "slurm.account=x\n#SBATCH --uid=0", "slurm.time=1:00;id",
+                                 "slurm.extra_sbatch={'qos': 'hi gh'}", "slurm.extra_sbatch={'Q OS': 'x'}",
+                                 "slurm.env.A-B=1", "name=a/b"])
+def test_sbatch_values_validated(tmp_path, fake_slurm, capsys, bad):
+    rc = launch_main(["run", "cpu_micro", "--executor", "sbatch", f"run_root={tmp_path}", bad])
+    assert rc == 2
+    assert "error:" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.sbatch")) and not (fake_slurm / "sbatch.txt").exists()
+
+
+def test_cpu_recipe_has_no_gpu_account_or_container_lines(tmp_path, monkeypatch):
+    """A CPU recipe on a cluster without containers: no --gpus-per-node, no --account / --partition when
+    unset, no pyxis flags; the task runs the launcher's Python from the checkout."""
+    for var in ("ERPD_SLURM_ACCOUNT", "ERPD_SLURM_PARTITION", "ERPD_CONTAINER_IMAGE"):
+        monkeypatch.delenv(var, raising=False)
+    r = apply_overrides(get_recipe("cpu_micro"), [f"run_root={tmp_path}", f"slurm.host_code_dir={tmp_path}"])
+    text = slurm.render_sbatch(r)
+    for absent in ("--gpus-per-node", "--account", "--partition", "--container", "--exclusive", "NCCL"):
+        assert absent not in text, absent
+    (srun,) = [x for x in text.splitlines() if x.startswith("srun ")]
+    assert f"cd {tmp_path} && exec {sys.executable} -m erpd_megatron.cli run --config" in srun
+    assert f"export PYTHONPATH={tmp_path}" in text
+    # GPUs and an account appear only when set
+    r = apply_overrides(r, ["gpus_per_node=4", "slurm.account=acc"])
+    text = slurm.render_sbatch(r)
+    assert "#SBATCH --gpus-per-node=4" in text and "#SBATCH --account=acc" in text
