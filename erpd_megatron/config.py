@@ -171,8 +171,10 @@ class DistillConfig:
     """Name of the stage-1 teacher run (a key of `teachers`) whose last checkpoint is pi_T."""
     teacher_step: int = -1
     """Teacher checkpoint step (-1 = last)."""
-    unlearned_step: int = 10
-    """Strategy 2: step of the teacher's early checkpoint used as pi_U."""
+    unlearned_step: int = -1
+    """Strategy 2: step of the teacher's early checkpoint used as pi_U; -1 = the bottom of the unlearning dip:
+    the saved step before the teacher's own at which the positives' mean token log-prob on the fixed batch is
+    lowest (paper Sec. 3.4 / Fig. 5; chosen on the training batch, not the eval set)."""
     weak: str = ""
     """Strategy 3: checkpoint directory of the weaker earlier policy."""
     sign_mask: str = "none"
@@ -304,7 +306,7 @@ RANGES: dict[type, dict[str, str]] = {
         "gae_alpha": _POS, "early_stop_patience": _NONNEG,
     },
     DistillConfig: {
-        "teacher_step": "[-1, inf)", "unlearned_step": _ONE_UP, "steps": _NONNEG, "mini_batch_size": _NONNEG,
+        "teacher_step": "[-1, inf)", "unlearned_step": "[-1, inf)", "steps": _NONNEG, "mini_batch_size": _NONNEG,
         "lr": _LR, "eps_low": "[0, 1)", "eps_high": _NONNEG, "kl_coef": _NONNEG, "entropy_coef": _NONNEG,
         "signal_clip": _NONNEG,
     },
@@ -505,7 +507,13 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{where}.teacher: {s.teacher!r} is not a configured teacher {sorted(cfg.teachers)}")
         if 2 in s.strategies:
             t = cfg.teachers[s.teacher]
-            if s.unlearned_step <= 0 or s.unlearned_step % t.save_every or s.unlearned_step > t.steps:
+            if s.unlearned_step == -1:
+                if t.steps <= t.save_every:
+                    raise ConfigError(
+                        f"{where}: strategy 2 needs an unlearned checkpoint before the teacher's last, but teacher "
+                        f"{s.teacher!r} saves every {t.save_every} up to {t.steps} (unlearned_step=-1 picks the dip)"
+                    )
+            elif s.unlearned_step <= 0 or s.unlearned_step % t.save_every or s.unlearned_step > t.steps:
                 raise ConfigError(
                     f"{where}: strategy 2 needs an unlearned checkpoint, but unlearned_step={s.unlearned_step} is not "
                     f"a saved step of teacher {s.teacher!r} (saves every {t.save_every} up to {t.steps})"

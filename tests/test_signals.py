@@ -209,3 +209,73 @@ def test_no_signal_warning_names_batch_and_method(caplog):
         warn_if_no_signal({"rewards": torch.tensor([1.0, 0.0, 1.0, 0.0]), "group_ids": groups}, "fixed batch 0", "x")
     assert "fixed batch 2 carries no learning signal for it2_ce: every reward equals 0" in caplog.text
     assert "for x" not in caplog.text
+
+
+# ----------------------------------------------------------------------------- unlearned checkpoint from the dip
+def test_dip_step_hand_curves():
+    from erpd_megatron.pipeline.stages import dip_step
+
+    assert dip_step({10: -1.0, 20: -2.0, 30: -1.5}) == 20
+    assert dip_step({10: -2.0, 20: -2.0, 30: -1.0}) == 10  # tie: the earliest
+    with pytest.raises(ValueError, match="no candidate"):
+        dip_step({})
+
+
+def test_unlearned_step_auto_picks_the_dip_on_the_fixed_batch(tmp_path):
+    """unlearned_step=-1: log-prob columns of the teacher's saved checkpoints before its own (10, 20, 30 of
+    40) on the fixed batch; the positives' mean token log-prob is -1.0, -2.0, -1.5 there (by construction),
+    so step 20 is chosen, recorded, and reused without recomputing."""
+    from types import SimpleNamespace
+
+    from erpd_megatron.config import load_config
+    from erpd_megatron.data.rollout_store import RolloutRecord, RolloutStore
+    from erpd_megatron.pipeline.rundir import RunDir
+    from erpd_megatron.pipeline.stages import unlearned_step
+
+    cfg = load_config(overrides=["teachers.mse.loss=mse", "teachers.mse.steps=40", "teachers.mse.save_every=10",
+                                 "students.s2.strategies=[2]", "students.s2.teacher=mse"])
+    run = RunDir(tmp_path)
+    store = RolloutStore(run.rollouts)
+    rewards = [1.0, 0.0, 1.0, 0.0]
+    store.write_batch(0, [RolloutRecord(prompt_ids=[5, 6], response_ids=[7, 8, 9], behaviour_logprobs=[-0.5] * 3,
+                                        reward=r, group_id=i // 2) for i, r in enumerate(rewards)])
+    t = store.load_tensors(0)
+    store.add_columns(0, {"old_logprobs": torch.full(t["input_ids"].shape, -0.5)})
+    level = {10: -1.0, 20: -2.0, 30: -1.5}
+    loaded = []
+
+    class Policy:
+        def __init__(self, step):
+            self.step = step
+
+        def forward_logprobs(self, tensors):
+            pos = torch.tensor(rewards)[:, None] > 0.5
+            return torch.where(pos, level[self.step], -9.0).expand(tensors["input_ids"].shape).clone()
+
+    def new_policy(init):
+        step = int(str(init).rsplit("_", 1)[1])  # .../ckpt/mse/iter_0000020
+        loaded.append(step)
+        return Policy(step)
+
+    ctx = SimpleNamespace(cfg=cfg, run=run, is_main=True, barrier=lambda: None, new_policy=new_policy,
+                          tokenizer=SimpleNamespace(pad_token_id=0))
+    s = cfg.students["s2"]
+    assert s.unlearned_step == -1
+    assert unlearned_step(ctx, s, 0) == 20 and sorted(loaded) == [10, 20, 30]
+    import json
+
+    rec = json.loads((tmp_path / "iter_0" / "unlearned_mse.json").read_text())
+    assert rec["step"] == 20 and rec["teacher_step"] == 40 and rec["pos_logprob"]["20"] == pytest.approx(-2.0)
+    assert rec["pos_logprob"]["0"] == pytest.approx(-0.5)
+    assert unlearned_step(ctx, s, 0) == 20 and len(loaded) == 3  # recorded: nothing recomputed
+
+
+def test_unlearned_step_auto_needs_a_checkpoint_before_the_teachers():
+    from erpd_megatron.config import ConfigError, load_config
+
+    base = ["teachers.mse.loss=mse", "students.s2.strategies=[2]", "students.s2.teacher=mse"]
+    load_config(overrides=[*base, "teachers.mse.steps=20", "teachers.mse.save_every=10"])  # candidate: step 10
+    with pytest.raises(ConfigError, match="before the teacher's last"):
+        load_config(overrides=[*base, "teachers.mse.steps=10", "teachers.mse.save_every=10"])
+    with pytest.raises(ConfigError, match="strategy 2 needs an unlearned checkpoint"):
+        load_config(overrides=[*base, "students.s2.unlearned_step=0"])

@@ -157,17 +157,81 @@ def _teacher_metrics(policy, mb) -> dict:
 # ----------------------------------------------------------------------------- signals
 
 
+def _teacher_step(ctx, student, iteration: int) -> int:
+    tm = method_name(student.teacher, iteration)
+    return student.teacher_step if student.teacher_step > 0 else \
+        final_step(ctx.run.ckpt(tm), ctx.cfg.teachers[student.teacher].steps)
+
+
+def _lp_column(method: str, step: int) -> str:
+    return f"lp_{method}_s{step}".lower()
+
+
+def dip_step(pos_logprob: dict[int, float]) -> int:
+    """The bottom of the unlearning dip: the step with the lowest mean token log-prob of positive samples
+    (ties: the earliest). `pos_logprob` maps candidate checkpoint steps (before the teacher's own) to it."""
+    if not pos_logprob:
+        raise ValueError("no candidate checkpoint for the unlearned policy")
+    return min(sorted(pos_logprob), key=lambda s: pos_logprob[s])
+
+
+def unlearned_step(ctx, student, iteration: int) -> int:
+    """pi_U's step: `student.unlearned_step`, or for -1 the dip (`dip_step`) over the teacher's saved checkpoints
+    before its own step, measured on the fixed batch's positive samples. The curve and the choice are written to
+    iter_<i>/unlearned_<teacher>.json once (all ranks compute the log-prob columns, which stay in the store)."""
+    if student.unlearned_step > 0:
+        return student.unlearned_step
+    import json
+
+    from erpd_megatron.algorithms.metrics import logprob_by_outcome
+    from erpd_megatron.utils.io import atomic_write_json
+
+    tm = method_name(student.teacher, iteration)
+    record = ctx.run.root / f"iter_{iteration}" / f"unlearned_{tm}.json"
+    if record.exists():
+        return json.loads(record.read_text())["step"]
+    top = _teacher_step(ctx, student, iteration)
+    every = ctx.cfg.teachers[student.teacher].save_every
+    candidates = list(range(every, top, every))
+    store = RolloutStore(ctx.run.rollouts)
+    for step in candidates:
+        if _lp_column(tm, step) not in store.per_token_columns(iteration):
+            policy = ctx.new_policy(init=ckpt_at(ctx, tm, step))
+            add_policy_logprobs(ctx, store, iteration, _lp_column(tm, step), policy)
+            del policy
+    batch = load_batch(ctx, store, iteration, [_lp_column(tm, s) for s in candidates])
+    curve = {s: logprob_by_outcome(batch[_lp_column(tm, s)], batch["response_mask"], batch["rewards"])["pos_logprob"]
+             for s in candidates}
+    curve[0] = logprob_by_outcome(batch["old_logprobs"], batch["response_mask"], batch["rewards"])["pos_logprob"]
+    if curve[0] != curve[0]:  # NaN: no positive sample in the batch, so no dip to find
+        chosen = candidates[0]
+        log.warning("%s: the fixed batch has no positive sample; unlearned checkpoint = step %d (the first saved)",
+                    tm, chosen)
+    else:
+        chosen = dip_step({s: v for s, v in curve.items() if s > 0})
+    if chosen == candidates[-1] and len(candidates) > 1:
+        log.warning("%s: the positives' log-prob is lowest at step %d, the last saved before the teacher's (%d): "
+                    "no recovery seen, pi_U may be past the dip's bottom or the dip not over", tm, chosen, top)
+    log.info("%s: unlearned checkpoint = step %d (positives' mean log-prob by step: %s)", tm, chosen,
+             ", ".join(f"{s}: {v:.4f}" for s, v in sorted(curve.items())))
+    if ctx.is_main:
+        atomic_write_json(record, {"step": chosen, "teacher_step": top, "pos_logprob": {str(k): v for k, v in
+                                                                                        sorted(curve.items())}})
+    ctx.barrier()
+    return chosen
+
+
 def signal_columns(ctx, student, iteration: int) -> dict[str, tuple]:
     """Per-token log-prob columns a student needs: column -> (kind, checkpoint path)."""
     cols = {}
     if 1 in student.strategies or 2 in student.strategies:
         tm = method_name(student.teacher, iteration)
-        step = student.teacher_step if student.teacher_step > 0 else \
-            final_step(ctx.run.ckpt(tm), ctx.cfg.teachers[student.teacher].steps)
-        cols[f"lp_{tm}_s{step}".lower()] = ("teacher", ckpt_at(ctx, tm, step))
+        step = _teacher_step(ctx, student, iteration)
+        cols[_lp_column(tm, step)] = ("teacher", ckpt_at(ctx, tm, step))
     if 2 in student.strategies:
         tm = method_name(student.teacher, iteration)
-        cols[f"lp_{tm}_s{student.unlearned_step}".lower()] = ("unlearned", ckpt_at(ctx, tm, student.unlearned_step))
+        u = unlearned_step(ctx, student, iteration)
+        cols[_lp_column(tm, u)] = ("unlearned", ckpt_at(ctx, tm, u))
     if 3 in student.strategies:
         import hashlib
 
