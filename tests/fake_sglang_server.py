@@ -1,4 +1,16 @@
-"""A stand-in for ``python -m sglang.launch_server`` that speaks SGLang 0.5.x's HTTP wire format.
+"""A stand-in for ``python -m sglang.launch_server`` that speaks SGLang 0.5.23's HTTP wire format.
+
+``--protocol 0.5.23`` (default) or ``--protocol legacy`` (0.5.x before the update session):
+- 0.5.23: ``/server_info`` (``/get_server_info`` kept as the deprecated alias), ``/begin_weight_update``
+  and ``/end_weight_update``; ``update_weights_from_tensor`` / ``_from_distributed`` outside an open
+  session fail (400, like the scheduler's assertion "... requires an open begin_weight_update
+  session"), so do a second begin and an end without begin; ``update_weights_from_disk`` needs none.
+- legacy: only ``/get_server_info``; no session endpoints (404); updates accepted any time.
+``--api-key K``: every path but ``/health*`` needs ``Authorization: Bearer K`` (else 401
+``{"error": "Unauthorized"}``), as sglang's ``add_api_key_middleware``. ``--dp-size`` is reported.
+Memory tags released with ``/release_memory_occupation`` are tracked: a weight update while
+"weights" is released, or a generation while anything is released, fails (400) instead of
+writing into freed memory as a real server would.
 
 Used by tests/test_sglang_engine.py (not a test module itself). Stdlib HTTP server; torch is
 imported only by the weight endpoints. What it checks and does:
@@ -34,10 +46,12 @@ GENERATE_FIELDS = {"rid", "input_ids", "text", "sampling_params", "return_logpro
 SAMPLING_FIELDS = {"n", "temperature", "top_p", "top_k", "min_p", "max_new_tokens", "min_new_tokens", "stop",
                    "stop_token_ids", "ignore_eos", "skip_special_tokens", "no_stop_trim", "sampling_seed",
                    "frequency_penalty", "presence_penalty", "repetition_penalty"}
-TENSOR_FIELDS = {"serialized_named_tensors", "load_format", "flush_cache", "abort_all_requests", "weight_version"}
+TENSOR_FIELDS = {"serialized_named_tensors", "load_format", "flush_cache", "abort_all_requests", "weight_version",
+                 "selector", "torch_empty_cache"}
 DIST_INIT_FIELDS = {"master_address", "master_port", "rank_offset", "world_size", "group_name", "backend"}
 DIST_UPDATE_FIELDS = {"names", "dtypes", "shapes", "group_name", "flush_cache", "abort_all_requests",
-                      "weight_version"}
+                      "weight_version", "selector", "load_format", "torch_empty_cache"}
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
 
 
 def fake_token(prompt: list[int], seed: int, k: int, vocab: int) -> tuple[int, float]:
@@ -56,6 +70,8 @@ class State:
         self.weight_version = "default"
         self.groups: dict = {}
         self.paused = False
+        self.session = False
+        self.released: set = set()
 
 
 def make_handler(state: State):
@@ -82,11 +98,30 @@ def make_handler(state: State):
             self.end_headers()
             self.wfile.write(raw)
 
+        def _authorized(self) -> bool:
+            if not args.api_key or self.path.startswith("/health"):
+                return True
+            if self.headers.get("Authorization") == "Bearer " + args.api_key:
+                return True
+            self._body_discard()
+            self._send(401, {"error": "Unauthorized"})
+            return False
+
+        def _body_discard(self):
+            n = int(self.headers.get("Content-Length") or 0)
+            if n:
+                self.rfile.read(n)
+
         def do_GET(self):
+            if not self._authorized():
+                return None
             if self.path == "/health":
                 return self._send(200, "")
-            if self.path == "/get_server_info":
-                return self._send(200, {"tp_size": args.tp, "version": "0.5.23-fake", "pid": os.getpid()})
+            info_paths = ("/server_info", "/get_server_info") if args.protocol == "0.5.23" else ("/get_server_info",)
+            if self.path in info_paths:
+                self.log_event("server_info", path=self.path)
+                return self._send(200, {"tp_size": args.tp, "dp_size": args.dp_size, "version": args.protocol,
+                                        "pid": os.getpid()})
             if self.path == "/_events":
                 with state.lock:
                     return self._send(200, {"events": state.events, "weight_version": state.weight_version,
@@ -94,11 +129,13 @@ def make_handler(state: State):
             return self._send(404, {"error": self.path})
 
         def do_POST(self):
+            if not self._authorized():
+                return None
             try:
                 body = self._body()
                 fn = getattr(self, "h_" + self.path.strip("/").replace("/", "_"), None)
-                if fn is None:
-                    return self._send(404, {"error": self.path})
+                if fn is None or (args.protocol == "legacy" and self.path in SESSION_PATHS):
+                    return self._send(404, {"detail": "Not Found"})
                 status, obj = fn(body)
             except Exception as e:  # report, like the real server's 400 for invalid input
                 status, obj = 400, {"success": False, "message": f"{type(e).__name__}: {e}"}
@@ -110,6 +147,8 @@ def make_handler(state: State):
 
         # ----------------------------------------------------------- generation
         def h_generate(self, body):
+            if state.released:
+                return 400, {"error": f"memory {sorted(state.released)} is released"}
             unknown = set(body) - GENERATE_FIELDS
             if unknown:
                 return 400, {"error": f"unknown GenerateReqInput fields {sorted(unknown)}"}
@@ -169,12 +208,39 @@ def make_handler(state: State):
             return 200, "Cache flushed.\n"
 
         def h_release_memory_occupation(self, body):
-            self.log_event("release_memory_occupation", tags=(body or {}).get("tags"))
+            tags = (body or {}).get("tags")
+            self.log_event("release_memory_occupation", tags=tags)
+            state.released |= set(tags or MEMORY_TAGS)
             return 200, ""
 
         def h_resume_memory_occupation(self, body):
-            self.log_event("resume_memory_occupation", tags=(body or {}).get("tags"))
+            tags = (body or {}).get("tags")
+            self.log_event("resume_memory_occupation", tags=tags)
+            state.released -= set(tags or MEMORY_TAGS)
             return 200, ""
+
+        # ----------------------------------------------------------- update session (0.5.23)
+        def h_begin_weight_update(self, body):
+            if state.session:
+                return 400, {"success": False, "message": "begin_weight_update called while a weight-update "
+                                                          "session is already open"}
+            state.session = True
+            self.log_event("begin_weight_update")
+            return 200, {"success": True, "message": "Success"}
+
+        def h_end_weight_update(self, body):
+            if not state.session:
+                return 400, {"success": False, "message": "end_weight_update called without begin_weight_update"}
+            state.session = False
+            self.log_event("end_weight_update")
+            return 200, {"success": True, "message": "Success"}
+
+        def _refuse_update(self, what):
+            if args.protocol == "0.5.23" and not state.session:
+                return 400, {"success": False, "message": f"{what} requires an open begin_weight_update session"}
+            if "weights" in state.released:
+                return 400, {"success": False, "message": "weights memory is released"}
+            return None
 
         # ----------------------------------------------------------- weights
         def _store(self, named, version):
@@ -187,6 +253,9 @@ def make_handler(state: State):
         def h_update_weights_from_tensor(self, body):
             import torch
 
+            refused = self._refuse_update("update_weights_from_tensor")
+            if refused:
+                return refused
             unknown = set(body) - TENSOR_FIELDS
             if unknown or body.get("load_format") != "flattened_bucket":
                 return 400, {"success": False, "message": f"bad request fields {sorted(unknown)} / load_format"}
@@ -222,6 +291,9 @@ def make_handler(state: State):
             unknown = set(body) - DIST_UPDATE_FIELDS
             if unknown:
                 return 400, {"success": False, "message": f"unknown fields {sorted(unknown)}"}
+            refused = self._refuse_update("update_weights_from_distributed")
+            if refused:  # (a real server would still sit in the broadcast; the test then fails on the error)
+                return refused
             pg = state.groups[body["group_name"]]
             named = []
             for name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"]):
@@ -254,6 +326,9 @@ def make_handler(state: State):
     return Handler
 
 
+SESSION_PATHS = ("/begin_weight_update", "/end_weight_update")
+
+
 def decode_bucket(payload: str, use_sglang: bool):
     from erpd_megatron.rollout import sglang_wire
 
@@ -276,6 +351,9 @@ def main(argv=None):
     ap.add_argument("--die-after", type=int, default=0)
     ap.add_argument("--die-marker", default="")
     ap.add_argument("--use-sglang", action="store_true")
+    ap.add_argument("--protocol", choices=["0.5.23", "legacy"], default="0.5.23")
+    ap.add_argument("--api-key", default="")
+    ap.add_argument("--dp-size", type=int, default=1)
     args = ap.parse_args(argv)
     if args.use_sglang:
         from erpd_megatron.rollout.sglang_wire import _sglang_classes

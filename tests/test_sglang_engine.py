@@ -24,6 +24,7 @@ from erpd_megatron.rollout.engine import SamplingParams, derive_seed
 from erpd_megatron.rollout.sglang_engine import (
     LaunchSpec,
     RetryableGeneration,
+    RolloutError,
     SGLangEngine,
     SGLangError,
     http_json,
@@ -71,9 +72,10 @@ def launch(tmp_path, *extra, tp=1, num_servers=1, env=None, **kw) -> SGLangEngin
     return SGLangEngine(launch=spec, request_timeout=60, control_timeout=60, health_timeout=5, **kw)
 
 
-def events(url: str) -> dict:
-    status, data = http_json(url, "GET", "/_events")
+def events(url: str, api_key: str | None = None) -> dict:
+    status, data = http_json(url, "GET", "/_events", api_key=api_key)
     assert status == 200
+    data["events"] = [e for e in data["events"] if e["event"] != "server_info"]
     return data
 
 
@@ -108,7 +110,8 @@ def check_samples(samples, sampling, prompts=PROMPTS):
 def test_generate_parses_sglang_answers_and_spreads_over_servers(tmp_path):
     sampling = SamplingParams(n=3, temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=12, seed=5,
                               stop_token_ids=(11, 23, 37))
-    with launch(tmp_path, num_servers=2, concurrency_per_server=2) as eng:
+    # each request takes 0.2 s, so one server's 2 workers cannot drain the queue before the other's start
+    with launch(tmp_path, "--gen-delay", "0.2", num_servers=2, concurrency_per_server=2) as eng:
         samples = eng.generate(PROMPTS, sampling)
         assert check_samples(samples, sampling) == {"stop", "length"}  # both finish kinds occurred
         assert all(s.weight_version is None for s in samples)
@@ -193,21 +196,27 @@ def _assert_received(got: dict, buckets):
         assert got[n].dtype == t.dtype and torch.equal(got[n], t), n
 
 
-@pytest.mark.parametrize("layout", ["typed", "bytes"])
-def test_update_weights_from_tensor_flattened_bucket(tmp_path, layout, shm_by_filename):
-    with launch(tmp_path, tp=2, bucket_layout=layout) as eng:
+@pytest.mark.parametrize("layout,protocol", [("typed", "0.5.23"), ("bytes", "0.5.23"), ("typed", "legacy")])
+def test_update_weights_from_tensor_flattened_bucket(tmp_path, layout, protocol, shm_by_filename):
+    """0.5.23: the buckets go inside /begin_weight_update ... /end_weight_update (the fake refuses them
+    outside, as the server does); a legacy server (404 on begin) gets the same update without a session."""
+    with launch(tmp_path, "--protocol", protocol, tp=2, bucket_layout=layout) as eng:
         eng.update_weights(iter(_buckets()), version=7)
+        eng.update_weights(iter(_buckets()), version=8)  # a second session opens after the first closed
         _assert_received(_dumped(eng, tmp_path), _buckets())
         data = events(eng.servers[0].url)
-        assert data["weight_version"] == "7"
+        assert data["weight_version"] == "8"
         names = [e["event"] for e in data["events"]]
-        n_updates = names.count("update_weights_from_tensor")
+        first = names[:names.index("continue_generation") + 1]
+        n_updates = first.count("update_weights_from_tensor")
         assert n_updates == (4 if layout == "typed" else 2)  # typed: one payload per dtype of each bucket (2 + 2)
-        assert names[0] == "pause_generation" and names[-1] == "continue_generation"
-        assert names[1] == "flush_cache" and names[-2] == "flush_cache"
+        session = ["begin_weight_update"] if protocol == "0.5.23" else []
+        assert first == (["pause_generation", "flush_cache"] + session + ["update_weights_from_tensor"] * n_updates
+                         + [e.replace("begin", "end") for e in session] + ["flush_cache", "continue_generation"])
         assert data["events"][0]["mode"] == "retract"
+        assert eng.servers[0].session is (protocol == "0.5.23")
         sampling = SamplingParams(n=1, max_new_tokens=3, seed=0)
-        assert {s.weight_version for s in eng.generate(PROMPTS[:2], sampling)} == {7}
+        assert {s.weight_version for s in eng.generate(PROMPTS[:2], sampling)} == {8}
 
 
 def test_payloads_decode_with_real_sglang(tmp_path, shm_by_filename):
@@ -237,8 +246,9 @@ def test_payloads_decode_with_real_sglang(tmp_path, shm_by_filename):
             assert {e.get("decoder") for e in events(eng.servers[0].url)["events"]} >= {"sglang"}
 
 
-def test_update_weights_from_distributed_two_servers(tmp_path):
-    with launch(tmp_path, num_servers=2, weight_transport="distributed", dist_backend="gloo",
+@pytest.mark.parametrize("protocol", ["0.5.23", "legacy"])
+def test_update_weights_from_distributed_two_servers(tmp_path, protocol):
+    with launch(tmp_path, "--protocol", protocol, num_servers=2, weight_transport="distributed", dist_backend="gloo",
                 dist_master_port=free_port()) as eng:
         eng.update_weights(iter(_buckets()), version=3)
         eng.update_weights(iter(_buckets()[:1]), version=4)  # the group is reused
@@ -248,6 +258,24 @@ def test_update_weights_from_distributed_two_servers(tmp_path):
             inits = [e for e in data["events"] if e["event"] == "init_weights_update_group"]
             assert [(e["rank"], e["world_size"]) for e in inits] == [(1 + k, 3)]
             assert data["weight_version"] == "4"
+            names = [e["event"] for e in data["events"]]
+            assert names.count("begin_weight_update") == names.count("end_weight_update") == \
+                (2 if protocol == "0.5.23" else 0)
+
+
+def test_fake_server_enforces_the_update_session(tmp_path, shm_by_filename):
+    """What makes the session tests meaningful: a 0.5.23 server refuses a tensor update outside a
+    session; the low-level path works once begin_update / end_update wrap it."""
+    payload = sglang_wire.serialize(sglang_wire.flatten_bucket(_buckets()[0])[0])
+    with launch(tmp_path) as eng:
+        with pytest.raises(SGLangError, match="requires an open begin_weight_update session"):
+            eng.update_weights_from_serialized([payload], version=1)
+        eng.begin_update()
+        eng.update_weights_from_serialized([payload], version=1)
+        eng.end_update(version=1)
+        with pytest.raises(SGLangError, match="without begin_weight_update"):
+            eng._control(eng.servers[0], "/end_weight_update", {})
+        assert eng.weight_version == 1
 
 
 def test_update_weights_from_disk(tmp_path):
@@ -269,6 +297,66 @@ def test_memory_release_resume_requests(tmp_path):
         ev = [e for e in events(eng.servers[0].url)["events"]]
         assert ev == [{"event": "release_memory_occupation", "tags": None},
                       {"event": "resume_memory_occupation", "tags": ["weights"]}]
+
+
+def test_colocated_offload_releases_after_generate_and_resumes_before_use(tmp_path, shm_by_filename):
+    """offload_tags: memory goes back to the trainer after each generate; weights are resumed before a
+    push, the rest before the next generate (the fake refuses generation / updates into released memory)."""
+    sampling = SamplingParams(n=1, max_new_tokens=3, seed=0)
+    with launch(tmp_path, offload_tags=("weights", "kv_cache", "cuda_graph")) as eng:
+        eng.generate(PROMPTS[:1], sampling)
+        with pytest.raises(RolloutError, match="released"):  # released weights hold garbage until a push
+            eng.generate(PROMPTS[:1], sampling)
+        eng.update_weights(iter(_buckets()), version=1)
+        check_samples(eng.generate(PROMPTS, sampling), sampling)
+        ev = [(e["event"], e.get("tags")) for e in events(eng.servers[0].url)["events"]
+              if "memory" in e["event"] or e["event"] in ("begin_weight_update", "generated")]
+        rel = ("release_memory_occupation", ["weights", "kv_cache", "cuda_graph"])
+        assert ev[:2] == [("generated", None), rel]
+        assert ev[2:5] == [("resume_memory_occupation", ["weights"]), ("begin_weight_update", None),
+                           ("resume_memory_occupation", ["kv_cache", "cuda_graph"])]
+        assert ev[-1] == rel and ev.count(rel) == 2
+
+
+def test_api_key_is_sent_and_required(tmp_path, shm_by_filename):
+    key = "s3cret-key"
+    spec = LaunchSpec(model_path="unused", base_port=free_port(), api_key=key,
+                      command=(sys.executable, FAKE, "--port", "{port}", "--vocab", str(VOCAB), "--api-key", key),
+                      env={"PYTHONPATH": REPO}, log_dir=str(tmp_path), startup_timeout=60)
+    with SGLangEngine(launch=spec, control_timeout=60, health_timeout=5) as eng:
+        url = eng.servers[0].url
+        assert http_json(url, "GET", "/server_info")[0] == 401  # without the key
+        assert http_json(url, "GET", "/server_info", api_key="wrong")[0] == 401
+        sampling = SamplingParams(n=1, max_new_tokens=3, seed=0)
+        check_samples(eng.generate(PROMPTS, sampling), sampling)
+        eng.update_weights(iter(_buckets()), version=2)
+        assert events(url, api_key=key)["weight_version"] == "2"
+    # a server that wants a key refuses a client without one (control calls fail, not silently succeed)
+    with pytest.raises(SGLangError, match="401"):
+        SGLangEngine(launch=LaunchSpec(**{**spec.__dict__, "api_key": None, "base_port": free_port()}),
+                     control_timeout=60, health_timeout=5)
+
+
+def test_refuses_servers_with_dp_above_one(tmp_path):
+    with pytest.raises(SGLangError, match="dp_size=2"):
+        launch(tmp_path, "--dp-size", "2")
+
+
+def test_launch_command_line_and_host_rules(tmp_path):
+    spec = LaunchSpec(model_path="/m", tp=4, num_servers=2, base_port=31000, base_gpu_id=0, mem_fraction_static=0.6,
+                      enable_memory_saver=True, deterministic_inference=True, python="/opt/sgl/bin/python",
+                      extra_args=("--context-length", "4096"), log_dir=str(tmp_path))
+    assert spec.argv(1) == ["/opt/sgl/bin/python", "-m", "sglang.launch_server", "--model-path", "/m",
+                            "--tp-size", "4", "--host", "127.0.0.1", "--port", "31001", "--base-gpu-id", "4",
+                            "--mem-fraction-static", "0.6", "--enable-memory-saver",
+                            "--enable-deterministic-inference", "--context-length", "4096"]
+    with pytest.raises(ValueError, match="api_key"):
+        LaunchSpec(model_path="/m", host="0.0.0.0")
+    remote = LaunchSpec(model_path="/m", host="0.0.0.0", api_key="k")
+    assert remote.argv(0)[-2:] == ["--api-key", "k"] and remote.url(0) == "http://127.0.0.1:30000"
+    from erpd_megatron.rollout.sglang_launch import redact
+
+    assert "k" not in redact(remote.argv(0), "k").split()
 
 
 def test_parse_generate_response_edge_cases():
@@ -300,3 +388,70 @@ def test_wire_payload_roundtrip_and_allowlist():
     evil = base64.b64encode(pickle.dumps(os.system)).decode()
     with pytest.raises(pickle.UnpicklingError):
         sglang_wire.deserialize(evil, use_sglang=False)
+
+
+def test_cuda_tensors_travel_by_device_uuid(monkeypatch):
+    """Without sglang: a CUDA tensor's reduction carries the device UUID and names sglang's UUID-aware
+    rebuild function (as monkey_patch_torch_reductions makes torch do), never the raw device index.
+    torch's reducer is stubbed to what it returns for a CUDA tensor (no GPU here)."""
+    import pickletools
+
+    from torch.multiprocessing import reductions
+
+    def fake_reduce(t):  # rebuild_cuda_tensor's 15 arguments, storage_device (index 6) = 3
+        return reductions.rebuild_cuda_tensor, (type(t), t.shape, t.stride(), 0, None, t.dtype, 3, b"h", 8, 0,
+                                                False, b"r", 0, b"e", True)
+
+    monkeypatch.setattr(reductions, "reduce_tensor", fake_reduce)
+    monkeypatch.setattr(sglang_wire, "_device_uuid", lambda i: f"GPU-uuid-of-{i}")
+    raw = __import__("base64").b64decode(sglang_wire.serialize({"t": torch.zeros(2)}, use_sglang=False))
+    ops = [(op.name, arg) for op, arg, _ in pickletools.genops(raw)]
+    strings = [a for name, a in ops if "UNICODE" in name]
+    assert "GPU-uuid-of-3" in strings
+    i = strings.index("_rebuild_cuda_tensor_modified")
+    assert strings[i - 1] == "sglang.srt.utils.patch_torch"
+    assert "rebuild_cuda_tensor" not in strings  # torch's index-based rebuild is not referenced
+
+
+def test_sglang_serializer_is_patched_first(monkeypatch):
+    """With sglang importable, serialize / deserialize call monkey_patch_torch_reductions() before
+    sglang's MultiprocessingSerializer (which does not patch by itself). sglang is stubbed here."""
+    import types
+
+    calls = []
+    mods = {name: types.ModuleType(name) for name in
+            ("sglang", "sglang.srt", "sglang.srt.utils", "sglang.srt.utils.patch_torch", "sglang.srt.weight_sync",
+             "sglang.srt.weight_sync.tensor_bucket")}
+    mods["sglang.srt.utils.patch_torch"].monkey_patch_torch_reductions = lambda: calls.append("patch")
+    mods["sglang.srt.utils"].MultiprocessingSerializer = types.SimpleNamespace(
+        serialize=lambda obj, output_str: calls.append("serialize") or "x",
+        deserialize=lambda data: calls.append("deserialize") or {})
+    mods["sglang.srt.weight_sync.tensor_bucket"].FlattenedTensorMetadata = sglang_wire.FlattenedTensorMetadata
+    for name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    sglang_wire.serialize({"flattened_tensor": torch.zeros(1), "metadata": []})
+    sglang_wire.deserialize("x")
+    assert calls == ["patch", "serialize", "patch", "deserialize"]
+
+
+def test_rollout_config_reaches_the_launch_command(tmp_path, monkeypatch):
+    from erpd_megatron.config import RolloutConfig
+    from erpd_megatron.rollout.sglang_engine import launch_spec
+
+    monkeypatch.delenv("ERPD_SGLANG_API_KEY", raising=False)
+    cfg = RolloutConfig(engine="sglang", sglang_tp=2, sglang_num_servers=2, sglang_base_gpu_id=4, sglang_port=31000,
+                        sglang_mem_fraction_static=0.45, sglang_offload=True, sglang_deterministic=True,
+                        sglang_python="/envs/sglang/bin/python", sglang_extra_args=["--chunked-prefill-size", "4096"])
+    spec = launch_spec(cfg, "/models/m", log_dir=str(tmp_path / "logs"))
+    assert spec.argv(1) == ["/envs/sglang/bin/python", "-m", "sglang.launch_server", "--model-path", "/models/m",
+                            "--tp-size", "2", "--host", "127.0.0.1", "--port", "31001", "--base-gpu-id", "6",
+                            "--mem-fraction-static", "0.45", "--enable-memory-saver",
+                            "--enable-deterministic-inference", "--chunked-prefill-size", "4096"]
+    assert spec.log_dir == str(tmp_path / "logs")
+    default = launch_spec(RolloutConfig(), "/m", log_dir=str(tmp_path))
+    assert "--mem-fraction-static" not in default.argv(0) and "--api-key" not in default.argv(0)
+    with pytest.raises(ValueError, match="api_key"):  # cross-node serving needs a key
+        launch_spec(RolloutConfig(sglang_host="0.0.0.0"), "/m", log_dir=str(tmp_path))
+    monkeypatch.setenv("ERPD_SGLANG_API_KEY", "k1")
+    assert launch_spec(RolloutConfig(sglang_host="0.0.0.0"), "/m", log_dir=str(tmp_path)).argv(0)[-2:] == \
+        ["--api-key", "k1"]

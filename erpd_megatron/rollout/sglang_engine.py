@@ -68,6 +68,19 @@ API_KEY_ENV = "ERPD_SGLANG_API_KEY"
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
 
 
+def launch_spec(rollout_cfg, model_path: str, *, log_dir: str | None, api_key: str | None = None) -> LaunchSpec:
+    """The ``LaunchSpec`` of a ``RolloutConfig``'s ``sglang_*`` fields (pure; nothing starts)."""
+    g = lambda name, default: getattr(rollout_cfg, name, default) or default  # noqa: E731
+    return LaunchSpec(model_path=str(model_path), tp=int(g("sglang_tp", 1)), num_servers=int(g("sglang_num_servers", 1)),
+                      host=g("sglang_host", "127.0.0.1"), base_port=int(g("sglang_port", 30000)),
+                      base_gpu_id=int(g("sglang_base_gpu_id", 0)),
+                      mem_fraction_static=g("sglang_mem_fraction_static", None),
+                      enable_memory_saver=bool(g("sglang_offload", False)),
+                      deterministic_inference=bool(g("sglang_deterministic", False)),
+                      api_key=api_key or os.environ.get(API_KEY_ENV) or None, python=g("sglang_python", None),
+                      extra_args=tuple(g("sglang_extra_args", ())), log_dir=log_dir)
+
+
 class RolloutError(RuntimeError):
     """``generate`` could not produce every requested sample."""
 
@@ -172,11 +185,16 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
         else:
             self.servers = [_Server(url=launch.url(k), index=k, tp=launch.tp, argv=launch.argv(k))
                             for k in range(launch.num_servers)]
+        try:
+            if launch is not None:
+                for s in self.servers:
+                    self._start(s)
             for s in self.servers:
-                self._start(s)
-        for s in self.servers:
-            self._wait_healthy(s, launch.startup_timeout if launch else self.health_timeout)
-            self._read_server_info(s)
+                self._wait_healthy(s, launch.startup_timeout if launch else self.health_timeout)
+                self._read_server_info(s)
+        except BaseException:
+            self.shutdown()  # never leave launched servers behind
+            raise
 
     @classmethod
     def from_config(cls, rollout_cfg, model_path: str, *, log_dir: str | None = None, **kw) -> SGLangEngine:
@@ -185,30 +203,17 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
         settings, logs into ``log_dir``. Keyword arguments override / add constructor arguments."""
         g = lambda name, default: getattr(rollout_cfg, name, default)  # noqa: E731
         kw.setdefault("weight_transport", g("sglang_weight_transport", "tensor"))
-        kw.setdefault("api_key", g("sglang_api_key", "") or None)
-        kw.setdefault("send_sampling_seed", bool(g("sglang_sampling_seed", True)))
+        kw.setdefault("api_key", os.environ.get(API_KEY_ENV) or None)  # never from the config (it is saved)
         if g("sglang_offload", False):
             kw.setdefault("offload_tags", tuple(g("sglang_offload_tags", ("kv_cache", "cuda_graph"))))
         if g("sglang_dist_master_address", ""):
             kw.setdefault("dist_master_address", g("sglang_dist_master_address", ""))
-        if g("sglang_dist_master_port", 0):
-            kw.setdefault("dist_master_port", int(g("sglang_dist_master_port", 0)))
+        if kw["weight_transport"] == "distributed" and "dist_master_port" not in kw:
+            kw["dist_master_port"] = int(g("sglang_dist_master_port", 0) or 0) or _free_port()
         urls = list(g("sglang_urls", []) or [])
         if urls:
-            return cls(urls=urls, tp=g("sglang_tp", None) if g("sglang_tp", 0) else None, **kw)
-        spec = LaunchSpec(model_path=str(model_path), tp=int(g("sglang_tp", 1) or 1),
-                          num_servers=int(g("sglang_num_servers", 1) or 1),
-                          host=g("sglang_host", "127.0.0.1") or "127.0.0.1",
-                          base_port=int(g("sglang_port", 30000) or 30000),
-                          base_gpu_id=int(g("sglang_base_gpu_id", 0) or 0),
-                          mem_fraction_static=g("sglang_mem_fraction_static", None) or None,
-                          enable_memory_saver=bool(g("sglang_memory_saver", False) or g("sglang_offload", False)),
-                          deterministic_inference=bool(g("sglang_deterministic", False)),
-                          api_key=kw.get("api_key") or os.environ.get(API_KEY_ENV) or None,
-                          python=g("sglang_python", "") or None,
-                          extra_args=tuple(g("sglang_extra_args", ()) or ()),
-                          log_dir=log_dir or g("sglang_log_dir", "") or None)
-        return cls(launch=spec, **kw)
+            return cls(urls=urls, **kw)
+        return cls(launch=launch_spec(rollout_cfg, model_path, log_dir=log_dir, api_key=kw.get("api_key")), **kw)
 
     # ------------------------------------------------------------------ process management
     def _start(self, s: _Server) -> None:
@@ -260,8 +265,6 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
                 break
             except NotFound:
                 continue
-            except SGLangError:
-                break
         if not isinstance(info, dict):
             if s.tp is None:
                 raise SGLangError(f"cannot read tp_size of {s.url} from /server_info; pass tp= to SGLangEngine")
@@ -518,6 +521,15 @@ class _Busy(SGLangError):
 
 def _rid(call: str, key: tuple[int, int]) -> str:
     return f"{call}-p{key[0]}-s{key[1]}"
+
+
+def _free_port() -> int:
+    """A free TCP port on this host (trainer rank 0 hosts the weight-update group's store)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 def _host(url: str) -> str:

@@ -23,9 +23,14 @@ Read in sglang 0.5.23 (and cross-checked against earlier 0.5.x files in the sear
   tensor, in list order, into ``torch.empty(shape, dtype)``.
 
 Serialization uses sglang's own ``MultiprocessingSerializer`` / ``FlattenedTensorMetadata`` when
-sglang is importable (recommended on GPU: it also patches CUDA-IPC rebuilds to device UUIDs).
-Otherwise a pure-Python ``ForkingPickler`` twin writes the metadata class under sglang's module
-path, so the bytes are what sglang itself would produce.
+sglang is importable, after ``sglang.srt.utils.patch_torch.monkey_patch_torch_reductions()``: the
+serializer itself does not patch anything, and torch's CUDA-IPC reducer sends the raw device index,
+which names another GPU when trainer and server see different ``CUDA_VISIBLE_DEVICES``. The patch
+sends the device UUID instead and names ``patch_torch._rebuild_cuda_tensor_modified`` as the
+rebuild function, which the server (it calls the same patch before deserializing) maps back to its
+own index. Without sglang a pure-Python ``ForkingPickler`` twin does the same: it writes the
+metadata class under sglang's module path and CUDA tensors as (UUID, sglang's rebuild function),
+so the bytes are what a patched sglang process would produce.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import base64
 import copyreg
 import io
 import pickle
+import types
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -54,6 +60,45 @@ class FlattenedTensorMetadata:
     start_idx: int
     end_idx: int
     numel: int
+
+
+SGLANG_PATCH_MODULE = "sglang.srt.utils.patch_torch"
+_DEVICE_ARG = 6  # index of storage_device in torch's rebuild_cuda_tensor arguments (as sglang's patch)
+
+
+def _device_uuid(index: int) -> str:
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def _rebuild_cuda_tensor_by_uuid(*args):
+    """Local twin of sglang's ``_rebuild_cuda_tensor_modified``: device UUID -> this process's index."""
+    from torch.multiprocessing import reductions
+
+    dev = args[_DEVICE_ARG]
+    if isinstance(dev, str):
+        matches = [i for i in range(torch.cuda.device_count()) if _device_uuid(i) == dev]
+        if not matches:
+            raise RuntimeError(f"no visible CUDA device has uuid {dev}")
+        args = (*args[:_DEVICE_ARG], matches[0], *args[_DEVICE_ARG + 1:])
+    return reductions.rebuild_cuda_tensor(*args)
+
+
+def _reduce_tensor_by_uuid(t):
+    """torch's tensor reducer, with a CUDA tensor's device index replaced by the device UUID and the
+    rebuild function by sglang's UUID-aware one (what ``monkey_patch_torch_reductions`` does)."""
+    from torch.multiprocessing import reductions
+
+    fn, args = reductions.reduce_tensor(t)
+    if fn is reductions.rebuild_cuda_tensor and isinstance(args[_DEVICE_ARG], int):
+        args = (*args[:_DEVICE_ARG], _device_uuid(args[_DEVICE_ARG]), *args[_DEVICE_ARG + 1:])
+        fn = _rebuild_cuda_tensor_by_uuid
+    return fn, args
+
+
+def _patch_sglang_reductions() -> None:
+    from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+
+    monkey_patch_torch_reductions()  # idempotent
 
 
 def _sglang_classes():
@@ -127,11 +172,17 @@ class _SGLangCompatPickler(pickle._Pickler):
         super().__init__(file, protocol=pickle.DEFAULT_PROTOCOL)
         self.dispatch_table = copyreg.dispatch_table.copy()
         self.dispatch_table.update(ForkingPickler._extra_reducers)
+        self.dispatch_table[torch.Tensor] = _reduce_tensor_by_uuid
+        self.dispatch_table[torch.nn.Parameter] = _reduce_tensor_by_uuid
+        # pickle's dispatch maps functions to the base class's save_global: route them through ours
+        self.dispatch = {**pickle._Pickler.dispatch, types.FunctionType: type(self).save_global}
 
     def save_global(self, obj, name=None):
-        if obj is FlattenedTensorMetadata:
-            self.save(SGLANG_BUCKET_MODULE)
-            self.save("FlattenedTensorMetadata")
+        where = {FlattenedTensorMetadata: (SGLANG_BUCKET_MODULE, "FlattenedTensorMetadata"),
+                 _rebuild_cuda_tensor_by_uuid: (SGLANG_PATCH_MODULE, "_rebuild_cuda_tensor_modified")}.get(obj)
+        if where is not None:
+            self.save(where[0])
+            self.save(where[1])
             self.write(pickle.STACK_GLOBAL)
             self.memoize(obj)
             return
@@ -146,6 +197,7 @@ def serialize(obj, *, use_sglang: bool | None = None) -> str:
         raise ImportError("serialize(use_sglang=True): sglang.srt.utils is not importable here")
     if sgl is not None:
         serializer, sgl_meta = sgl
+        _patch_sglang_reductions()  # the serializer does not: without it CUDA tensors carry raw device indices
         obj = _convert_meta(obj, sgl_meta)
         return serializer.serialize(obj, output_str=True)
     buf = io.BytesIO()
@@ -186,6 +238,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) == (SGLANG_BUCKET_MODULE, "FlattenedTensorMetadata"):
             return FlattenedTensorMetadata
+        if (module, name) == (SGLANG_PATCH_MODULE, "_rebuild_cuda_tensor_modified"):
+            return _rebuild_cuda_tensor_by_uuid
         allowed = _ALLOWED_GLOBALS.get(module, set())
         if module == "torch":
             if (isinstance(getattr(torch, name, None), torch.dtype) or name in ("Size", "Tensor", "device")
@@ -203,6 +257,7 @@ def deserialize(data: str | bytes, *, use_sglang: bool | None = None):
     if use_sglang and sgl is None:
         raise ImportError("deserialize(use_sglang=True): sglang.srt.utils is not importable here")
     if sgl is not None:
+        _patch_sglang_reductions()  # as the server does before deserializing: device UUIDs -> local indices
         return sgl[0].deserialize(data)
     raw = base64.b64decode(data, validate=True) if isinstance(data, str) else bytes(data)
     return _RestrictedUnpickler(io.BytesIO(raw)).load()
