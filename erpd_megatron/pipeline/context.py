@@ -65,10 +65,7 @@ class Context:
             if self.cfg.rollout.engine == "sglang":
                 from erpd_megatron.rollout.sglang_engine import SGLangEngine
 
-                # server logs and "disk" weight pushes live in the run directory (never a fixed /tmp path)
-                self._engine = SGLangEngine.from_config(self.cfg.rollout, model_path=str(self.base_hf),
-                                                        log_dir=str(self.run.root / "logs"),
-                                                        disk_dir=str(self.run.root / "sglang_weights"))
+                self._engine = SGLangEngine.from_config(self.cfg.rollout, model_path=str(self.base_hf))
             else:
                 from erpd_megatron.rollout.local_engine import LocalEngine
 
@@ -153,9 +150,11 @@ def resolve_base(cfg: RunConfig, run: RunDir) -> Path:
 
 
 def load_prompts(cfg: RunConfig, run: RunDir):
-    """(train, eval) prompt lists. "toy" writes the toy task's JSONL files into the run dir first."""
+    """(train, eval) prompt lists. "toy" writes the toy task's JSONL files into the run dir, but only once every
+    user-given file has loaded: a malformed file leaves nothing behind."""
     from erpd_megatron.data.prompts import load_prompts as _load
 
+    loaded = {w: _load(s) for w, s in (("train", cfg.data.train), ("eval", cfg.data.eval)) if s not in ("toy", "toy_val")}
     paths = []
     for which, spec, n in (("train", cfg.data.train, cfg.data.prompts_per_batch * max(cfg.iterations, 1) * 4),
                            ("eval", cfg.data.eval, cfg.data.eval_prompts)):
@@ -169,7 +168,7 @@ def load_prompts(cfg: RunConfig, run: RunDir):
                 task.write_jsonl(draw(n, seed=cfg.seed), path)
             spec = str(path)
         paths.append(spec)
-    train, evals = _load(paths[0]), _load(paths[1])
+    train, evals = (loaded[w] if w in loaded else _load(p) for w, p in zip(("train", "eval"), paths))
     return train, evals[: cfg.data.eval_prompts]
 
 
@@ -177,13 +176,17 @@ def build_context(cfg: RunConfig) -> Context:
     from transformers import AutoTokenizer
 
     from erpd_megatron.megatron.model import ModelConfig
+    from erpd_megatron.pipeline.checks import check_dataset_sizes, check_prompt_lengths
 
     run = RunDir(Path(cfg.run_dir))
-    run.root.mkdir(parents=True, exist_ok=True)
     train, evals = load_prompts(cfg, run)  # bad data fails here, before the warm-up or any training
+    check_dataset_sizes(cfg, train, evals)
+    run.root.mkdir(parents=True, exist_ok=True)
     base = resolve_base(cfg, run)
     tok = AutoTokenizer.from_pretrained(base)
     model_cfg = ModelConfig.from_hf(json.loads((base / "config.json").read_text()))
+    used = train[: cfg.data.prompts_per_batch * cfg.iterations] + evals
+    check_prompt_lengths(cfg, tok, used, model_cfg.max_position_embeddings)
     return Context(cfg=cfg, run=run, base_hf=base, tokenizer=tok, model_cfg=model_cfg,
                    train_prompts=train, eval_prompts=evals)
 

@@ -1,0 +1,47 @@
+"""Checks of the data against the config and the model, run by `build_context` before any training.
+
+The config alone is validated in `config.validate`; these need the loaded prompt files, the tokenizer and the
+base model's positions. Each raises `ConfigError` naming the config field (and the prompt) at fault.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from erpd_megatron.config import ConfigError, RunConfig
+
+log = logging.getLogger("erpd")
+
+
+def check_dataset_sizes(cfg: RunConfig, train: list, evals: list) -> None:
+    """Every fixed batch takes fresh prompts: refuse a training set that would make a batch repeat prompts.
+    A short eval file only warns (all of it is used)."""
+    need = cfg.data.prompts_per_batch * cfg.iterations
+    if len(train) < need:
+        raise ConfigError(
+            f"data.train: {cfg.data.train} has {len(train)} prompts, fewer than data.prompts_per_batch * iterations "
+            f"= {cfg.data.prompts_per_batch} * {cfg.iterations} = {need} (batches would repeat prompts); "
+            f"lower data.prompts_per_batch or iterations")
+    if not evals:
+        raise ConfigError(f"data.eval: {cfg.data.eval} has no problems")
+    if len(evals) < cfg.data.eval_prompts:
+        log.warning("data.eval: %s has %d problems, fewer than data.eval_prompts=%d: evaluating on all %d",
+                    cfg.data.eval, len(evals), cfg.data.eval_prompts, len(evals))
+
+
+def check_prompt_lengths(cfg: RunConfig, tokenizer, prompts: list, max_positions: int) -> None:
+    """Each prompt, as the engine will see it, plus `rollout.max_new_tokens` must fit the model's positions."""
+    from erpd_megatron.data.prompts import encode_prompts
+
+    room = max_positions - cfg.rollout.max_new_tokens
+    if room < 1:
+        raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room for a prompt in the "
+                          f"model's {max_positions} positions (max_position_embeddings)")
+    ids = encode_prompts(tokenizer, prompts, instruction=cfg.data.instruction or None)
+    longest = max(range(len(ids)), key=lambda i: len(ids[i]), default=None)
+    if longest is not None and len(ids[longest]) > room:
+        p = prompts[longest]
+        raise ConfigError(
+            f"prompt {p.id!r} has {len(ids[longest])} tokens: with rollout.max_new_tokens="
+            f"{cfg.rollout.max_new_tokens} it exceeds the model's {max_positions} positions "
+            f"(drop long prompts from the data or lower rollout.max_new_tokens)")

@@ -1,0 +1,69 @@
+"""Data against config and model, before any training: dataset sizes, prompt lengths, nothing written on bad data."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from erpd_megatron.config import ConfigError, load_config
+from erpd_megatron.data.prompts import Prompt
+from erpd_megatron.pipeline.checks import check_dataset_sizes, check_prompt_lengths
+
+
+def _prompts(n, text="1+1=", prefix="p"):
+    return [Prompt(id=f"{prefix}{i}", problem=text, answer="2") for i in range(n)]
+
+
+def _cfg(*overrides):
+    return load_config(None, ["teachers.ce.mini_batch_size=8", "students.s1_ce.mini_batch_size=8", *overrides])
+
+
+def test_training_set_smaller_than_the_batches_is_refused(caplog):
+    cfg = _cfg("data.prompts_per_batch=8", "iterations=2", "data.eval_prompts=5")
+    with pytest.raises(ConfigError, match=r"^data.train: toy has 15 prompts, fewer than data.prompts_per_batch \* "
+                                          r"iterations = 8 \* 2 = 16"):
+        check_dataset_sizes(cfg, _prompts(15), _prompts(5))
+    check_dataset_sizes(cfg, _prompts(16), _prompts(5))  # exactly enough
+    with caplog.at_level(logging.WARNING, logger="erpd"):
+        check_dataset_sizes(cfg, _prompts(16), _prompts(3))  # a short eval file: used whole, with a warning
+    assert "fewer than data.eval_prompts=5" in caplog.text
+    with pytest.raises(ConfigError, match="data.eval: toy has no problems"):
+        check_dataset_sizes(cfg, _prompts(16), [])
+
+
+def test_prompt_longer_than_the_model_positions_is_refused():
+    from erpd_megatron.toy.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()  # one token per character, chat template adds <|bos|><|user|> ... <|assistant|>
+    cfg = _cfg("rollout.max_new_tokens=40")
+    short, long_ = _prompts(3), [Prompt(id="long-one", problem="1+" * 10 + "1=", answer="11")]
+    check_prompt_lengths(cfg, tok, short, max_positions=64)
+    n_long = 3 + len("1+" * 10 + "1=")  # 25 tokens: 25 + 40 > 64
+    with pytest.raises(ConfigError, match=rf"prompt 'long-one' has {n_long} tokens: with rollout.max_new_tokens=40 "
+                                          r"it exceeds the model's 64 positions"):
+        check_prompt_lengths(cfg, tok, short + long_, max_positions=64)
+    check_prompt_lengths(cfg, tok, short + long_, max_positions=65)  # 25 + 40 = 65 fits exactly
+    with pytest.raises(ConfigError, match="rollout.max_new_tokens=40 leaves no room"):
+        check_prompt_lengths(cfg, tok, short, max_positions=40)
+
+
+def test_bad_train_file_writes_nothing_even_with_toy_eval(tmp_path):
+    """The toy eval file is generated only after the user's training file has loaded."""
+    from erpd_megatron.data.prompts import PromptDataError
+    from erpd_megatron.pipeline.context import load_prompts
+    from erpd_megatron.pipeline.rundir import RunDir
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"problem": "1+1="}) + "\n")
+    run = tmp_path / "run"
+    cfg = _cfg(f"run_dir={run}", f"data.train={bad}", "data.eval=toy")
+    with pytest.raises(PromptDataError, match="bad.jsonl:1"):
+        load_prompts(cfg, RunDir(run))
+    assert not run.exists()
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"problem": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(4)))
+    train, evals = load_prompts(_cfg(f"run_dir={run}", f"data.train={good}", "data.eval=toy", "data.eval_prompts=3"),
+                                RunDir(run))
+    assert len(train) == 4 and len(evals) == 3 and (run / "data" / "toy_eval.jsonl").exists()
