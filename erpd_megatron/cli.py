@@ -34,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="erpd",
         description="Extreme Region Policy Distillation on megatron-core.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items()),
+        epilog="\n".join([*(f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items()), "",
+                           "examples:", "  erpd demo",
+                           "  erpd run --config micro run_dir=runs/try teachers.ce.lr=3e-4 --print-config",
+                           "erpd run --help lists the presets, the config sections and their keys."]),
     )
     parser.add_argument("command", choices=sorted(COMMANDS), metavar="command")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the command (see erpd COMMAND --help)")

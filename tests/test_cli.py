@@ -26,7 +26,7 @@ def erpd(*args, cwd=None) -> subprocess.CompletedProcess:
 def test_every_subcommand_help_without_torch():
     """`erpd X --help` for every subcommand, in one process: exit 0 and torch never imported (help stays < 1 s)."""
     code = (
-        "import sys\nfrom erpd_megatron.cli import main\n"
+        "import sys\nfrom erpd_megatron.cli import main\nassert main(['--help']) == 0\n"
         f"for c in {sorted(COMMANDS)!r}:\n"
         "    try:\n        rc = main([c, '--help'])\n    except SystemExit as e:\n        rc = e.code\n"
         "    assert rc in (0, None), (c, rc)\n"
@@ -34,6 +34,7 @@ def test_every_subcommand_help_without_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "examples:\n  erpd demo" in out.stdout  # top level
     for c in CONFIG_COMMANDS:
         assert f"usage: erpd {c}" in out.stdout
     run_help = out.stdout.split("usage: erpd run")[1].split("usage: erpd")[0]
@@ -166,6 +167,9 @@ def _run_dir_with(tmp_path, overrides, started=()) -> Path:
     ([], ["onpolicy.steps=1"], [], "onpolicy.steps: 2 -> 1"),  # 0 stood for the budget: 16 / 8 = 2 steps
     ([], ["teachers.ce.steps=8"], ["s1_ce"], "teachers.ce.steps: 4 -> 8"),  # its student already read step 4
     ([], ["teachers.mse.steps=8"], ["s1_ce"], None),  # s1_ce reads ce, not mse; s2_mse has not started
+    ([], ["students.s1_ce.mini_batch_size=0", "students.s1_ce.steps=8"], [], "students.s1_ce.mini_batch_size"),
+    (["students.s1_ce.mini_batch_size=0"], ["students.s1_ce.mini_batch_size=0", "students.s1_ce.steps=8"], [],
+     "students.s1_ce.steps: 4 -> 8"),  # batch // steps: more steps, smaller mini-batches
     (["students.s1_ce.ensemble=sequential"], ["students.s1_ce.ensemble=sequential", "students.s1_ce.steps=8"], [],
      "students.s1_ce.steps: 4 -> 8"),
 ])

@@ -2,7 +2,8 @@
 
 Same code path as a real run (`erpd run --config erpd_megatron/presets/demo.yaml`): warm-up of the toy base
 (cached), collect, CE + MSE teachers, strategy-1 / strategy-2 students, on-policy GRPO, evaluation along
-every path, report. Rerunning resumes; `erpd demo run_dir=runs/demo2` starts elsewhere.
+every path, report. Rerunning resumes; `erpd demo run_dir=runs/demo2` starts elsewhere; any key of the preset
+can be overridden (`erpd demo teachers.ce.lr=1e-5`); `erpd demo --print-config` prints the resolved config.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     rc = main_run(["--config", str(PRESET), *argv])
+    if rc or "--print-config" in argv:
+        return rc
     run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("run_dir=")), "runs/demo")
     print(f"\nERPD demo finished: report at {Path(run_dir) / 'report.md'} "
           f"(summary.json and accuracy_vs_kl.png beside it)")

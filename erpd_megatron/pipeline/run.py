@@ -114,7 +114,8 @@ def locked_changes(old: dict, new: dict, started: set[str]) -> list[str]:
 
     `started`: methods with a checkpoint directory ("promoted" once an iteration promoted a student). A teacher's
     steps are locked once a student reading its last checkpoint has started, a student's once a promotion
-    happened, a sequential ensemble's always (its steps are split between the signals)."""
+    happened, a sequential ensemble's (its steps are split between the signals) and one with mini_batch_size 0
+    (its mini-batch is batch // steps) always."""
     import re
 
     def students_of(teacher: str) -> list[str]:
@@ -133,7 +134,8 @@ def locked_changes(old: dict, new: dict, started: set[str]) -> list[str]:
         used = (generic == "teachers.*.steps" and any(
                     m == s or m.endswith(f"_{s}") for s in students_of(name) for m in started)) or \
                (generic == "students.*.steps" and ("promoted" in started
-                                                   or new["students"][name].get("ensemble") == "sequential"))
+                                                   or new["students"][name].get("ensemble") == "sequential"
+                                                   or not new["students"][name].get("mini_batch_size")))
         if not grows or used:
             bad.append(f"{path}: {a!r} -> {b!r}")
     return bad
