@@ -112,7 +112,7 @@ def import_hf(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str | 
         (hf / "conversion.json").write_text(json.dumps(conv, indent=1) + "\n")
         marker = {"format_version": FORMAT_VERSION, "step": 0, "trainer_state": {}, "model_cfg": mc.to_dict(),
                   "parallel": {"tp": tp, "pp": pp, "dp": 1, "cp": 1, "sp": False, "vpp": None}, "world_size": 1,
-                  "has_optimizer": False, "imported_from": conv["source"], "files": _file_sizes(it)}
+                  "has_optimizer": False, "imported_from": conv["source"], "files": _file_records(it)}
         (it / MARKER).write_text(json.dumps(marker, indent=1, default=str))
         (tmp / LATEST).write_text(ITER0 + "\n")
     log.info("imported %s -> %s (tp=%d pp=%d)", hf_dir, out_dir, tp, pp)
@@ -124,8 +124,11 @@ def _owner(model, name: str):
     return model.get_submodule(mod_name), attr
 
 
-def _file_sizes(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+def _file_records(root: Path) -> dict[str, dict]:
+    """Size and sha256 of every file (the trainer's checkpoint marker format, checked on every load)."""
+    from erpd_megatron.utils.digest import digest_files, list_files
+
+    return digest_files(root, list_files(root))
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -133,12 +136,12 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 def export_mcore(mcore_dir: str, out_dir: str, dtype: str | None = None, hf_template: str | None = None,
                  overwrite: bool = False, max_shard_bytes: int = 5 * 2**30) -> Path:
-    from erpd_megatron.megatron.checkpoint import CheckpointError, read_checkpoint_meta, resolve_checkpoint_dir
+    from erpd_megatron.megatron.checkpoint import CheckpointError, resolve_checkpoint_dir, verify_checkpoint_content
     from erpd_megatron.megatron.model import ModelConfig
 
     try:
         path = Path(resolve_checkpoint_dir(mcore_dir))
-        meta = read_checkpoint_meta(str(path))
+        meta = verify_checkpoint_content(str(path))  # every file's sha256, before any (pickled) metadata is read
     except CheckpointError as e:
         raise ConversionError(str(e)) from e
     mc = ModelConfig.from_dict(meta["model_cfg"])

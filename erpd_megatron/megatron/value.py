@@ -150,9 +150,10 @@ class ValueEngine(PolicyEngine):
         """Load a *critic* checkpoint (model, and unless model_only optimizer / step / RNG)."""
         from megatron.core import dist_checkpointing
 
-        from erpd_megatron.megatron.checkpoint import CheckpointError, resolve_checkpoint_dir
+        from erpd_megatron.megatron.checkpoint import CheckpointError, resolve_checkpoint_dir, verify_checkpoint_content
 
         path = resolve_checkpoint_dir(directory)
+        verify_checkpoint_content(path)  # before the (pickled) metadata is read
         if f"{HEAD_KEY}.weight" not in dist_checkpointing.load_tensors_metadata(path):
             raise CheckpointError(f"checkpoint {path} has no value head ({HEAD_KEY}.weight): it is a policy "
                                   "checkpoint; initialise a critic from it with ValueEngine.load_policy_weights")
@@ -167,12 +168,12 @@ class ValueEngine(PolicyEngine):
         from erpd_megatron.megatron.checkpoint import (
             _check_model_cfg,
             _model_sharded_sd,
-            read_checkpoint_meta,
             resolve_checkpoint_dir,
+            verify_checkpoint_content,
         )
 
         path = resolve_checkpoint_dir(directory)
-        meta = read_checkpoint_meta(path)
+        meta = verify_checkpoint_content(path)
         _check_model_cfg(meta, self.model_cfg, path)
         sd = _model_sharded_sd(self.modules)
         for chunk_sd in sd.values():  # the policy has no value head (and its vocabulary head is not wanted)

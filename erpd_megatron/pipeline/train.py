@@ -43,7 +43,9 @@ def train_loop(ctx, method: str, *, batch: dict | None, loss_fn, steps: int, min
     policy = ctx.new_policy(lr=lr, total_steps=steps, warmup_steps=warmup_steps, init=init)
     start = 0
     if (ckdir / "latest").exists():  # megatron/checkpoint.py marks the newest complete save
-        policy.load(str(ckdir))
+        from erpd_megatron.megatron.checkpoint import load_latest_intact
+
+        load_latest_intact(policy, str(ckdir))  # a damaged newest one: the previous intact one (logged)
         start = policy.step
     if start:
         log.info("%s: resuming from step %d (%s)", method, start, ckdir)
