@@ -6,6 +6,9 @@ Public API (used by the converters and by rollout weight sync):
   mcore_to_hf(cfg, name, full) -> [(hf_name, tensor)] full = TP-gathered (see unshard_param)
   tp_kind(cfg, name) -> (kind, sections)              how a full tensor is split over TP ranks
   shard_param / unshard_param                         TP shard <-> full for any Megatron parameter
+  canonical_name(name) -> str                         Transformer Engine spelling -> local-spec spelling
+`mcore_names` lists the local-spec spelling; every function that takes a Megatron name also accepts the
+Transformer Engine spec's spelling of the same tensor (see TE_LAYER_KEYS).
 `cfg` may be a ConvConfig, an HF config dict, or any object with an `hf` / `hf_config` dict attribute.
 Full tensors include the vocabulary padding; mcore_to_hf removes it (padding rows are dropped).
 """
@@ -22,6 +25,17 @@ from .config import ConvConfig, ConversionError
 
 FAMILIES = {"qwen3": qwen3, "llama": llama, "qwen3_5": qwen35}
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+# Per-layer parameter: Transformer Engine spec name -> local spec name. The TE spec fuses each pre-norm into the
+# linear that follows it (TELayerNormColumnParallelLinear: input_layernorm is an IdentityOp and the weight lives in
+# linear_qkv.layer_norm_weight; pre_mlp_layernorm likewise in linear_fc1). Reference: megatron-core 0.19.2's own
+# map between the two specs, get_gpt_layer_local_submodules(...).sharded_state_dict_keys_map in
+# models/gpt/gpt_layer_specs.py ("input_layernorm." -> "self_attention.linear_qkv.layer_norm_", "pre_mlp_layernorm."
+# -> "mlp.linear_fc1.layer_norm_"; RMSNorm has no bias), which is also why dist checkpoints of both specs share keys.
+TE_LAYER_KEYS = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
 
 # Megatron parameter (without "decoder.layers.{i}.") -> TP kind; "sections" kinds get sizes from _sections
 TP_KIND = {
@@ -62,6 +76,14 @@ def as_conv_config(cfg) -> ConvConfig:
     raise TypeError(f"cannot read a conversion config from {type(cfg).__name__}")
 
 
+def canonical_name(name: str) -> str:
+    """The local-spec name of a Megatron parameter given in either spelling (other names unchanged)."""
+    m = _LAYER_RE.match(name)
+    if m and m.group(2) in TE_LAYER_KEYS:
+        return f"decoder.layers.{m.group(1)}.{TE_LAYER_KEYS[m.group(2)]}"
+    return name
+
+
 def _table(cfg: ConvConfig):
     return FAMILIES[cfg.family]
 
@@ -82,6 +104,7 @@ def entry(cfg, name: str) -> tuple[str, list[str]]:
     """(conversion, HF names) of one Megatron parameter."""
     cfg = as_conv_config(cfg)
     t = _table(cfg)
+    name = canonical_name(name)
     m = _LAYER_RE.match(name)
     if m:
         i, key = int(m.group(1)), m.group(2)
@@ -139,7 +162,7 @@ def from_mcore(cfg: ConvConfig, name: str, conv: str, full: torch.Tensor) -> lis
 def expected_shape(cfg, name: str) -> tuple[int, ...]:
     """Shape of the full Megatron tensor (used to check config/weights agreement before writing)."""
     cfg = as_conv_config(cfg)
-    h, key = cfg.hidden_size, _LAYER_RE.sub(r"\2", name)
+    h, key = cfg.hidden_size, _LAYER_RE.sub(r"\2", canonical_name(name))
     kd, vd, hv = _gdn_sizes(cfg)
     q_rows = cfg.num_heads * cfg.head_dim * (2 if cfg.attention_output_gate else 1)
     shapes = {
@@ -187,7 +210,7 @@ def mcore_to_hf(cfg, mcore_name: str, full_tensor: torch.Tensor) -> list[tuple[s
 
 def tp_kind(cfg, name: str) -> tuple[str, list[int] | None]:
     cfg = as_conv_config(cfg)
-    key = _LAYER_RE.sub(r"\2", name)
+    key = _LAYER_RE.sub(r"\2", canonical_name(name))
     if key not in TP_KIND:
         raise ConversionError(f"unknown Megatron tensor {name!r}")
     kind = TP_KIND[key]

@@ -10,7 +10,8 @@ Layer spec choice (logged):
   this is the CPU path and the GPU fallback.
 Parameter names of the local spec are the project's canonical Megatron names (see
 `megatron_param_names`); the TE spec fuses the pre-norms into linear_qkv / linear_fc1
-(`...linear_qkv.layer_norm_weight`, `...linear_fc1.layer_norm_weight`).
+(`...linear_qkv.layer_norm_weight`, `...linear_fc1.layer_norm_weight`): `local_to_global_name`
+maps those back to the canonical names (checkpoints_conv.maps.TE_LAYER_KEYS).
 """
 
 from __future__ import annotations
@@ -418,11 +419,16 @@ def layer_offset(cfg: ModelConfig, par: ParallelConfig, pp_rank: int, vp_stage: 
 
 
 def local_to_global_name(name: str, offset: int) -> str:
-    """decoder.layers.{i}.x on a pipeline stage -> decoder.layers.{i+offset}.x (other names unchanged)."""
+    """decoder.layers.{i}.x on a pipeline stage -> decoder.layers.{i+offset}.x, in the canonical (local-spec)
+    spelling: the TE spec's fused pre-norm weights (`linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_weight`)
+    come out as `input_layernorm.weight` / `pre_mlp_layernorm.weight` (checkpoints_conv.maps.TE_LAYER_KEYS), so
+    weight sync, export and load_full_state_dict see one set of names whatever the spec. Other names unchanged."""
     if name.startswith("decoder.layers."):
+        from checkpoints_conv.maps import canonical_name
+
         rest = name[len("decoder.layers."):]
         i, tail = rest.split(".", 1)
-        return f"decoder.layers.{int(i) + offset}.{tail}"
+        return canonical_name(f"decoder.layers.{int(i) + offset}.{tail}")
     return name
 
 
