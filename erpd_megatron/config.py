@@ -382,13 +382,14 @@ def _coerce(tp, value, where: str):
     return value
 
 
-def from_dict(cls, data: dict, where: str = "config"):
+def from_dict(cls, data: dict, where: str = ""):
+    """`where`: the path of `data` in the config ("" = top level), so errors name `model.tp`, not a Python path."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
 
 
