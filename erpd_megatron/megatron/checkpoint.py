@@ -5,11 +5,18 @@ Layout of a checkpoint root:
     <root>/iter_0000012/           dist_checkpointing files (model, optimizer), rng/, erpd_checkpoint.json
     <root>/iter_0000013.tmp/       a save in progress (or a crashed one; never loaded, cleaned next save)
 
-Save: every rank writes into `iter_N.tmp`; after a barrier rank 0 writes `erpd_checkpoint.json`
-(step, trainer state, model config, layout, and the size of every file: the completion marker),
-renames the directory to `iter_N` and then points `latest` at it. A crash at any point leaves the
-previous checkpoint complete and marked latest. A directory without the marker, or with a file
-missing / shorter than recorded, is refused with CheckpointError.
+Save: every rank writes into `iter_N.tmp`; after a barrier the ranks hash the files (sha256, split over
+ranks and threads) and rank 0 writes `erpd_checkpoint.json` (step, trainer state, model config, layout, and
+the size and sha256 of every file: the completion marker), renames the directory to `iter_N` and then points
+`latest` at it. A crash at any point leaves the previous checkpoint complete and marked latest; a failed
+save (disk full, quota) removes its `.tmp` directory and raises CheckpointError naming the path.
+
+Load: a directory without the marker, or with a file missing / of another size, is refused with
+CheckpointError; before anything is deserialised every file's sha256 is checked against the marker
+(`verify_checkpoint_content`; a collective when a process group is up), so a file altered in place is refused
+naming it. `load_latest_intact` (the pipeline's resume) falls back to the newest intact checkpoint and logs why.
+Checksums catch damage, not malice: whoever can write the directory can rewrite the marker too, and
+torch's dist-checkpoint metadata (`.metadata`, `common.pt`) is a pickle: load checkpoints from trusted places only.
 
 Model tensors are saved as megatron ShardedTensors keyed by global names, so they load into any
 TP/PP layout. The optimizer uses the 'fully_reshardable' DistributedOptimizer format (reshardable
@@ -38,7 +45,8 @@ log = logging.getLogger(__name__)
 
 MARKER = "erpd_checkpoint.json"
 LATEST = "latest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-file sha256 in the marker, RNG states as safetensors (1: sizes only, rng/*.pt)
+RNG_FILE = "rng/rank_{rank:05d}.safetensors"
 OPTIM_SHARDING = "fully_reshardable"
 
 
@@ -65,33 +73,64 @@ def _model_sharded_sd(chunks) -> dict:
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def _file_sizes(directory: str) -> dict[str, int]:
-    sizes = {}
-    for base, _, files in os.walk(directory):
-        for f in files:
-            if f == MARKER:
-                continue
-            p = os.path.join(base, f)
-            sizes[os.path.relpath(p, directory)] = os.path.getsize(p)
-    return sizes
+def _shard() -> tuple[int, int]:
+    return (_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _rng_state() -> dict:
+def _all_gather(obj) -> list:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _file_records(directory: str) -> dict[str, dict]:
+    """{relative path: {"size", "sha256"}} of every file but the marker (a collective: ranks split the files)."""
+    from erpd_megatron.utils.digest import digest_files, list_files
+
+    rels = list_files(directory, exclude=(MARKER,))
+    records = {}
+    for part in _all_gather(digest_files(directory, rels, _shard())):
+        records.update(part)
+    return dict(sorted(records.items()))
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    """Flat {name: uint8 tensor} (safetensors: no pickle on load)."""
     from megatron.core import tensor_parallel
 
-    state = {"torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    state = {"torch": torch.get_rng_state()}
+    for name, t in tensor_parallel.get_cuda_rng_tracker().get_states().items():
+        state[f"tracker/{name}"] = t
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
-    return state
+    return {k: v.contiguous() for k, v in state.items()}
 
 
 def _set_rng_state(state: dict) -> None:
     from megatron.core import tensor_parallel
 
+    if "tracker" not in state:  # flat safetensors layout
+        state = {**state, "tracker": {k[len("tracker/"):]: v for k, v in state.items() if k.startswith("tracker/")}}
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _read_rng_state(path: str) -> dict | None:
+    """This rank's saved RNG state: safetensors, or a format-1 `rank_N.pt` read with torch's weights-only
+    unpickler (tensors and dicts only: never `weights_only=False`, which would run code from the file)."""
+    new = os.path.join(path, RNG_FILE.format(rank=_rank()))
+    if os.path.isfile(new):
+        from safetensors.torch import load_file
+
+        return load_file(new)
+    old = os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
+    if os.path.isfile(old):
+        return torch.load(old, weights_only=True)
+    return None
 
 
 def _optim_metadata(sharding: str) -> dict:
@@ -104,11 +143,65 @@ def _optim_metadata(sharding: str) -> dict:
 
 def save_checkpoint(engine: PolicyEngine, root: str, step: int | None = None) -> str:
     """Save model, optimizer, LR-schedule step, RNG and engine.trainer_state; return the final directory."""
-    from megatron.core import dist_checkpointing
-
     step = engine.step if step is None else step
     final = os.path.join(root, iter_dirname(step))
     tmp = final + ".tmp"
+    try:
+        _save_into(engine, root, step, final, tmp)
+    except BaseException as e:  # torch DCP raises CheckpointException, a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        # a full disk / quota / I/O error: drop the partial save (frees its space); `latest` and every earlier
+        # checkpoint are untouched, so the run resumes from the previous one
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        where = _failed_path(e) or tmp
+        try:
+            free = f" ({shutil.disk_usage(root).free / 2**20:.0f} MiB free there now)"
+        except OSError:
+            free = ""
+        raise CheckpointError(f"saving checkpoint {final} failed while writing {where}{free}: {_reason(e)}; "
+                              f"the previous checkpoint ({_latest_name(root)}) is intact") from e
+    return final
+
+
+def _causes(e: BaseException, depth: int = 0):
+    """e, its cause / context chain, and the per-rank failures torch DCP's CheckpointException carries."""
+    while e is not None and depth < 20:
+        yield e
+        for failure in (getattr(e, "failures", None) or {}).values():
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(inner, BaseException):
+                yield from _causes(inner, depth + 1)
+        e, depth = e.__cause__ or e.__context__, depth + 1
+
+
+def _reason(e: BaseException) -> str:
+    """The first OSError's text (e.g. "[Errno 28] No space left on device"), else the exception's own."""
+    for c in _causes(e):
+        if isinstance(c, OSError):
+            return f"[Errno {c.errno}] {c.strerror or c}" if c.errno else str(c)
+    # megatron's async writer reports only "error: <class 'OSError'>" (the message is lost): keep its last
+    # error line, not the whole traceback text
+    lines = [x.strip() for x in f"{type(e).__name__}: {e}".splitlines() if x.strip()]
+    return next((x for x in reversed(lines) if "Error" in x), lines[-1])
+
+
+def _failed_path(e: BaseException) -> str | None:
+    return next((str(c.filename) for c in _causes(e) if isinstance(c, OSError) and c.filename), None)
+
+
+def _latest_name(root: str) -> str:
+    try:
+        with open(os.path.join(root, LATEST)) as f:
+            return f.read().strip()
+    except OSError:
+        return "none yet"
+
+
+def _save_into(engine: PolicyEngine, root: str, step: int, final: str, tmp: str) -> None:
+    from megatron.core import dist_checkpointing
+
     if _rank() == 0:
         os.makedirs(root, exist_ok=True)
         if os.path.exists(tmp):  # leftover of a crashed save of the same step
@@ -121,9 +214,10 @@ def save_checkpoint(engine: PolicyEngine, root: str, step: int | None = None) ->
         sd["optimizer"] = engine.optimizer.sharded_state_dict(sd, is_loading=False, metadata=_optim_metadata(OPTIM_SHARDING))
     _install_results_queue()
     dist_checkpointing.save(sd, tmp, content_metadata={"distrib_optim_sharding_type": OPTIM_SHARDING})
-    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
+    _write_rng(os.path.join(tmp, RNG_FILE.format(rank=_rank())))
     _barrier()
 
+    files = _file_records(tmp)
     if _rank() == 0:
         meta = {
             "format_version": FORMAT_VERSION,
@@ -134,7 +228,7 @@ def save_checkpoint(engine: PolicyEngine, root: str, step: int | None = None) ->
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
             "has_optimizer": engine.optimizer is not None,
             "optim_sharding": OPTIM_SHARDING,
-            "files": _file_sizes(tmp),
+            "files": files,
         }
         atomic_write_text(os.path.join(tmp, MARKER), json.dumps(meta, indent=1, default=str))
         if os.path.exists(final):  # re-saving the same step: replace the old directory
@@ -143,7 +237,17 @@ def save_checkpoint(engine: PolicyEngine, root: str, step: int | None = None) ->
         atomic_write_text(os.path.join(root, LATEST), iter_dirname(step) + "\n")
         log.info("checkpoint saved: %s (tp=%d pp=%d dp=%d)", final, engine.par.tp, engine.par.pp, engine.par.dp)
     _barrier()
-    return final
+
+
+def _write_rng(path: str) -> None:
+    from safetensors.torch import save_file
+
+    try:
+        save_file(_rng_state(), path)
+    except OSError as e:
+        from erpd_megatron.utils.io import named_os_error
+
+        raise named_os_error(e, path) from e
 
 
 def _die_with_parent() -> None:
@@ -209,25 +313,64 @@ def verify_checkpoint_dir(path: str) -> dict:
             meta = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"checkpoint {path}: {MARKER} is corrupt ({e})") from e
-    problems = []
-    for rel, size in meta.get("files", {}).items():
-        p = os.path.join(path, rel)
-        if not os.path.isfile(p):
-            problems.append(f"missing {rel}")
-        elif os.path.getsize(p) != size:
-            problems.append(f"{rel} has {os.path.getsize(p)} bytes, expected {size}")
+    from erpd_megatron.utils.digest import check_files
+
+    _raise_problems(path, check_files(path, meta.get("files", {}), content=False))
+    return meta
+
+
+def _raise_problems(path: str, problems: list[str]) -> None:
     if problems:
         shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
         raise CheckpointError(f"checkpoint {path} is cut short or damaged: {shown}")
+
+
+_verified: set[tuple] = set()  # (path, (file, size, mtime, inode)...) already hashed by this process
+
+
+def verify_checkpoint_content(path: str) -> dict:
+    """verify_checkpoint_dir, then the sha256 of every file against the marker, before anything is read.
+
+    When a process group is up this is a collective (every rank calls it; the files are split over the ranks
+    and every rank raises the same CheckpointError, naming the damaged files). A directory is hashed once per
+    process. Format-1 checkpoints (sizes only) are checked by size, with a warning."""
+    from erpd_megatron.utils.digest import check_files
+
+    meta = verify_checkpoint_dir(path)
+    files = meta.get("files", {})
+    stats = [(rel, os.stat(os.path.join(path, rel))) for rel in sorted(files) + [MARKER]]
+    key = (os.path.realpath(path), tuple((rel, s.st_size, s.st_mtime_ns, s.st_ino) for rel, s in stats))
+    if key in _verified:  # same files, untouched since (a write in place changes the mtime)
+        return meta
+    if files and not any(isinstance(r, dict) for r in files.values()):
+        log.warning("checkpoint %s has no content checksums (format %s): only file sizes checked", path,
+                    meta.get("format_version"))
+    problems = [p for part in _all_gather(check_files(path, files, _shard())) for p in part]
+    _raise_problems(path, sorted(problems))
+    _verified.add(key)
     return meta
+
+
+def load_latest_intact(engine: PolicyEngine, root: str, model_only: bool = False) -> dict | None:
+    """Load the newest checkpoint under `root` that passes verification, newest first; log every damaged one
+    skipped (the run resumes from an earlier step). None when no intact checkpoint is left."""
+    candidates = sorted(list_checkpoints(root), reverse=True)
+    for k, path in enumerate(candidates):
+        try:
+            verify_checkpoint_content(path)
+        except CheckpointError as e:
+            older = os.path.basename(candidates[k + 1]) if k + 1 < len(candidates) else "the initial weights"
+            log.warning("checkpoint %s is damaged, resuming from %s instead: %s", path, older, e)
+            continue
+        return load_checkpoint(engine, path, model_only=model_only)
+    return None
 
 
 def load_checkpoint(engine: PolicyEngine, path: str, model_only: bool = False) -> dict:
     """Load into `engine` (any TP/PP layout for the model). Restores optimizer, step, trainer_state and
     (same layout only) RNG unless `model_only`. Returns the checkpoint's metadata."""
     path = resolve_checkpoint_dir(path)
-    with open(os.path.join(path, MARKER)) as f:
-        meta = json.load(f)
+    meta = verify_checkpoint_content(path)
     _check_model_cfg(meta, engine.model_cfg, path)
     sd = _model_sharded_sd(engine.modules)
     load_optim = not model_only and engine.optimizer is not None
@@ -251,9 +394,9 @@ def load_checkpoint(engine: PolicyEngine, path: str, model_only: bool = False) -
         engine._set_lr()
         same_layout = meta.get("parallel") == asdict(engine.par) and meta.get("world_size") == (
             dist.get_world_size() if dist.is_initialized() else 1)
-        rng_file = os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
-        if same_layout and os.path.isfile(rng_file):
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+        rng = _read_rng_state(path) if same_layout else None
+        if rng is not None:
+            _set_rng_state(rng)
         elif not same_layout:
             log.info("checkpoint %s: layout changed (%s -> %s), RNG states not restored", path, meta.get("parallel"),
                      asdict(engine.par))
@@ -327,8 +470,7 @@ def load_model_weights(chunks: list[torch.nn.Module], path: str) -> dict:
 
     chunks = [unwrap_model(c) for c in chunks]
     path = resolve_checkpoint_dir(path)
-    with open(os.path.join(path, MARKER)) as f:
-        meta = json.load(f)
+    meta = verify_checkpoint_content(path)
     state = _load_sharded(_model_sharded_sd(chunks), path)
     _load_model_state(chunks, state)
     _barrier()
@@ -345,3 +487,22 @@ def list_checkpoints(root: str) -> list[str]:
         if name.startswith("iter_") and not name.endswith(".tmp") and os.path.isfile(os.path.join(p, MARKER)):
             out.append(p)
     return out
+
+
+def prune_checkpoints(root: str, keep_last: int, keep_steps=()) -> list[str]:
+    """Delete complete checkpoints under `root` except the newest `keep_last`, those at `keep_steps` (e.g. the
+    unlearned checkpoints strategy 2 reads) and the one `latest` points at. keep_last <= 0 keeps everything.
+    Rank 0 deletes; returns the deleted directories."""
+    if keep_last <= 0 or _rank() != 0:
+        return []
+    ckpts = list_checkpoints(root)
+    keep = {os.path.basename(p) for p in ckpts[-keep_last:]} | {iter_dirname(int(s)) for s in keep_steps}
+    keep.add(_latest_name(root))
+    gone = [p for p in ckpts if os.path.basename(p) not in keep]
+    for p in gone:
+        os.remove(os.path.join(p, MARKER))  # first: a crash mid-delete leaves an unmarked (never loaded) directory
+        shutil.rmtree(p)
+    if gone:
+        log.info("checkpoints pruned under %s (keep_last=%d, kept %s): %s", root, keep_last, sorted(keep),
+                 [os.path.basename(p) for p in gone])
+    return gone
