@@ -293,6 +293,30 @@ def test_exception_mid_write_keeps_previous_state(tmp_path, monkeypatch, stage):
     assert store.batches() == [0, 1] and "teacher_logprobs" in store.load_tensors(0)
 
 
+def test_disk_full_keeps_previous_batch_and_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    store = RolloutStore(tmp_path)
+    store.write_batch(0, make_records(3))
+    before = store.load_tensors(0)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(rs.os, "fsync", full)  # the first fsync is the temp file's: the data did not fit
+    with pytest.raises(OSError, match="No space left on device") as e:
+        store.write_batch(1, make_records(2, seed=1))
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "batch_1.parquet")
+    with pytest.raises(OSError, match="No space left on device") as e:
+        store.add_columns(0, {"teacher_logprobs": before["behaviour_logprobs"]})
+    assert e.value.filename.endswith("batch_0.extra1.parquet")
+    monkeypatch.undo()
+    assert store.batches() == [0] and store.per_token_columns(0) == ["behaviour_logprobs"]
+    store.verify()
+    assert all(torch.equal(before[k], store.load_tensors(0)[k]) for k in before)
+    assert not list(tmp_path.glob(".tmp-*"))  # the failed temp files were removed (their space freed)
+
+
 # The child imports only the store (pyarrow + numpy, no torch) and stops itself at `stage`.
 CRASH_CHILD = textwrap.dedent(
     """

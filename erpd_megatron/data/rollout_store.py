@@ -198,10 +198,16 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_temp(directory: Path, name: str, data: bytes) -> Path:
     tmp = directory / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:12]}"
-    with open(tmp, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # disk full / quota: no partial temp file left behind, and say which file it was
+        from erpd_megatron.utils.io import named_os_error
+
+        tmp.unlink(missing_ok=True)
+        raise named_os_error(e, directory / name) from e
     return tmp
 
 
