@@ -413,8 +413,9 @@ def check_layout(shape: ModelShape, L: Layout) -> tuple[list[str], list[str]]:
     t = L.tp
     if shape.heads % t:
         reasons.append(f"attention heads {shape.heads} not divisible by TP {t}")
-    if shape.kv_heads % t:
-        reasons.append(f"KV groups {shape.kv_heads} not divisible by TP {t} (megatron-core splits query groups over TP)")
+    if shape.kv_heads % t and t % shape.kv_heads:  # fewer groups than TP ranks: each group shared by t/groups ranks
+        reasons.append(f"KV groups {shape.kv_heads} and TP {t}: neither divides the other (megatron-core splits "
+                       "query groups over TP, or shares each group among TP / groups ranks)")
     if shape.ffn % t:
         reasons.append(f"ffn size {shape.ffn} not divisible by TP {t}")
     if shape.n_gdn:

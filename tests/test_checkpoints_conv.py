@@ -337,3 +337,62 @@ def test_qwen35_per_rank_layouts_at_tp4_and_tp8(tp):
             per_group = full.shape[0] // 8
             for r, shard in enumerate(shards):
                 assert torch.equal(shard, full[r * per_group * 8 // tp: (r + 1) * per_group * 8 // tp]), r
+
+
+def test_qwen35_27b_heads_at_tp8_fewer_kv_groups_than_ranks():
+    """Qwen3.5-27B head counts at TP=8: 24 heads / 4 KV groups (fewer groups than ranks), GDN 16 key / 48 value
+    heads. megatron-core 0.19.2 (transformer/attention.py, get_query_key_value_tensors) splits linear_qkv rows
+    evenly over the ranks, all-gathers them, keeps query group r // (tp / groups) and the (r % (tp / groups))-th
+    share of that group's query (and gate) heads. Replaying those steps on maps.shard_param's shards must give rank
+    r exactly HF query / gate heads [3r, 3r + 3) and K/V head r // 2, matching its linear_proj columns. The
+    trainer, the planner and the converter accept the layout."""
+    from erpd_megatron.megatron.model import ModelConfig
+    from erpd_megatron.megatron.parallel import ParallelConfig, validate_layout
+    from erpd_megatron.model_shapes import MODELS
+    from erpd_megatron.planner import Layout, plan
+
+    tp, nh, ng, d, h = 8, 24, 4, 2, 16
+    hf = dict(model_type="qwen3_5_text", vocab_size=250, hidden_size=h, intermediate_size=64, num_hidden_layers=4,
+              num_attention_heads=nh, num_key_value_heads=ng, head_dim=d, linear_num_key_heads=16,
+              linear_num_value_heads=48, linear_key_head_dim=2, linear_value_head_dim=2, linear_conv_kernel_dim=4,
+              layer_types=["linear_attention"] * 3 + ["full_attention"])
+    cfg = ConvConfig.from_hf({"architectures": ["Qwen3_5ForCausalLM"], **hf})
+    cfg.check_tp(tp)
+    validate_layout(ModelConfig.from_hf(hf), ParallelConfig(tp=tp), tp)
+    real = MODELS["qwen3.5-27b"]["text_config"]
+    assert (real["num_attention_heads"], real["num_key_value_heads"]) == (nh, ng)
+    assert (real["linear_num_key_heads"], real["linear_num_value_heads"]) == (16, 48)
+    assert not any("KV groups" in r or "heads" in r for r in plan(MODELS["qwen3.5-27b"], Layout(tp=tp)).reasons)
+
+    # every row labelled by (tensor, row): q_proj rows per head are [query (d), gate (d)]
+    q = torch.arange(nh * 2 * d).unsqueeze(1).expand(-1, h).float()
+    k = 1000 + torch.arange(ng * d).unsqueeze(1).expand(-1, h).float()
+    v = 2000 + torch.arange(ng * d).unsqueeze(1).expand(-1, h).float()
+    name = "decoder.layers.3.self_attention.linear_qkv.weight"
+    full = maps.to_mcore(cfg, name, maps.entry(cfg, name)[0], [q, k, v])
+    shards = [maps.shard_param(cfg, name, full, tp, r) for r in range(tp)]
+    assert torch.equal(maps.unshard_param(cfg, name, shards), full)
+    gathered = torch.cat(shards)  # the all-gather of the rank outputs' last dim = these rows
+    per, share = nh // ng, tp // ng
+    for r in range(tp):
+        size = gathered.shape[0] // ng
+        grp = gathered[(r // share) * size:(r // share + 1) * size]
+        query, gate, key, value = torch.split(grp, [per * d, per * d, d, d])
+        mine = slice((r % share) * per // share, (r % share + 1) * per // share)
+        heads = range(r * nh // tp, (r + 1) * nh // tp)
+        assert torch.equal(query.view(per, d, h)[mine].reshape(-1, h),
+                           torch.cat([q[j * 2 * d: j * 2 * d + d] for j in heads])), r
+        assert torch.equal(gate.view(per, d, h)[mine].reshape(-1, h),
+                           torch.cat([q[j * 2 * d + d: (j + 1) * 2 * d] for j in heads])), r
+        assert torch.equal(key, k[(r // share) * d:(r // share + 1) * d]), r
+        assert torch.equal(value, v[(r // share) * d:(r // share + 1) * d]), r
+    # linear_proj (row parallel): rank r's input columns are the outputs of its own heads
+    o = torch.arange(nh * d).unsqueeze(0).expand(h, -1).float()
+    o_name = "decoder.layers.3.self_attention.linear_proj.weight"
+    for r in range(tp):
+        cols = maps.shard_param(cfg, o_name, o, tp, r)[0]
+        assert cols.tolist() == [float(c) for j in range(r * nh // tp, (r + 1) * nh // tp) for c in
+                                 range(j * d, (j + 1) * d)]
+    for n in maps.mcore_names(cfg):  # GDN and MLP tensors at TP=8: shard -> unshard is the identity
+        t = torch.randn(maps.expected_shape(cfg, n))
+        assert torch.equal(maps.unshard_param(cfg, n, [maps.shard_param(cfg, n, t, tp, r) for r in range(tp)]), t)

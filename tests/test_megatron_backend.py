@@ -108,8 +108,9 @@ def test_impossible_layouts_refused_with_reason():
     validate_layout(c, ParallelConfig(tp=3, pp=2, dp=1), 6)
     with pytest.raises(LayoutError, match="num_heads=6 is not divisible by tp=4"):
         validate_layout(c, ParallelConfig(tp=4), 4)
-    with pytest.raises(LayoutError, match="num_kv_heads=3 is not divisible by tp=2"):
+    with pytest.raises(LayoutError, match="num_kv_heads=3 and tp=2: one must divide the other"):
         validate_layout(c, ParallelConfig(tp=2), 2)
+    validate_layout(c, ParallelConfig(tp=6), 6)  # 3 KV groups over 6 ranks: megatron-core shares each group
     with pytest.raises(LayoutError, match="num_layers=4 is not divisible by pp=3"):
         validate_layout(c, ParallelConfig(pp=3), 3)
     with pytest.raises(LayoutError, match="but the job has 4 processes"):

@@ -158,7 +158,9 @@ def _reasons(cfg, **kw):
 
 def test_refusals():
     assert any("attention heads 4 not divisible by TP 8" in r for r in _reasons(TINY_QWEN3, tp=8))
-    assert any("KV groups 2 not divisible by TP 4" in r for r in _reasons(TINY_QWEN3, tp=4))
+    assert not any("KV groups" in r for r in _reasons(TINY_QWEN3, tp=4))  # 2 KV groups at TP 4: megatron shares them
+    kv4 = dict(TINY_QWEN3, num_attention_heads=12, num_key_value_heads=4, head_dim=8)
+    assert any("KV groups 4 and TP 3: neither divides the other" in r for r in _reasons(kv4, tp=3))
     qwen35_gdn_only = dict(TINY_QWEN35, num_attention_heads=4, num_key_value_heads=4, intermediate_size=192)
     rs = _reasons(qwen35_gdn_only, tp=4)
     assert any("GDN key heads 2 not divisible by TP 4" in r for r in rs)

@@ -59,10 +59,13 @@ def validate_layout(model_cfg: ModelConfig, par: ParallelConfig, world_size: int
     m = model_cfg
     if m.num_heads % par.tp:
         errors.append(f"num_heads={m.num_heads} is not divisible by tp={par.tp} (each rank needs whole heads)")
-    if m.num_kv_heads % par.tp:
+    if m.num_kv_heads % par.tp and par.tp % m.num_kv_heads:
+        # megatron-core 0.19.2 (transformer/attention.py, get_query_key_value_tensors): with fewer KV groups than
+        # TP ranks, the linear_qkv rows are still split evenly; ranks all-gather them and each keeps its group's
+        # K/V and its share of the group's query heads. So either count may divide the other.
         errors.append(
-            f"num_kv_heads={m.num_kv_heads} is not divisible by tp={par.tp} "
-            "(each rank needs whole KV groups; KV-head replication is not supported)"
+            f"num_kv_heads={m.num_kv_heads} and tp={par.tp}: one must divide the other "
+            "(megatron-core splits KV groups over TP ranks, or shares each group among tp/num_kv_heads ranks)"
         )
     if m.ffn_hidden_size % par.tp:
         errors.append(f"ffn_hidden_size={m.ffn_hidden_size} is not divisible by tp={par.tp}")
