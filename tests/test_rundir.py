@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from erpd_megatron.pipeline.report import build_summary, write_report
 from erpd_megatron.pipeline.rundir import MetricLog, RunDir, minibatch_indices
 
@@ -30,6 +32,34 @@ def test_metric_log_rewinds_to_resume_step_and_drops_torn_line(tmp_path):
     rows = [json.loads(x) for x in path.read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["loss"] == 40
+
+
+def test_metric_log_rewind_is_atomic(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from erpd_megatron.utils import io
+
+    path = tmp_path / "m.jsonl"
+    log = MetricLog(path, resume_step=0)
+    for s in range(1, 6):
+        log.log(s, {"loss": s})
+    log.close()
+    before = path.read_text()
+
+    def crash(fd):  # the rewind's write fails (disk full) before its rename
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(io.os, "fsync", crash)
+    with pytest.raises(OSError, match="No space left"):
+        MetricLog(path, resume_step=3)
+    monkeypatch.undo()
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["m.jsonl"]
+    inode = path.stat().st_ino
+    MetricLog(path, resume_step=5).close()  # nothing to drop: the file is left alone
+    assert path.stat().st_ino == inode
+    MetricLog(path, resume_step=3).close()
+    assert path.stat().st_ino != inode and [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3]
 
 
 def test_report_from_eval_files(tmp_path):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from erpd_megatron.utils.io import atomic_write_json
+from erpd_megatron.utils.io import atomic_write_json, atomic_write_text
 
 
 @dataclass
@@ -65,16 +65,17 @@ class MetricLog:
     def __init__(self, path: Path, resume_step: int, tb_dir: Path | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
         kept = []
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:  # torn last line of a killed run
-                    continue
-                if rec.get("step", 0) <= resume_step:
-                    kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # torn last line of a killed run
+                continue
+            if rec.get("step", 0) <= resume_step:
+                kept.append(line)
+        if kept != lines:  # rewound: replaced atomically, so a crash now leaves the old log or the new one
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self._f = open(self.path, "a")  # noqa: SIM115 - closed in close()
         self._tb = None
         if tb_dir is not None:
