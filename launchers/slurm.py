@@ -30,7 +30,7 @@ from launchers.recipes import Recipe
 
 #: variables the batch script (or Slurm) sets for each task: a `$NAME` / `${NAME}` of these inside an
 #: argument is expanded in the task; nothing else of an argument ever is ($(...), backticks, other $VARS)
-RUNTIME_VARS = ("MASTER_ADDR", "MASTER_PORT", "ROLLOUT_URLS", "SLURM_JOB_ID", "SLURM_NODEID", "SLURM_PROCID",
+RUNTIME_VARS = ("MASTER_ADDR", "MASTER_PORT", "ROLLOUT_URLS", "ERPD_SGLANG_API_KEY", "SLURM_JOB_ID", "SLURM_NODEID", "SLURM_PROCID",
                 "SLURM_LOCALID", "SLURM_NNODES", "SLURM_NTASKS", "SLURM_RESTART_COUNT")
 _NAMES = "|".join(RUNTIME_VARS)
 _VAR_REF = re.compile(r"\$(?:\{(" + _NAMES + r")\}|(" + _NAMES + r")(?![A-Za-z0-9_]))")
@@ -125,9 +125,10 @@ def trainer_task_command(recipe: Recipe, nnodes: int) -> str:
 
 
 def rollout_task_command(recipe: Recipe) -> str:
+    """One rollout node: its SGLang servers (one per TP group) in the background; the task ends with them."""
     assert recipe.rollout_servers is not None
-    argv = recipe.rollout_servers.command()
-    return f"cd {shlex.quote(task_code_dir(recipe))} && exec " + " ".join(shell_word(a) for a in argv)
+    cmds = [" ".join(shell_word(a) for a in argv) for argv in recipe.rollout_servers.commands()]
+    return f"cd {shlex.quote(task_code_dir(recipe))} && {{ " + " & ".join(cmds) + " & wait; }"
 
 
 def container_mounts(recipe: Recipe) -> list[str]:
@@ -154,10 +155,14 @@ def job_env(recipe: Recipe) -> dict[str, str]:
 
 
 def rollout_urls_line(recipe: Recipe, group: int = 1) -> str:
-    """Batch-shell line exporting ROLLOUT_URLS=[http://host:port,...] of the SGLang group's nodes."""
-    port = recipe.rollout_servers.port if recipe.rollout_servers else 30000
+    """Batch-shell lines exporting ROLLOUT_URLS=[http://host:port,...] (every server of every node of the
+    SGLang group) and a fresh random ERPD_SGLANG_API_KEY (servers require it, the trainer sends it; it is
+    never written to a file)."""
+    rs = recipe.rollout_servers
+    port, n = (rs.port, rs.servers_per_node) if rs else (30000, 1)
     return (f'export ROLLOUT_URLS="[$(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_{group}" '
-            f"| sed 's|.*|http://&:{port}|' | paste -sd, -)]\"")
+            f"| awk '{{for (p = {port}; p < {port + n}; p++) print \"http://\" $0 \":\" p}}' | paste -sd, -)]\"\n"
+            "export ERPD_SGLANG_API_KEY=\"$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n')\"")
 
 
 def _sbatch_group(recipe: Recipe, nodes: int, gpus: int, job_name: str, tasks: int = 1) -> list[str]:

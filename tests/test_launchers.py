@@ -123,11 +123,19 @@ def test_sbatch_disagg_is_heterogeneous(tmp_path, fake_slurm):
     env = {**os.environ, "SLURM_JOB_ID": "78", "SLURM_JOB_NODELIST_HET_GROUP_0": "n[1-4]",
            "SLURM_JOB_NODELIST_HET_GROUP_1": "r[1-2]"}
     subprocess.run(["bash", script], env=env, check=True, capture_output=True, timeout=60)
+    # one DP=1 TP4 server per TP group (2 a node), own port and GPUs, bound for other nodes with the job's key
     servers = (fake_slurm / "python.txt").read_text().splitlines()
-    assert len(servers) == 2 and all("--tp-size 4 --dp-size 2" in s for s in servers)
+    assert len(servers) == 4 and not any("--dp-size" in s for s in servers)
+    assert sorted(re.search(r"--base-gpu-id (\d) --port (\d+)", s).groups() for s in servers) == \
+        [("0", "30000"), ("0", "30000"), ("4", "30001"), ("4", "30001")]
+    keys = {re.search(r"--api-key (\S*)", s).group(1) for s in servers}
+    assert len(keys) == 1 and re.fullmatch(r"[0-9a-f]{48}", keys.pop())  # random per job, never in the script
+    assert all("--tp-size 4" in s and "--host 0.0.0.0" in s for s in servers)
+    assert "--api-key" in text and not re.search(r"--api-key [0-9a-f]{48}", text)
     calls = (fake_slurm / "torchrun.txt").read_text().splitlines()
     assert len(calls) == 4
-    assert all("rollout.sglang_urls=[http://r1:30000,http://r2:30000]" in c for c in calls)
+    urls = "rollout.sglang_urls=[http://r1:30000,http://r1:30001,http://r2:30000,http://r2:30001]"
+    assert all(urls in c and "rollout.sglang_weight_transport=distributed" in c for c in calls)
 
 
 def test_sbatch_submit_and_status_via_cli(tmp_path, fake_slurm, capsys):

@@ -455,3 +455,14 @@ def test_rollout_config_reaches_the_launch_command(tmp_path, monkeypatch):
     monkeypatch.setenv("ERPD_SGLANG_API_KEY", "k1")
     assert launch_spec(RolloutConfig(sglang_host="0.0.0.0"), "/m", log_dir=str(tmp_path)).argv(0)[-2:] == \
         ["--api-key", "k1"]
+
+
+def test_distributed_master_address_is_our_route_to_the_servers():
+    from erpd_megatron.rollout.sglang_engine import route_address
+
+    assert route_address("http://127.0.0.1:30000") == "127.0.0.1"
+    import socket
+
+    me = socket.gethostbyname(socket.gethostname())
+    if not me.startswith("127."):  # a host with a non-loopback address: the route to it is itself
+        assert route_address(f"http://{me}:30000") == me

@@ -44,6 +44,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from erpd_megatron.rollout import sglang_wire
 from erpd_megatron.rollout.engine import RolloutEngine, Sample, SamplingParams, derive_seed, expand_requests
@@ -206,11 +207,13 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
         kw.setdefault("api_key", os.environ.get(API_KEY_ENV) or None)  # never from the config (it is saved)
         if g("sglang_offload", False):
             kw.setdefault("offload_tags", tuple(g("sglang_offload_tags", ("kv_cache", "cuda_graph"))))
-        if g("sglang_dist_master_address", ""):
-            kw.setdefault("dist_master_address", g("sglang_dist_master_address", ""))
+        urls = list(g("sglang_urls", []) or [])
+        if kw["weight_transport"] == "distributed" and "dist_master_address" not in kw:
+            # trainer rank 0 (this process) as the servers reach it: the address of our route to the first one
+            kw["dist_master_address"] = g("sglang_dist_master_address", "") or (
+                route_address(urls[0]) if urls else "127.0.0.1")
         if kw["weight_transport"] == "distributed" and "dist_master_port" not in kw:
             kw["dist_master_port"] = int(g("sglang_dist_master_port", 0) or 0) or _free_port()
-        urls = list(g("sglang_urls", []) or [])
         if urls:
             return cls(urls=urls, **kw)
         return cls(launch=launch_spec(rollout_cfg, model_path, log_dir=log_dir, api_key=kw.get("api_key")), **kw)
@@ -523,6 +526,21 @@ def _rid(call: str, key: tuple[int, int]) -> str:
     return f"{call}-p{key[0]}-s{key[1]}"
 
 
+def route_address(url: str) -> str:
+    """This host's address on the route to ``url``'s host (a UDP "connect" sends nothing)."""
+    import socket
+
+    host, port = _host(url), urlsplit(url).port or 80
+    if is_loopback(host):
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((host, port))
+            return sock.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
+
+
 def _free_port() -> int:
     """A free TCP port on this host (trainer rank 0 hosts the weight-update group's store)."""
     import socket
@@ -533,6 +551,4 @@ def _free_port() -> int:
 
 
 def _host(url: str) -> str:
-    from urllib.parse import urlsplit
-
     return urlsplit(url).hostname or ""
