@@ -149,12 +149,23 @@ def resolve_base(cfg: RunConfig, run: RunDir) -> Path:
     return p
 
 
+def _load_field(field_name: str, path: str) -> list:
+    """Prompts of a user-given file; an error names the config field as well as the file and row."""
+    from erpd_megatron.data.prompts import PromptDataError, load_prompts
+
+    try:
+        return load_prompts(path)
+    except PromptDataError as e:
+        raise PromptDataError(f"{field_name}: {e}") from None
+
+
 def load_prompts(cfg: RunConfig, run: RunDir):
     """(train, eval) prompt lists. "toy" writes the toy task's JSONL files into the run dir, but only once every
     user-given file has loaded: a malformed file leaves nothing behind."""
     from erpd_megatron.data.prompts import load_prompts as _load
 
-    loaded = {w: _load(s) for w, s in (("train", cfg.data.train), ("eval", cfg.data.eval)) if s not in ("toy", "toy_val")}
+    loaded = {w: _load_field(f"data.{w}", s) for w, s in (("train", cfg.data.train), ("eval", cfg.data.eval))
+              if s not in ("toy", "toy_val")}
     paths = []
     for which, spec, n in (("train", cfg.data.train, cfg.data.prompts_per_batch * max(cfg.iterations, 1) * 4),
                            ("eval", cfg.data.eval, cfg.data.eval_prompts)):
@@ -179,6 +190,8 @@ def build_context(cfg: RunConfig) -> Context:
     from erpd_megatron.pipeline.checks import check_dataset_sizes, check_prompt_lengths
 
     run = RunDir(Path(cfg.run_dir))
+    if cfg.model.base != "toy":  # a wrong path fails before the toy data files are written
+        resolve_base(cfg, run)
     train, evals = load_prompts(cfg, run)  # bad data fails here, before the warm-up or any training
     check_dataset_sizes(cfg, train, evals)
     run.root.mkdir(parents=True, exist_ok=True)
