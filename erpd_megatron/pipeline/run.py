@@ -245,21 +245,28 @@ ALL = ("collect", "teacher", "signals", "distill", "onpolicy", "report")
 
 
 def _main(argv, sub: str, stages: tuple[str, ...]) -> int:
+    try:  # before any heavy import (the data package pulls in pyarrow): --help / --print-config answer at once
+        cfg, ns = parse(argv, f"erpd {sub}", stages=stages)
+    except ConfigError as e:
+        print(f"erpd {sub}: error: {e}", file=sys.stderr)
+        return 2
+    if ns.print_config:
+        print_config(cfg)
+        return 0
     from erpd_megatron.data.prompts import PromptDataError
 
     try:
-        cfg, ns = parse(argv, f"erpd {sub}", stages=stages)  # before any heavy import: --help / --print-config answer at once
-        if ns.print_config:
-            print_config(cfg)
-            return 0
         from erpd_megatron.pipeline.context import setup_logging
 
         setup_logging()
-        rc = _maybe_torchrun(cfg, argv, sub)
-        if rc is not None:
-            return rc
-        check_resumable(cfg)
-        _pipeline(cfg, stages)
+        from erpd_megatron.pipeline.lock import run_dir_lock
+
+        with run_dir_lock(cfg.run_dir):  # one erpd process per run dir (torchrun's ranks share the launcher's)
+            rc = _maybe_torchrun(cfg, argv, sub)
+            if rc is not None:
+                return rc
+            check_resumable(cfg)
+            _pipeline(cfg, stages)
     except (ConfigError, PromptDataError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
         print(f"erpd {sub}: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,121 @@
+"""One `erpd` process per run directory: `<run_dir>/.erpd.lock` names its owner (pid, host, start time).
+
+Taken with O_EXCL before any work, removed on exit (also after an exception). A second `erpd run` on the same
+run dir is refused with a message naming the owner. A lock left by a process that is gone (SIGKILL, node
+crash) is stale: on the same host it is detected (no such pid, or the pid now belongs to a process that
+started later) and taken over with a warning; a lock from another host cannot be checked from here, so the
+message says how to remove it. Under torchrun the launching process holds the lock for its ranks
+(`ERPD_RUN_LOCK` in their environment); when torchrun is called directly, rank 0 takes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from erpd_megatron.config import ConfigError
+
+log = logging.getLogger("erpd.lock")
+
+LOCK_NAME = ".erpd.lock"
+ENV = "ERPD_RUN_LOCK"
+
+
+class RunDirLocked(ConfigError):
+    """Another live process owns the run directory."""
+
+
+def _start_ticks(pid: int) -> int | None:
+    """Start time of `pid` in clock ticks since boot (Linux /proc; None elsewhere or if it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the command name may contain spaces
+
+
+def _alive(owner: dict) -> bool:
+    pid = int(owner.get("pid", -1))
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        pass
+    ticks = _start_ticks(pid)
+    return ticks is None or owner.get("start_ticks") in (None, ticks)  # a reused pid started later
+
+
+def _owner_text(owner: dict) -> str:
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("time", 0)))
+    return f"pid {owner.get('pid')} on host {owner.get('host')} (since {since}, `{owner.get('cmd', '?')}`)"
+
+
+def acquire(run_dir: str | os.PathLike) -> Path:
+    """Create the lock (or take over a stale one); RunDirLocked if a live process holds it."""
+    root = Path(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
+          "start_ticks": _start_ticks(os.getpid()), "cmd": " ".join(sys.argv[:3])}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            try:
+                owner = json.loads(path.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                owner = {}  # torn (killed while writing it) or vanished: treat as stale
+            if owner.get("host") not in (None, me["host"]):
+                raise RunDirLocked(f"run_dir {root} is in use by {_owner_text(owner)}; if no erpd process runs "
+                                   f"there any more, delete {path}") from None
+            if owner and _alive(owner):
+                raise RunDirLocked(f"run_dir {root} is in use by {_owner_text(owner)}: wait for it to finish, "
+                                   "or use another run_dir") from None
+            log.warning("run_dir %s: removing the stale lock of %s (that process is gone)", root,
+                        _owner_text(owner) if owner else "an unknown process")
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return path
+    raise RunDirLocked(f"run_dir {root}: could not take {path} (another process keeps recreating it)")
+
+
+def release(path: Path) -> None:
+    """Remove the lock if it is still ours."""
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, json.JSONDecodeError):
+        pass
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | os.PathLike):
+    """Hold the run dir's lock for the block, unless a parent (torchrun launcher) or another rank holds it."""
+    root = Path(run_dir)
+    held = os.environ.get(ENV)
+    if held == str(root.resolve()) or int(os.environ.get("RANK", "0")) != 0:
+        yield None
+        return
+    created = not root.exists()
+    path = acquire(root)
+    os.environ[ENV] = str(root.resolve())  # inherited by torchrun's ranks
+    try:
+        yield path
+    finally:
+        os.environ.pop(ENV, None)
+        release(path)
+        if created:  # refused before writing anything: leave no empty run dir behind
+            with contextlib.suppress(OSError):
+                root.rmdir()

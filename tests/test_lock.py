@@ -1,0 +1,75 @@
+"""Run-dir lock (pipeline/lock.py): a second erpd on the same run dir is refused; stale locks are taken over."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from erpd_megatron.pipeline import lock as L
+
+
+def _write(run, **owner):
+    run.mkdir(parents=True, exist_ok=True)
+    (run / L.LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "time": 0, **owner}))
+
+
+def test_live_owner_refused_and_released(tmp_path):
+    run = tmp_path / "run"
+    path = L.acquire(run)
+    owner = json.loads(path.read_text())
+    assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
+    with pytest.raises(L.RunDirLocked, match=f"in use by pid {os.getpid()} on host"):
+        L.acquire(run)
+    L.release(path)
+    assert not path.exists()
+    L.release(L.acquire(run))  # free again
+
+
+def test_stale_locks_are_taken_over(tmp_path, caplog):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for i, owner in enumerate([{"pid": dead.pid},  # process gone
+                               {"pid": os.getpid(), "start_ticks": -1}]):  # pid reused by a later process
+        run = tmp_path / f"r{i}"
+        _write(run, **owner)
+        with caplog.at_level("WARNING", logger="erpd.lock"):
+            path = L.acquire(run)
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+        assert "stale lock" in caplog.text
+        L.release(path)
+    run = tmp_path / "torn"
+    run.mkdir()
+    (run / L.LOCK_NAME).write_text('{"pid": 12')  # killed while writing the lock
+    L.release(L.acquire(run))
+
+
+def test_other_host_refused_with_how_to_remove(tmp_path):
+    run = tmp_path / "run"
+    _write(run, pid=1, host="node-b")
+    with pytest.raises(L.RunDirLocked, match=f"node-b.*delete {run / L.LOCK_NAME}"):
+        L.acquire(run)
+
+
+def test_context_removes_only_what_it_created(tmp_path, monkeypatch):
+    monkeypatch.delenv(L.ENV, raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    run = tmp_path / "new"
+    with L.run_dir_lock(run) as path:
+        assert path.exists() and os.environ[L.ENV] == str(run.resolve())
+        with L.run_dir_lock(run) as inner:  # a torchrun rank under the launcher: no second lock
+            assert inner is None
+    assert not run.exists() and L.ENV not in os.environ  # nothing written: no empty run dir left behind
+
+
+def test_second_erpd_run_refused(tmp_path):
+    run = tmp_path / "run"
+    _write(run, pid=os.getpid(), cmd="erpd run")  # this test process plays the first run
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", L.ENV)}
+    r = subprocess.run([sys.executable, "-m", "erpd_megatron.cli", "run", f"run_dir={run}"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"is in use by pid {os.getpid()}" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in run.iterdir()) == [L.LOCK_NAME]  # refused before anything was written
