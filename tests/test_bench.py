@@ -152,3 +152,17 @@ def test_erpd_vs_onpolicy_minimal(tmp_path):
     for c in res["curves"]:
         assert all(p["compute_s"] >= 0 for p in c["points"])
     assert "s1_sapo" in res["paired_erpd_minus_onpolicy"]
+
+
+def test_erpd_vs_onpolicy_eval_points_kl_per_token(tmp_path):
+    """Each eval point carries KL per response (the eval's) and per token = KL / mean response length."""
+    import json
+
+    from erpd_megatron.bench.erpd_vs_onpolicy import _eval_points
+
+    d = tmp_path / "eval" / "s1"
+    d.mkdir(parents=True)
+    (d / "step_000004.json").write_text(json.dumps({"step": 4, "avg_at_k": 0.5, "kl": 2.0, "mean_length": 20.0}))
+    (d / "step_000008.json").write_text(json.dumps({"step": 8, "avg_at_k": 0.6, "kl": None, "mean_length": 20.0}))
+    pts = _eval_points(tmp_path, "s1")
+    assert pts[0]["kl"] == 2.0 and pts[0]["kl_token"] == pytest.approx(0.1) and pts[1]["kl_token"] is None

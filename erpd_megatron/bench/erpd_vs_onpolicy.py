@@ -106,8 +106,10 @@ def _eval_points(run_root: Path, method: str) -> list[dict]:
     pts = []
     for p in sorted((run_root / "eval" / method).glob("step_*.json")):
         r = json.loads(p.read_text())
+        # KL per response (the eval's) and per token (/ mean response length over the same samples, as report.py)
+        kl_tok = r["kl"] / r["mean_length"] if r.get("kl") is not None and r.get("mean_length") else None
         pts.append({"step": int(r.get("step", int(p.stem.split("_")[1]))), "accuracy": r["avg_at_k"],
-                    "kl": r.get("kl"), "clock_s": r.get("bench_compute_clock_s")})
+                    "kl": r.get("kl"), "kl_token": kl_tok, "clock_s": r.get("bench_compute_clock_s")})
     return pts
 
 
@@ -157,7 +159,8 @@ def analyse_seed(cfg, run_root: Path, stages: list[dict]) -> dict:
         hit = first_reaching(pts)
         gain = last["accuracy"] - base_acc if base_acc is not None else None
         return {
-            "final_accuracy": last["accuracy"], "final_kl": last["kl"], "final_rollouts": last["rollouts"],
+            "final_accuracy": last["accuracy"], "final_kl": last["kl"], "final_kl_token": last.get("kl_token"),
+            "final_rollouts": last["rollouts"],
             "best_accuracy": best["accuracy"], "best_step": best["step"], "best_kl": best["kl"],
             "gain_over_base": gain,
             "gain_per_1k_rollouts": gain / last["rollouts"] * 1000 if gain is not None and last["rollouts"] else None,
@@ -202,7 +205,8 @@ def run_seed(seed: int, work: Path, base_dir: Path, overrides: list[str], log=pr
     res.update(seed=seed, wall_s=wall, eval_s=clock.eval_s, run_dir=str(run_dir))
     m = res["methods"]
     log(f"[{NAME}] seed {seed}: base {res['base_accuracy']:.3f}; " + "; ".join(
-        f"{n} {v['final_accuracy']:.3f} (KL {v['final_kl'] or 0:.4f}, {v['final_rollouts']} rollouts)"
+        f"{n} {v['final_accuracy']:.3f} (KL/seq {v['final_kl'] or 0:.4f}, KL/token {v['final_kl_token'] or 0:.5f}, "
+        f"{v['final_rollouts']} rollouts)"
         for n, v in m.items()) + f"; wall {wall:.0f} s (eval {clock.eval_s:.0f} s)")
     return res
 
@@ -210,7 +214,7 @@ def run_seed(seed: int, work: Path, base_dir: Path, overrides: list[str], log=pr
 def aggregate(per_seed: list[dict]) -> dict:
     """median/min/max over seeds of every per-method number, plus paired ERPD - on-policy differences."""
     methods = per_seed[0]["methods"].keys()
-    keys = ["final_accuracy", "final_kl", "best_accuracy", "gain_over_base", "gain_per_1k_rollouts",
+    keys = ["final_accuracy", "final_kl", "final_kl_token", "best_accuracy", "gain_over_base", "gain_per_1k_rollouts",
             "gain_per_unit_kl", "compute_s_to_onpolicy_final", "compute_s_total"]
     out: dict = {"base_accuracy": spread([s["base_accuracy"] for s in per_seed]),
                  "seeds_where_onpolicy_improved_over_base": sum(s["onpolicy_improved_over_base"] for s in per_seed),
