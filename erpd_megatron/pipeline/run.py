@@ -259,11 +259,14 @@ def _main(argv, sub: str, stages: tuple[str, ...]) -> int:
         from erpd_megatron.pipeline.context import setup_logging
 
         setup_logging()
-        rc = _maybe_torchrun(cfg, argv, sub)
-        if rc is not None:
-            return rc
-        check_resumable(cfg)
-        _pipeline(cfg, stages)
+        from erpd_megatron.pipeline.lock import run_dir_lock
+
+        with run_dir_lock(cfg.run_dir):  # one erpd process per run dir (torchrun's ranks share the launcher's)
+            rc = _maybe_torchrun(cfg, argv, sub)
+            if rc is not None:
+                return rc
+            check_resumable(cfg)
+            _pipeline(cfg, stages)
     except (ConfigError, PromptDataError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
         print(f"erpd {sub}: error: {e}", file=sys.stderr)
         return 2
