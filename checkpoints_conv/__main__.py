@@ -1,8 +1,8 @@
 """CLI: python -m checkpoints_conv {import,export,verify} ...
 
   import --hf DIR --out DIR --tp N --pp M [--dtype bf16|fp16|fp32] [--overwrite]
-  export --mcore DIR --out DIR [--dtype ...] [--hf-template DIR] [--max-shard-gb 5] [--overwrite]
-  verify --hf DIR --mcore DIR [--tp N --pp M] [--batch 2 --seq-len 32]   -> one JSON line
+  export --mcore DIR --out DIR [--dtype ...] [--hf-template DIR] [--max-shard-gb 5] [--drop-mtp] [--overwrite]
+  verify --hf DIR --mcore DIR [--tp N --pp M] [--batch 2 --seq-len 96]   -> one JSON line
 Errors (bad input) exit with status 2 and one line on stderr naming the file / tensor / field.
 """
 
@@ -14,6 +14,8 @@ import logging
 import resource
 import sys
 import time
+
+VERIFY_SEQ_LEN = 96  # = verify.VERIFY_SEQ_LEN (not imported here: verify pulls in torch)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-template", default=None, help="HF dir for config/tokenizer/passthrough (default: the "
                    "checkpoint's own hf/ if imported)")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.add_argument("--drop-mtp", action="store_true", help="leave out the mtp.* draft head (never trained: after "
+                   "training it drafts for the original trunk) and write mtp_num_hidden_layers=0 in config.json")
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("verify", help="compare HF and Megatron logits on the same random tokens")
     p.add_argument("--hf", required=True)
@@ -40,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tp", type=int, default=None)
     p.add_argument("--pp", type=int, default=None)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=VERIFY_SEQ_LEN, help="longer than the GDN chunk (64): the chunked form's "
+                   "carry-over between chunks is compared too")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             from .convert import export_mcore
 
             export_mcore(a.mcore, a.out, dtype=a.dtype, hf_template=a.hf_template, overwrite=a.overwrite,
-                         max_shard_bytes=int(a.max_shard_gb * 2**30))
+                         max_shard_bytes=int(a.max_shard_gb * 2**30), drop_mtp=a.drop_mtp)
         else:
             from .verify import verify
 

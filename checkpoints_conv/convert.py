@@ -20,7 +20,7 @@ import torch
 
 from . import maps, mcore_io
 from .config import ConvConfig, ConversionError
-from .hf_io import HFCheckpoint, ShardedWriter, atomic_output_dir, copy_side_files
+from .hf_io import HFCheckpoint, ShardedWriter, atomic_output_dir, copy_side_files, read_json
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,22 @@ def _file_records(root: Path) -> dict[str, dict]:
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
+def without_mtp(hf_config: dict) -> dict:
+    """A copy of a Qwen3.5 config.json that declares no multi-token-prediction layer (`mtp_num_hidden_layers` 0 in
+    the text config, and at the top level where the config has it there), for an export without `mtp.*`."""
+    out = json.loads(json.dumps(hf_config))
+    text = out["text_config"] if isinstance(out.get("text_config"), dict) else out
+    text["mtp_num_hidden_layers"] = 0
+    if "mtp_num_hidden_layers" in out:
+        out["mtp_num_hidden_layers"] = 0
+    return out
+
+
 def export_mcore(mcore_dir: str, out_dir: str, dtype: str | None = None, hf_template: str | None = None,
-                 overwrite: bool = False, max_shard_bytes: int = 5 * 2**30) -> Path:
+                 overwrite: bool = False, max_shard_bytes: int = 5 * 2**30, drop_mtp: bool = False) -> Path:
+    """drop_mtp: leave the `mtp.*` draft head out (and say so in config.json, see without_mtp). Training never
+    touches it: after training it is the imported one, which drafts for the original trunk, so MTP speculative
+    decoding accepts fewer tokens. By default it is kept (unchanged) and a trained export logs a warning."""
     from erpd_megatron.megatron.checkpoint import CheckpointError, resolve_checkpoint_dir, verify_checkpoint_content
     from erpd_megatron.megatron.model import ModelConfig
 
@@ -147,9 +161,9 @@ def export_mcore(mcore_dir: str, out_dir: str, dtype: str | None = None, hf_temp
     mc = ModelConfig.from_dict(meta["model_cfg"])
     tp = int((meta.get("parallel") or {}).get("tp", 1))
     tmpl = Path(hf_template) if hf_template else (path / "hf" if (path / "hf" / "config.json").is_file() else None)
-    hf_config = json.loads((tmpl / "config.json").read_text()) if tmpl else mc.to_hf()
+    hf_config = read_json(tmpl / "config.json") if tmpl else mc.to_hf()
     cc = ConvConfig.from_hf(hf_config).with_padded_vocab(mc.padded_vocab_size(tp))
-    conv = json.loads((tmpl / "conversion.json").read_text()) if tmpl and (tmpl / "conversion.json").is_file() else {}
+    conv = read_json(tmpl / "conversion.json") if tmpl and (tmpl / "conversion.json").is_file() else {}
     src_dtypes = conv.get("dtypes", {})
     target = DTYPES[dtype] if dtype else None
     stored_dtypes = mcore_io.checkpoint_dtypes(str(path))
@@ -172,12 +186,21 @@ def export_mcore(mcore_dir: str, out_dir: str, dtype: str | None = None, hf_temp
         groups[-1].append(n)
     passthrough = HFCheckpoint(tmpl / "passthrough", require_config=False) \
         if tmpl and (tmpl / "passthrough" / "model.safetensors.index.json").is_file() else None
+    pass_names = passthrough.names() if passthrough is not None else []
+    mtp = [n for n in pass_names if n.startswith("mtp.")]
+    if mtp and drop_mtp:
+        pass_names = [n for n in pass_names if not n.startswith("mtp.")]
+        hf_config = without_mtp(hf_config)
+        log.info("export: %d mtp.* tensors left out, config.json says mtp_num_hidden_layers=0", len(mtp))
+    elif mtp and int(meta.get("step") or 0) > 0:
+        log.warning("export: the %d mtp.* tensors (MTP draft head) are the imported ones, never trained, next to a "
+                    "trunk trained for %s steps: MTP speculative decoding will accept fewer draft tokens. "
+                    "Export with --drop-mtp to leave them out.", len(mtp), meta.get("step"))
     plan = []  # (HF name, shape, dtype) in writing order: lets the writer stream
     for n in names:
         meta_full = torch.empty(maps.expected_shape(cc, n), device="meta")
         plan += [(h, tuple(t.shape), out_dtype(h)) for h, t in maps.mcore_to_hf(cc, n, meta_full)]
-    if passthrough is not None:
-        plan += [(n, passthrough.meta[n][2], passthrough.meta[n][1]) for n in passthrough.names()]
+    plan += [(n, passthrough.meta[n][2], passthrough.meta[n][1]) for n in pass_names]
     with atomic_output_dir(out_dir, overwrite) as tmp:
         w = ShardedWriter(tmp, plan, max_shard_bytes)
         for _key, *group in groups:
@@ -189,7 +212,7 @@ def export_mcore(mcore_dir: str, out_dir: str, dtype: str | None = None, hf_temp
             mcore_io.release_memory()
         if passthrough is not None:
             with passthrough:
-                for n in passthrough.names():
+                for n in pass_names:
                     w.add(n, passthrough.get(n))
         w.finish()
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

@@ -33,6 +33,14 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+def read_json(path: Path):
+    """json.load of a file; a malformed (or non-UTF-8) file is a ConversionError naming it (CLI: exit 2)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+
+
 def read_header(path: Path) -> dict:
     """Parse a safetensors header and check the file holds every byte it promises."""
     size = path.stat().st_size
@@ -64,12 +72,10 @@ class HFCheckpoint:
         cfg = self.path / "config.json"
         if require_config and not cfg.is_file():
             raise ConversionError(f"{self.path}: no config.json (not a Hugging Face model directory)")
-        try:
-            self.config = json.loads(cfg.read_text()) if cfg.is_file() else {}
-        except json.JSONDecodeError as e:
-            raise ConversionError(f"{cfg}: not valid JSON ({e})") from None
+        self.config = read_json(cfg) if cfg.is_file() else {}
         if (self.path / INDEX).is_file():
-            weight_map = json.loads((self.path / INDEX).read_text()).get("weight_map")
+            index = read_json(self.path / INDEX)
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict):
                 raise ConversionError(f"{self.path / INDEX}: no weight_map")
             files = sorted(set(weight_map.values()))

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+VERIFY_SEQ_LEN = 96  # > the gated delta rule's chunk (64): a Qwen3.5 verify also crosses a chunk boundary
+
 
 def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
     import transformers
@@ -82,8 +84,8 @@ def build_and_load(mcore_dir: str, tp: int, pp: int, dp: int = 1):
     return cfg, chunks
 
 
-def verify_in_world(hf_dir: str, mcore_dir: str, tp: int, pp: int, dp: int = 1, batch: int = 2, seq_len: int = 32,
-                    seed: int = 0, ref: torch.Tensor | None = None) -> dict:
+def verify_in_world(hf_dir: str, mcore_dir: str, tp: int, pp: int, dp: int = 1, batch: int = 2,
+                    seq_len: int = VERIFY_SEQ_LEN, seed: int = 0, ref: torch.Tensor | None = None) -> dict:
     cfg, chunks = build_and_load(mcore_dir, tp, pp, dp)
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=g)
@@ -118,7 +120,7 @@ def _rank_main(rank: int, world: int, port: int, args: tuple, queue) -> None:
 
 
 def verify(hf_dir: str, mcore_dir: str, tp: int | None = None, pp: int | None = None, batch: int = 2,
-           seq_len: int = 32, seed: int = 0, timeout: float = 1800) -> dict:
+           seq_len: int = VERIFY_SEQ_LEN, seed: int = 0, timeout: float = 1800) -> dict:
     """Spawn tp*pp ranks (default: the checkpoint's layout), return rank 0's result."""
     import torch.multiprocessing as mp
 

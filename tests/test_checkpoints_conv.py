@@ -396,3 +396,55 @@ def test_qwen35_27b_heads_at_tp8_fewer_kv_groups_than_ranks():
     for n in maps.mcore_names(cfg):  # GDN and MLP tensors at TP=8: shard -> unshard is the identity
         t = torch.randn(maps.expected_shape(cfg, n))
         assert torch.equal(maps.unshard_param(cfg, n, [maps.shard_param(cfg, n, t, tp, r) for r in range(tp)]), t)
+
+
+def test_malformed_index_json_is_a_conversion_error(hf_dirs, tmp_path):
+    from checkpoints_conv.__main__ import main
+
+    d = _copy(hf_dirs["qwen3"], tmp_path / "badindex")
+    (d / "model.safetensors.index.json").write_text('{"weight_map": {"model.norm.weight": ')
+    msg = _import_error(d, tmp_path / "o1")
+    assert "model.safetensors.index.json" in msg and "not valid JSON" in msg
+    assert main(["import", "--hf", str(d), "--out", str(tmp_path / "o2")]) == 2  # one line on stderr, exit 2
+
+
+def test_model_config_layer_types_fall_back_like_the_converter():
+    from erpd_megatron.megatron.model import ModelConfig
+
+    hf = dict(model_type="qwen3_5_text", **{k: v for k, v in SMALL.items() if k != "initializer_range"},
+              **{k: v for k, v in LINEAR.items() if k != "layer_types"}, full_attention_interval=2)
+    hf["num_hidden_layers"] = 6
+    conv = ConvConfig.from_hf({"architectures": ["Qwen3_5ForCausalLM"], **hf})
+    assert list(conv.layer_types) == ["linear_attention", "full_attention"] * 3
+    assert ModelConfig.from_hf(hf).hybrid.layer_types == list(conv.layer_types)
+
+
+def _export_without_mtp(rank, mc_dir, out):
+    from checkpoints_conv import convert
+
+    convert.export_mcore(mc_dir, out, drop_mtp=True)
+    return True
+
+
+def test_export_can_drop_the_untrained_mtp_head(converted, hf_dirs, tmp_path):
+    from checkpoints_conv.hf_io import HFCheckpoint
+
+    mc, _, _ = converted
+    out = tmp_path / "no-mtp"
+    run_distributed(_export_without_mtp, 1, args=(mc["qwen35vl"], str(out)), timeout=600, init_pg=False)
+    with HFCheckpoint(hf_dirs["qwen35vl"]) as src, HFCheckpoint(out) as got:
+        assert any(n.startswith("mtp.") for n in src.names())
+        assert sorted(got.names()) == sorted(n for n in src.names() if not n.startswith("mtp."))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["text_config"]["mtp_num_hidden_layers"] == 0
+
+
+def test_verify_default_sequence_crosses_a_gdn_chunk():
+    import inspect
+
+    from checkpoints_conv import __main__ as cli
+    from checkpoints_conv import verify
+
+    assert verify.VERIFY_SEQ_LEN > 64  # chunk_gated_delta_rule's default chunk
+    assert inspect.signature(verify.verify).parameters["seq_len"].default == verify.VERIFY_SEQ_LEN
+    assert cli.VERIFY_SEQ_LEN == verify.VERIFY_SEQ_LEN

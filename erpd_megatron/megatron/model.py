@@ -131,8 +131,13 @@ class ModelConfig:
         hybrid = None
         if family == "qwen3_5":
             prf = hf.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 0.25
+            types = hf.get("layer_types")
+            if types is None:  # as the converter (ConvConfig.from_hf) and transformers' Qwen3.5 config do
+                interval = hf.get("full_attention_interval", 4)
+                types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                         for i in range(hf["num_hidden_layers"])]
             hybrid = HybridConfig(
-                layer_types=list(hf["layer_types"]),
+                layer_types=list(types),
                 partial_rotary_factor=float(prf),
                 linear_num_key_heads=hf.get("linear_num_key_heads", 16),
                 linear_num_value_heads=hf.get("linear_num_value_heads", 32),
