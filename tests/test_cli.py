@@ -244,3 +244,21 @@ def test_judge_refusing_connections_is_counted_and_fails_the_command(tmp_path, b
     assert t["judge_calls"] == 3 and t["judge_failures"] == 3 and "Connection" in t["judge_last_error"]
     assert rc == 1
     assert "all 3 judge calls failed" in capsys.readouterr().err
+
+
+def test_eval_unreachable_sglang_is_a_one_line_error(tmp_path, bench, monkeypatch, capsys):
+    from erpd_megatron.rollout import eval as ev
+    from erpd_megatron.rollout import sglang_engine
+
+    def refuse(urls, **kw):
+        raise sglang_engine.SGLangError(f"server {urls[0]} not healthy after 30s; log: None")
+
+    tok = tmp_path / "tok"
+    from erpd_megatron.toy.tokenizer import build_tokenizer
+
+    build_tokenizer().save_pretrained(tok)
+    monkeypatch.setattr(sglang_engine, "SGLangEngine", refuse)
+    rc = ev.main(["--benchmark", str(bench), "--sglang-url", "http://127.0.0.1:1", "--tokenizer", str(tok)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["erpd eval: error: --sglang-url: server http://127.0.0.1:1 not healthy after 30s; "
+                               "log: None"]

@@ -226,9 +226,12 @@ def _run(args) -> int:
         problems = problems[: args.limit]
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     if args.sglang_url:
-        from erpd_megatron.rollout.sglang_engine import SGLangEngine
+        from erpd_megatron.rollout.sglang_engine import SGLangEngine, SGLangError
 
-        engine = SGLangEngine(urls=args.sglang_url)
+        try:
+            engine = SGLangEngine(urls=args.sglang_url)
+        except SGLangError as e:  # nothing answers at that address: the flag is wrong, not the code
+            raise UsageError(f"--sglang-url: {e}") from None
     else:
         from erpd_megatron.rollout.local_engine import LocalEngine
 
