@@ -254,6 +254,7 @@ def _main(argv, sub: str, stages: tuple[str, ...]) -> int:
         print_config(cfg)
         return 0
     from erpd_megatron.data.prompts import PromptDataError
+    from erpd_megatron.rollout.sglang_http import SGLangError
 
     try:
         from erpd_megatron.pipeline.context import setup_logging
@@ -267,7 +268,7 @@ def _main(argv, sub: str, stages: tuple[str, ...]) -> int:
                 return rc
             check_resumable(cfg)
             _pipeline(cfg, stages)
-    except (ConfigError, PromptDataError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+    except (ConfigError, PromptDataError, FileNotFoundError, SGLangError) as e:  # bad input, unreachable server
         print(f"erpd {sub}: error: {e}", file=sys.stderr)
         return 2
     return 0
