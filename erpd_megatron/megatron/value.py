@@ -163,10 +163,10 @@ class ValueEngine(PolicyEngine):
     def load_policy_weights(self, directory: str) -> dict:
         """Backbone (embedding, layers, final norm) from a policy checkpoint of any layout; head reset to 0.
         Optimizer state and step are untouched. Returns the checkpoint's metadata."""
-        from megatron.core import dist_checkpointing
 
         from erpd_megatron.megatron.checkpoint import (
             _check_model_cfg,
+            _load_sharded,
             _model_sharded_sd,
             resolve_checkpoint_dir,
             verify_checkpoint_content,
@@ -179,10 +179,10 @@ class ValueEngine(PolicyEngine):
         for chunk_sd in sd.values():  # the policy has no value head (and its vocabulary head is not wanted)
             for k in [k for k in chunk_sd if k.startswith("output_layer.")]:
                 del chunk_sd[k]
-        state = dist_checkpointing.load(sd, path)
+        state = _load_sharded(sd, path)  # tolerates TE `_extra_state` keys a local-spec checkpoint lacks
         for key, chunk in zip(sd, self.modules):
             missing, unexpected = chunk.load_state_dict(state[key], strict=False)
-            bad = [k for k in missing if not k.startswith("output_layer.")]
+            bad = [k for k in missing if not k.startswith("output_layer.") and not k.endswith("_extra_state")]
             if bad or unexpected:
                 raise RuntimeError(f"load_policy_weights({path}): missing {bad}, unexpected {list(unexpected)}")
             if chunk.post_process:
