@@ -99,6 +99,53 @@ LLAMA_3_2_3B: dict = {
     "torch_dtype": "bfloat16",
 }
 
+# the shapes of NeMo-RL's published GRPO performance recipes (docs/planner.md, "Against published RL figures")
+LLAMA_3_1_8B: dict = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "factor": 8.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+
+QWEN3_32B: dict = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "hidden_size": 5120,
+    "intermediate_size": 25600,
+    "num_hidden_layers": 64,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+
 # [GDN, GDN, GDN, full] x 16
 _QWEN35_27B_LAYER_TYPES = ["linear_attention", "linear_attention", "linear_attention", "full_attention"] * 16
 
@@ -141,6 +188,8 @@ MODELS: dict[str, dict] = {
     "qwen3-1.7b": QWEN3_1_7B,
     "qwen3-4b": QWEN3_4B,
     "llama-3.2-3b": LLAMA_3_2_3B,
+    "llama-3.1-8b": LLAMA_3_1_8B,
+    "qwen3-32b": QWEN3_32B,
     "qwen3.5-27b": QWEN3_5_27B,
 }
 

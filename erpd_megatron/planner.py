@@ -28,7 +28,11 @@ Formulas (docs/planner.md has the derivations and the CPU measurement):
 - FLOPs: 6 N T for the matmuls (N = matmul parameters incl. the output layer, T = tokens) plus causal
   attention 6 * 2 a d s per token per full layer (fwd 2ads + bwd 2x), and for GDN layers a chunked
   delta-rule estimate nv (6 dk dv + 2 C (dk + dv)) per token (C = 64). Full recompute adds one forward
-  to the hardware FLOPs (MFU counts model FLOPs only, as is customary).
+  to the hardware FLOPs (MFU counts model FLOPs only, as is customary). RL steps: `mean_seq_len` (packed
+  sequences: the tokens actually computed, attention at the mean length) and `logprob_passes` (forward-only
+  passes over the same tokens: old-policy / reference log-probs, one forward each) enter the FLOPs and
+  the step time; tokens/s/GPU = step tokens / step time / GPUs. Not modelled: generation, weight sync,
+  data and reward time (docs/planner.md compares the prediction with NeMo-RL's published figures).
 - Rollout engine (SGLang): weights / rollout TP (vocab-parallel too) inside `rollout_mem_fraction` of
   the GPU (SGLang's mem_fraction_static); the rest of that share is the KV pool. Full-attention layers
   cost 2 g d bytes per token per layer (K/V heads replicated when rollout TP > g); GDN layers a fixed
@@ -239,7 +243,12 @@ class Layout:
     global_batch: int = 8
     """sequences per optimizer step (sets the number of micro-batches: global / (micro * dp))"""
     seq_len: int = 4096
-    """tokens per sequence (prompt + response, padded or packed)"""
+    """tokens per sequence (prompt + response, padded or packed): the micro-batch length memory is planned for"""
+    mean_seq_len: float = 0.0
+    """tokens per sequence actually computed (packed, no padding); sets the step's tokens and FLOPs
+    (attention at this length). 0 = seq_len"""
+    logprob_passes: int = 0
+    """forward-only passes over the step's tokens besides training (RL: old-policy and reference log-probs)"""
     recompute: Literal["none", "selective", "full"] = "selective"
     sequence_parallel: bool = True
     """only takes effect with tp > 1 (Megatron requires it off with tp == 1)"""
@@ -322,6 +331,15 @@ class Plan:
         return not self.reasons
 
     @property
+    def tokens_per_s_per_gpu(self) -> float | None:
+        """predicted: step tokens / step time / GPUs (the trainer's compute at the assumed MFU only)"""
+        return self.tokens_per_step / self.step_time_s / self.layout.world if self.step_time_s > 0 else None
+
+    def implied_mfu(self, tokens_per_s_per_gpu: float) -> float:
+        """The MFU a measured end-to-end throughput amounts to: tokens/s/GPU x model FLOPs per token / peak."""
+        return tokens_per_s_per_gpu * self.flops_per_step / self.tokens_per_step / (self.hardware.peak_tflops * 1e12)
+
+    @property
     def peak_stage(self) -> StageMemory | None:
         return max(self.stages, key=lambda s: s.peak) if self.stages else None
 
@@ -343,8 +361,8 @@ class Plan:
             "hw_flops_per_step": self.hw_flops_per_step,
             "tokens_per_step": self.tokens_per_step,
             "step_time_s": self.step_time_s,
-            "tokens_per_s_per_gpu": self.tokens_per_step / self.step_time_s / self.layout.world
-            if self.step_time_s > 0 else None,
+            "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu,
+            "mfu": self.hardware.mfu,
         }
 
     def table(self) -> str:
@@ -378,6 +396,10 @@ class Plan:
             f"({_si(self.hw_flops_per_step)}FLOP incl. recompute), "
             f"~{self.step_time_s:.3g} s at MFU {hw.mfu:.0%} of {hw.peak_tflops:g} TFLOP/s",
         ]
+        if self.tokens_per_s_per_gpu:
+            passes = f" + {L.logprob_passes} log-prob pass(es)" if L.logprob_passes else ""
+            lines.append(f"throughput: {self.tokens_per_s_per_gpu:,.0f} tokens/s/GPU (training{passes} only: "
+                         "no generation, weight sync, data or reward time)")
         for w in self.warnings:
             lines.append(f"warning: {w}")
         if self.reasons:
@@ -408,6 +430,10 @@ def check_layout(shape: ModelShape, L: Layout) -> tuple[list[str], list[str]]:
                     ("global_batch", L.global_batch), ("seq_len", L.seq_len), ("gpus_per_node", L.gpus_per_node)]:
         if v < 1:
             reasons.append(f"{name}={v} must be >= 1")
+    if L.logprob_passes < 0:
+        reasons.append(f"logprob_passes={L.logprob_passes} must be >= 0")
+    if not 0.0 <= L.mean_seq_len <= L.seq_len:
+        reasons.append(f"mean_seq_len={L.mean_seq_len} must be in [0, seq_len={L.seq_len}] (0 = seq_len)")
     if reasons:
         return reasons, warns
     t = L.tp
@@ -559,6 +585,18 @@ def forward_flops_per_token(shape: ModelShape, seq_len: int) -> tuple[float, flo
     return dense, attn
 
 
+def step_flops(shape: ModelShape, L: Layout) -> tuple[int, float, float]:
+    """(tokens, model FLOPs, hardware FLOPs) of one step: training = 3 forwards (fwd + 2x bwd) plus
+    `logprob_passes` forwards; recompute re-runs the training forward (full) or its attention (selective)."""
+    mean_len = L.mean_seq_len or L.seq_len
+    tokens = round(L.global_batch * mean_len)
+    dense, attn = forward_flops_per_token(shape, mean_len)
+    fwd = (dense + attn) * tokens
+    model = (3 + L.logprob_passes) * fwd
+    extra = {"full": fwd, "selective": attn * tokens}.get(L.recompute, 0.0)
+    return tokens, model, model + extra
+
+
 # ----------------------------------------------------------------------------------------- plan
 def rollout_memory(shape: ModelShape, L: Layout, hw: Hardware) -> dict:
     rt = L.rollout_tp
@@ -593,15 +631,7 @@ def plan(config: dict, layout: Layout, hardware: Hardware | None = None, name: s
     reasons, warns = check_layout(shape, L)
     total = count_params(shape)
     model_name = name or config.get("architectures", [shape.family])[0]
-    tokens_step = L.global_batch * L.seq_len
-    dense, attn = forward_flops_per_token(shape, L.seq_len)
-    model_flops = 3.0 * (dense + attn) * tokens_step
-    if L.recompute == "full":
-        hw_flops = model_flops + (dense + attn) * tokens_step
-    elif L.recompute == "selective":
-        hw_flops = model_flops + attn * tokens_step
-    else:
-        hw_flops = model_flops
+    tokens_step, model_flops, hw_flops = step_flops(shape, L)
     step_time = model_flops / (L.world * hw.peak_tflops * 1e12 * hw.mfu) if L.world > 0 else 0.0
     p = Plan(model=model_name, layout=L, hardware=hw, total_params=total, stages=[], flops_per_step=model_flops,
              hw_flops_per_step=hw_flops, tokens_per_step=tokens_step, step_time_s=step_time,
@@ -685,6 +715,12 @@ def build_parser() -> argparse.ArgumentParser:
                     ("gpus_per_node", "GPUs per node"), ("rollout_tp", "SGLang tensor-parallel size"),
                     ("rollout_nodes", "nodes of the disaggregated SGLang servers")]:
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=None, help=f"{what} (default: {getattr(d, f)})")
+    ap.add_argument("--mean-seq-len", type=float, default=None, help="tokens per sequence actually computed "
+                    "(packed); sets the step's tokens and FLOPs (default: --seq-len)")
+    ap.add_argument("--logprob-passes", type=int, default=None, help="forward-only passes over the step's "
+                    "tokens besides training, e.g. 2 = old-policy + reference log-probs (default: 0)")
+    ap.add_argument("--measured", type=float, metavar="TOKENS_PER_S_PER_GPU", help="a measured throughput to put "
+                    "beside the prediction: prints the MFU it amounts to and measured / predicted")
     ap.add_argument("--nodes", type=int, default=None, help="training nodes (checks the world size; sets DP if "
                     "--dp is not given)")
     ap.add_argument("--recompute", choices=["none", "selective", "full"],
@@ -718,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     L = Layout()
     for f in ["tp", "pp", "dp", "cp", "micro_batch", "global_batch", "seq_len", "gpus_per_node", "rollout_tp",
-              "rollout_nodes", "nodes", "recompute", "attention", "param_dtype", "grad_dtype", "rollout",
+              "rollout_nodes", "nodes", "mean_seq_len", "logprob_passes", "recompute", "attention", "param_dtype", "grad_dtype", "rollout",
               "rollout_mem_fraction"]:
         v = getattr(args, f)
         if v is not None:
@@ -733,10 +769,18 @@ def main(argv: list[str] | None = None) -> int:
         L.rollout_offload = False
     hw = Hardware(mfu=args.mfu, peak_tflops=args.peak_tflops, memory_gib=args.gpu_mem_gib)
     p = plan(cfg, L, hw, name=name)
+    out = p.to_dict()
+    if args.measured is not None and p.tokens_per_s_per_gpu:
+        out["measured"] = {"tokens_per_s_per_gpu": args.measured, "implied_mfu": p.implied_mfu(args.measured),
+                           "measured_over_predicted": args.measured / p.tokens_per_s_per_gpu}
     if args.json:
-        print(json.dumps(p.to_dict(), indent=2))
+        print(json.dumps(out, indent=2))
     else:
         print(p.table())
+        if "measured" in out:
+            m = out["measured"]
+            print(f"measured: {args.measured:,.0f} tokens/s/GPU = MFU {m['implied_mfu']:.1%} (model FLOPs of the "
+                  f"step above), {m['measured_over_predicted']:.2f} x the prediction")
     return 0 if p.ok else 2
 
 

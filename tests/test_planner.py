@@ -137,6 +137,34 @@ def test_flops_and_step_time_by_hand():
     assert plan(TINY_QWEN3, L, hw).hw_flops_per_step == pytest.approx(4 / 3 * p.flops_per_step)
 
 
+def test_rl_step_throughput_and_implied_mfu_by_hand(capsys):
+    """RL step (NeMo-RL comparison, docs/planner.md): packed sequences of mean length 20 (memory still planned at
+    seq_len 32), training + 2 forward-only log-prob passes, full recompute; tokens/s/GPU and the MFU a measured
+    throughput amounts to, all by hand for the tiny Qwen3."""
+    h, f, a, g, d, V, m = 64, 192, 4, 2, 16, 128, 20
+    n_mm = 2 * (a * d * h + 2 * g * d * h + h * a * d + 3 * f * h) + V * h
+    fwd_per_token = 2 * n_mm + 2 * (2 * a * d * m)  # attention at the mean length
+    L = Layout(global_batch=16, seq_len=32, mean_seq_len=m, logprob_passes=2, dp=4, recompute="full")
+    hw = Hardware(peak_tflops=100.0, mfu=0.5)
+    p = plan(TINY_QWEN3, L, hw)
+    assert p.tokens_per_step == 16 * m
+    assert p.flops_per_step == pytest.approx(5 * fwd_per_token * 16 * m)  # 3 (fwd + bwd) + 2 passes
+    assert p.hw_flops_per_step == pytest.approx(6 * fwd_per_token * 16 * m)  # + the recomputed forward
+    assert p.tokens_per_s_per_gpu == pytest.approx(100e12 * 0.5 / (5 * fwd_per_token))
+    assert p.implied_mfu(1000.0) == pytest.approx(1000.0 * 5 * fwd_per_token / 100e12)
+    assert p.implied_mfu(p.tokens_per_s_per_gpu) == pytest.approx(0.5)
+    assert p.stages[0].activations == plan(TINY_QWEN3, Layout(global_batch=16, seq_len=32, dp=4,
+                                                              recompute="full"), hw).stages[0].activations
+    rc = planner.main(["--model", "qwen3-toy", "--global-batch", "8", "--seq-len", "64", "--mean-seq-len", "32",
+                       "--logprob-passes", "1", "--peak-tflops", "100", "--mfu", "0.5", "--measured", "123", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["tokens_per_step"] == 8 * 32
+    assert out["measured"]["measured_over_predicted"] == pytest.approx(123 / out["tokens_per_s_per_gpu"])
+    assert out["measured"]["implied_mfu"] == pytest.approx(0.5 * out["measured"]["measured_over_predicted"])
+    assert any("mean_seq_len" in r for r in plan(TINY_QWEN3, Layout(seq_len=32, mean_seq_len=33)).reasons)
+    assert any("logprob_passes" in r for r in plan(TINY_QWEN3, Layout(logprob_passes=-1)).reasons)
+
+
 def test_rollout_kv_and_gdn_state_by_hand():
     L = Layout(tp=4, pp=2, dp=4, nodes=4, global_batch=256, seq_len=8192, rollout="colocated", rollout_tp=4,
                rollout_mem_fraction=0.5)
