@@ -3,8 +3,9 @@
 ``--protocol 0.5.23`` (default) or ``--protocol legacy`` (0.5.x before the update session):
 - 0.5.23: ``/server_info`` (``/get_server_info`` kept as the deprecated alias), ``/begin_weight_update``
   and ``/end_weight_update``; ``update_weights_from_tensor`` / ``_from_distributed`` outside an open
-  session fail (400, like the scheduler's assertion "... requires an open begin_weight_update
-  session"), so do a second begin and an end without begin; ``update_weights_from_disk`` needs none.
+  session fail (400, success false, with 0.5.23's message "... must run between begin_weight_update()
+  and end_weight_update()"), so do a second begin and an end without begin (0.5.23's messages too,
+  from ``managers/scheduler_components/weight_updater.py``); ``update_weights_from_disk`` needs none.
 - legacy: only ``/get_server_info``; no session endpoints (404); updates accepted any time.
 ``--api-key K``: every path but ``/health*`` needs ``Authorization: Bearer K`` (else 401
 ``{"error": "Unauthorized"}``), as sglang's ``add_api_key_middleware``. ``--dp-size`` is reported.
@@ -222,22 +223,24 @@ def make_handler(state: State):
         # ----------------------------------------------------------- update session (0.5.23)
         def h_begin_weight_update(self, body):
             if state.session:
-                return 400, {"success": False, "message": "begin_weight_update called while a weight-update "
-                                                          "session is already open"}
+                return 400, {"success": False, "message": "a weight-update session is already open; "
+                                                          "call end_weight_update() first"}
             state.session = True
             self.log_event("begin_weight_update")
             return 200, {"success": True, "message": "Success"}
 
         def h_end_weight_update(self, body):
             if not state.session:
-                return 400, {"success": False, "message": "end_weight_update called without begin_weight_update"}
+                return 400, {"success": False,
+                             "message": "no weight-update session is open; call begin_weight_update() first"}
             state.session = False
             self.log_event("end_weight_update")
             return 200, {"success": True, "message": "Success"}
 
         def _refuse_update(self, what):
             if args.protocol == "0.5.23" and not state.session:
-                return 400, {"success": False, "message": f"{what} requires an open begin_weight_update session"}
+                return 400, {"success": False,
+                             "message": f"{what} must run between begin_weight_update() and end_weight_update()"}
             if "weights" in state.released:
                 return 400, {"success": False, "message": "weights memory is released"}
             return None
