@@ -135,8 +135,10 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
         ``pause_mode``: body of ``/pause_generation`` ("retract" | "abort" | "in_place").
         ``offload_tags``: memory tags released after each ``generate`` (colocated; servers need
         ``--enable-memory-saver``); None = keep everything resident.
-        ``send_sampling_seed``: send per-sample ``sampling_seed``; set False for servers whose sampling
-        backend refuses seeds (0.5.x flashinfer with top-p / top-k asserts on them)."""
+        ``send_sampling_seed``: send per-sample ``sampling_seed``. sglang 0.5.23 uses it only when
+        started with ``--enable-deterministic-inference`` (which also selects its pytorch sampler);
+        otherwise it is dropped and sampling is not reproducible. Set False for older servers whose
+        flashinfer sampler asserts on seeds."""
         if (urls is None) == (launch is None):
             raise ValueError("SGLangEngine: give exactly one of urls= (attach) or launch= (start servers)")
         if weight_transport not in ("tensor", "distributed", "disk"):
