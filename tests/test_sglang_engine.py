@@ -331,10 +331,17 @@ def test_api_key_is_sent_and_required(tmp_path, shm_by_filename):
         check_samples(eng.generate(PROMPTS, sampling), sampling)
         eng.update_weights(iter(_buckets()), version=2)
         assert events(url, api_key=key)["weight_version"] == "2"
+        log = (tmp_path / "sglang_server0.log").read_text()  # in the given (run) directory, key redacted
+        assert "--api-key ***" in log and key not in log
     # a server that wants a key refuses a client without one (control calls fail, not silently succeed)
     with pytest.raises(SGLangError, match="401"):
         SGLangEngine(launch=LaunchSpec(**{**spec.__dict__, "api_key": None, "base_port": free_port()}),
                      control_timeout=60, health_timeout=5)
+
+
+def test_launch_needs_a_log_dir():
+    with pytest.raises(ValueError, match="log_dir"):  # no fixed /tmp path any more
+        SGLangEngine(launch=LaunchSpec(model_path="/m"))
 
 
 def test_refuses_servers_with_dp_above_one(tmp_path):
