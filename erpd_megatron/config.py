@@ -265,6 +265,15 @@ class LoggingConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    keep_last: int = 0
+    """Keep only the newest N checkpoints of each method (0 = keep all; each holds the optimizer state too).
+    Never deleted: the steps other stages read, i.e. the unlearned checkpoint of a strategy-2 student (every
+    checkpoint of its teacher when unlearned_step = -1 picks the dip among them), an explicit teacher_step, and
+    `init: "<teacher>@<step>"` sources. May change on resume (results do not depend on it)."""
+
+
+@dataclass
 class RunConfig:
     run_dir: str = "runs/erpd"
     """Everything a run writes: config, rollouts, checkpoints, signals, metrics, eval, report."""
@@ -284,6 +293,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     iterate: IterateConfig = field(default_factory=IterateConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Console, progress bars, experiment tracking; may change when resuming (results do not depend on it)."""
 
 
@@ -315,6 +325,7 @@ RANGES: dict[type, dict[str, str]] = {
     IterateConfig: {"min_teacher_gain": "[-1, 1]", "online_steps": _NONNEG},
     RunConfig: {"seed": "[0, 4294967295]", "iterations": _ONE_UP},
     LoggingConfig: {"log_every": _ONE_UP},
+    CheckpointConfig: {"keep_last": _NONNEG},
 }
 
 

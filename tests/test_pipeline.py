@@ -66,6 +66,13 @@ def test_micro_pipeline_end_to_end(tmp_path, toy_base):
     assert [c["step"] for c in critic] == [1, 2, 3] and "critic/explained_var" in critic[-1]
     assert (run / "report.md").read_text().startswith("# ERPD run")
     assert (run / "accuracy_vs_kl.png").stat().st_size > 1000
+    # wall time per stage (utils/timing.py): every stage was timed at least once; no threshold on the seconds
+    from erpd_megatron.utils.timing import STAGES
+
+    times = summary["stage_times"]
+    assert set(STAGES) | {"other"} <= set(times["stages"]) and all(v >= 0 for v in times["stages"].values())
+    assert all(times["counts"][k] > 0 for k in STAGES), times["counts"]
+    assert "Wall time by stage" in (run / "report.md").read_text()
     # signals were precomputed into the rollout store, next to the rollouts
     from erpd_megatron.data.rollout_store import RolloutStore
 
@@ -101,7 +108,7 @@ def _load_state(ckpt_dir: Path) -> dict:
 
 RESUME = ["teachers={ce: {loss: ce, steps: 4, mini_batch_size: 16, lr: 3.0e-4, save_every: 2}}",
           "students={s1: {strategies: [1], teacher: ce, steps: 4, mini_batch_size: 16, lr: 1.0e-4}}",
-          "onpolicy=null", "eval.every=0", "data.eval_prompts=8", "eval.k=1"]
+          "onpolicy=null", "eval.every=0", "data.eval_prompts=8", "eval.k=1", "checkpoint.keep_last=1"]
 
 
 def test_sigkill_resume_equals_uninterrupted(tmp_path, toy_base):
@@ -111,10 +118,21 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path, toy_base):
     env = {"ERPD_TEST_KILL_AT": "ce:3,s1:3"}
     r1 = erpd(*args, f"run_dir={killed}", env=env, check=False)
     assert r1.returncode == -9, r1.stderr[-2000:]  # SIGKILL in teacher training (after step 3's update)
+    # the teacher's only checkpoint (step 2) damaged in place: the resume says so and starts over from the base
+    from test_checkpoint_integrity import _alter_in_place, _largest_distcp
+
+    it2 = killed / "ckpt" / "ce" / "iter_0000002"
+    _alter_in_place(it2 / _largest_distcp(it2))
     r2 = erpd(*args, f"run_dir={killed}", env=env, check=False)
     assert r2.returncode == -9, r2.stderr[-2000:]  # resumed the teacher, then SIGKILL in distillation
+    assert "iter_0000002 is damaged, resuming from the initial weights instead" in r2.stderr, r2.stderr[-3000:]
     erpd(*args, f"run_dir={killed}", env=env)  # resumes the student and finishes
     assert (killed / ".killed_ce_3").exists() and (killed / ".killed_s1_3").exists()
+    assert sorted(p.name for p in (killed / "ckpt" / "ce").glob("iter_*")) == ["iter_0000004"]  # keep_last=1
+    # a rerun of the finished run builds nothing: every method is skipped from its completion marker
+    r4 = erpd(*args, f"run_dir={killed}")
+    assert "ce: finished in an earlier invocation" in r4.stderr and "s1: finished in an earlier invocation" in r4.stderr
+    assert "resuming from step" not in r4.stderr
     for method in ("ce", "s1"):
         a = _final_weights(tmp_path / "straight" / "ckpt" / method)
         b = _final_weights(killed / "ckpt" / method)

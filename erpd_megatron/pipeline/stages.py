@@ -19,7 +19,7 @@ from erpd_megatron.pipeline import objectives
 from erpd_megatron.pipeline.collect import add_policy_logprobs, batch_prompts, sample_batch
 from erpd_megatron.pipeline.evaluate import evaluate_policy
 from erpd_megatron.pipeline.rundir import MetricLog, minibatch_indices
-from erpd_megatron.pipeline.train import final_step, slice_batch, train_loop
+from erpd_megatron.pipeline.train import final_step, finished, slice_batch, train_loop
 
 log = logging.getLogger("erpd.stages")
 
@@ -97,6 +97,9 @@ def train_teachers(ctx, iteration: int = 0, only: str | None = None) -> None:
         if only is not None and name != only:
             continue
         method = method_name(name, iteration)
+        if finished(ctx.run.ckpt(method), t.steps):  # its completion marker: no critic, no model built
+            log.info("%s: finished in an earlier invocation, skipped", method)
+            continue
         if t.init == "base":
             init = ctx.base_ckpt(iteration)
         else:
@@ -111,7 +114,28 @@ def train_teachers(ctx, iteration: int = 0, only: str | None = None) -> None:
         train_loop(ctx, method, batch=b, loss_fn=objectives.teacher_objective(t), steps=t.steps,
                    mini_batch_size=t.mini_batch_size, lr=t.lr, warmup_steps=t.warmup_steps, save_every=t.save_every,
                    init=init, eval_fn=_eval_fn(ctx, method, iteration, t.init == "base"),
-                   step_metrics=_teacher_metrics, early_stop_patience=t.early_stop_patience)
+                   step_metrics=_teacher_metrics, early_stop_patience=t.early_stop_patience,
+                   keep_steps=teacher_keep_steps(ctx.cfg, name))
+
+
+def teacher_keep_steps(cfg, name: str) -> set[int] | None:
+    """Checkpoint steps of teacher `name` that later stages read, which `checkpoint.keep_last` must keep: the
+    unlearned step and an explicit teacher_step of its students, `init: name@step` of other teachers. None (keep
+    all) when a strategy-2 student picks its unlearned checkpoint from the dip among every saved one."""
+    keep = set()
+    for s in cfg.students.values():
+        if s.teacher != name or not {1, 2} & set(s.strategies):
+            continue
+        if 2 in s.strategies:
+            if s.unlearned_step <= 0:
+                return None
+            keep.add(s.unlearned_step)
+        if s.teacher_step > 0:
+            keep.add(s.teacher_step)
+    for t in cfg.teachers.values():
+        if t.init != "base" and t.init.split("@")[0] == name:
+            keep.add(int(t.init.split("@")[1]))
+    return keep
 
 
 def critic_advantages(ctx, method: str, t, batch: dict, iteration: int):
@@ -277,6 +301,9 @@ def train_students(ctx, iteration: int = 0, only: str | None = None) -> None:
         if only is not None and name != only:
             continue
         method = method_name(name, iteration)
+        if finished(ctx.run.ckpt(method), s.steps):
+            log.info("%s: finished in an earlier invocation, skipped", method)
+            continue
         cols = list(signal_columns(ctx, s, iteration))
         batch = load_batch(ctx, store, iteration, cols)
         warn_if_no_signal(batch, f"fixed batch {iteration}", method)

@@ -11,6 +11,7 @@ the resume step (killed between checkpoint and eval) is redone first.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ import time
 import torch
 
 from erpd_megatron.pipeline.rundir import MetricLog, minibatch_indices
-from erpd_megatron.utils.io import atomic_write_text
+from erpd_megatron.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("erpd.train")
 
@@ -31,14 +32,17 @@ def slice_batch(batch: dict, rows: list[int]) -> dict:
 
 def train_loop(ctx, method: str, *, batch: dict | None, loss_fn, steps: int, mini_batch_size: int, lr: float,
                save_every: int, init, warmup_steps: int = 0, next_batch=None, eval_fn=None, step_metrics=None,
-               eval_every: int | None = None, early_stop_patience: int = 0):
-    """Train `method` for `steps` optimizer steps; returns the policy (holding the final weights).
+               eval_every: int | None = None, early_stop_patience: int = 0, keep_steps=frozenset()):
+    """Train `method` for `steps` optimizer steps; returns the policy (holding the final weights), or None when
+    an earlier invocation finished it (its completion marker: nothing is built).
 
     `batch`: the fixed batch (all rows) for off-policy stages; or None with `next_batch(step, policy)` giving a
     fresh batch per step (on-policy). `eval_fn(policy, step)` runs at save points that are eval steps.
+    `keep_steps`: checkpoint steps `checkpoint.keep_last` must not delete (None: keep every checkpoint).
     """
     ckdir = ctx.run.ckpt(method)
-    if (ckdir / STOPPED).exists():  # early-stopped in an earlier invocation: nothing left to do
+    if finished(ckdir, steps):  # finished (or early-stopped) in an earlier invocation: nothing left to do
+        log.info("%s: finished in an earlier invocation (%s), skipped", method, ckdir)
         return None
     policy = ctx.new_policy(lr=lr, total_steps=steps, warmup_steps=warmup_steps, init=init)
     start = 0
@@ -73,6 +77,10 @@ def train_loop(ctx, method: str, *, batch: dict | None, loss_fn, steps: int, min
         _test_kill_point(ctx, method, done)
         if done % save_every == 0 or done == steps:
             policy.save(str(ckdir))
+            if ctx.cfg.checkpoint.keep_last and keep_steps is not None:
+                from erpd_megatron.megatron.checkpoint import prune_checkpoints
+
+                prune_checkpoints(str(ckdir), ctx.cfg.checkpoint.keep_last, keep_steps)
             if eval_fn and _is_eval_step(done, steps, save_every, every):
                 eval_fn(policy, done)
                 if early_stop_patience and _no_progress(ctx.run.eval_results(method), early_stop_patience):
@@ -82,10 +90,25 @@ def train_loop(ctx, method: str, *, batch: dict | None, loss_fn, steps: int, min
                              early_stop_patience)
                     break
     metrics_log.close()
+    if ctx.is_main and not (ckdir / STOPPED).exists():
+        atomic_write_json(ckdir / FINISHED, {"steps": steps})  # after the last save and eval
+    ctx.barrier()
     return policy
 
 
 STOPPED = "early_stopped"
+FINISHED = "finished.json"
+
+
+def finished(ckdir, steps: int) -> bool:
+    """A method is done when it early-stopped, or its completion marker is for these `steps` (a resume that
+    grows `steps` continues from the last checkpoint)."""
+    if (ckdir / STOPPED).exists():
+        return True
+    try:
+        return json.loads((ckdir / FINISHED).read_text()).get("steps") == steps
+    except (OSError, ValueError):
+        return False
 
 
 def final_step(ckdir, steps: int) -> int:
