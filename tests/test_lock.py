@@ -53,6 +53,20 @@ def test_other_host_refused_with_how_to_remove(tmp_path):
         L.acquire(run)
 
 
+def test_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _write(run, pid=1, host="node-b", slurm_job="4242", slurm_restart="0")  # the first attempt, on another node
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    with pytest.raises(L.RunDirLocked, match="node-b"):  # another job: refused
+        L.acquire(run)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    with pytest.raises(L.RunDirLocked, match="node-b"):  # a second step of the same attempt: refused
+        L.acquire(run)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    L.release(L.acquire(run))  # the same job requeued: its earlier attempt is over
+
+
 def test_context_removes_only_what_it_created(tmp_path, monkeypatch):
     monkeypatch.delenv(L.ENV, raising=False)
     monkeypatch.delenv("RANK", raising=False)

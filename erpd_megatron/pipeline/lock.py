@@ -4,7 +4,8 @@ Taken with O_EXCL before any work, removed on exit (also after an exception). A 
 run dir is refused with a message naming the owner. A lock left by a process that is gone (SIGKILL, node
 crash) is stale: on the same host it is detected (no such pid, or the pid now belongs to a process that
 started later) and taken over with a warning; a lock from another host cannot be checked from here, so the
-message says how to remove it. Under torchrun the launching process holds the lock for its ranks
+message says how to remove it, except for a requeued Slurm job (same job id, higher SLURM_RESTART_COUNT: the
+earlier attempt is over, wherever it ran). Under torchrun the launching process holds the lock for its ranks
 (`ERPD_RUN_LOCK` in their environment); when torchrun is called directly, rank 0 takes it.
 """
 
@@ -65,7 +66,8 @@ def acquire(run_dir: str | os.PathLike) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     path = root / LOCK_NAME
     me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
-          "start_ticks": _start_ticks(os.getpid()), "cmd": " ".join(sys.argv[:3])}
+          "start_ticks": _start_ticks(os.getpid()), "cmd": " ".join(sys.argv[:3]),
+          "slurm_job": os.environ.get("SLURM_JOB_ID"), "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0")}
     for _ in range(3):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -74,10 +76,12 @@ def acquire(run_dir: str | os.PathLike) -> Path:
                 owner = json.loads(path.read_text() or "{}")
             except (OSError, json.JSONDecodeError):
                 owner = {}  # torn (killed while writing it) or vanished: treat as stale
-            if owner.get("host") not in (None, me["host"]):
+            requeued = me["slurm_job"] is not None and owner.get("slurm_job") == me["slurm_job"] \
+                and owner.get("slurm_restart") != me["slurm_restart"]
+            if owner.get("host") not in (None, me["host"]) and not requeued:
                 raise RunDirLocked(f"run_dir {root} is in use by {_owner_text(owner)}; if no erpd process runs "
                                    f"there any more, delete {path}") from None
-            if owner and _alive(owner):
+            if owner and not requeued and _alive(owner):
                 raise RunDirLocked(f"run_dir {root} is in use by {_owner_text(owner)}: wait for it to finish, "
                                    "or use another run_dir") from None
             log.warning("run_dir %s: removing the stale lock of %s (that process is gone)", root,
