@@ -11,7 +11,9 @@ full batch; each DP rank works on its contiguous slice of rows and results are g
 Padding: causal attention on right-padded rows is exact for the real tokens (they never see the
 padding behind them), so no padding mask is built; positions past a row's length get log-prob 0.
 The batch is trimmed to its longest row before the forward (all micro-batches share one shape,
-as pipeline parallelism requires).
+as pipeline parallelism requires), then padded up to a multiple of `seq_multiple` when FP8 or
+sequence parallelism needs one (see `seq_multiple`): padded positions have attention_mask 0 and
+response_mask 0 (and every other per-token tensor 0), so their log-probs are 0 and they carry no loss.
 
 Gradient accumulation: megatron's forward_backward_func runs the micro-batches (1F1B with PP) and
 divides each micro-batch loss by the number of micro-batches; DDP averages over DP ranks. So the
@@ -77,6 +79,20 @@ class OptimConfig:
         return self.min_lr + (self.lr - self.min_lr) * f
 
 
+def seq_multiple(par: ParallelConfig, fp8: bool) -> int:
+    """Multiple the (trimmed) sequence length of every micro-batch is padded to.
+
+    Sequence parallelism splits the sequence dimension over the TP ranks (megatron's scatter_to_sequence_parallel
+    _region needs s % tp == 0); Transformer Engine's FP8 GEMMs need the token dimension divisible by 8 / 16
+    (16 covers both). lcm of what applies; 1 when neither is on."""
+    m = 1
+    if par.sp:
+        m = math.lcm(m, par.tp)
+    if fp8:
+        m = math.lcm(m, 16)
+    return m
+
+
 class PolicyEngine:
     """Megatron model + optimizer with `forward_logprobs` and `train_step` (see module docstring)."""
 
@@ -110,6 +126,7 @@ class PolicyEngine:
             raise ValueError(f"megatron parallel state is initialised with another layout than {par}")
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
             torch.device("cpu")
+        self.seq_multiple = seq_multiple(par, bool(self.build_opts.fp8))
         self.modules = self._build_modules()  # bare GPTModels
         self.tcfg = self.modules[0].config  # shared by all chunks; the schedules read it
         self.model = self._wrap_ddp(self.modules)
@@ -178,7 +195,8 @@ class PolicyEngine:
 
     # ------------------------------------------------------------------ batching
     def _prepare(self, batch: dict, for_train: bool):
-        """DP slice, row padding to whole micro-batches, trim to the longest row; returns micro-batches."""
+        """DP slice, row padding to whole micro-batches, trim to the longest row and pad that length up to
+        `self.seq_multiple` (zeros); returns (micro-batches, mbs, padded length, rows per rank, B, T, trimmed length)."""
         from megatron.core import parallel_state as ps
 
         ids = batch["input_ids"]
@@ -191,6 +209,7 @@ class PolicyEngine:
         t_used = int(am.sum(1).max().item()) if B else 1
         t_used = max(t_used, 2)
         t_used = min(T, t_used)
+        t_run = math.ceil(t_used / self.seq_multiple) * self.seq_multiple
         dp, mbs = self.par.dp, self.optim_cfg.micro_batch_size
         if for_train:
             if B % dp:
@@ -214,15 +233,17 @@ class PolicyEngine:
             v = v[idx]
             if v.dim() >= 2 and v.shape[1] == T:
                 v = v[:, :t_used]
+                if t_run > t_used:  # zeros: attention / response masks 0, so no log-prob and no loss there
+                    v = torch.cat([v, v.new_zeros(v.shape[0], t_run - t_used, *v.shape[2:])], dim=1)
             return v.to(self.device) if v.device != self.device else v
 
         local_batch = {k: cut(v) for k, v in batch.items()}
-        local_batch.setdefault("attention_mask", am[idx][:, :t_used].to(self.device))
+        local_batch.setdefault("attention_mask", cut(am))
         micro = []
         for s in range(0, rows_per_rank, mbs):
             micro.append({k: (v[s:s + mbs] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows_per_rank
                               else v) for k, v in local_batch.items()})
-        return micro, mbs, t_used, rows_per_rank, B, T
+        return micro, mbs, t_run, rows_per_rank, B, T, t_used
 
     def _forward_step(self, loss_builder, with_entropy: bool, temperature: float, need_logprobs: bool = True):
         from megatron.core import parallel_state as ps
@@ -276,11 +297,11 @@ class PolicyEngine:
         """Run a forward-only pass; per-micro-batch outputs {key: [mb, t, *tail]} -> full [B, T, *tail] on every rank."""
         from megatron.core import parallel_state as ps
 
-        micro, mbs, t_used, rows, B, T = self._prepare(batch, for_train=False)
+        micro, mbs, t_run, rows, B, T, t_used = self._prepare(batch, for_train=False)
         for m in self.model:
             m.eval()
         try:
-            store = self._run(micro, mbs, t_used, forward_step_for, True)
+            store = self._run(micro, mbs, t_run, forward_step_for, True)
         finally:
             for m in self.model:
                 m.train()
@@ -290,7 +311,7 @@ class PolicyEngine:
             if last:
                 local = torch.cat([d[key] for d in store], 0).float().contiguous()
             else:
-                local = torch.empty(rows, t_used, *tail, device=self.device)
+                local = torch.empty(rows, t_run, *tail, device=self.device)
             if self.par.pp > 1:
                 dist.broadcast(local, src=ps.get_pipeline_model_parallel_last_rank(),
                                group=ps.get_pipeline_model_parallel_group())
@@ -299,7 +320,7 @@ class PolicyEngine:
                 dist.all_gather(parts, local, group=ps.get_data_parallel_group())
                 local = torch.cat(parts, dim=0)
             full = local.new_zeros(B, T, *tail)
-            full[:, :t_used] = local[:B]
+            full[:, :t_used] = local[:B, :t_used]  # the seq_multiple padding is dropped
             out[key] = full.to(batch["input_ids"].device)
         return out
 
@@ -338,7 +359,7 @@ class PolicyEngine:
                          temperature: float | None = None) -> dict[str, float]:
         """Accumulate gradients of `loss_fn` over the batch (no optimizer step). Returns metrics."""
         temperature = self.temperature if temperature is None else temperature
-        micro, mbs, t_used, _, _, _ = self._prepare(batch, for_train=True)
+        micro, mbs, t_run, *_ = self._prepare(batch, for_train=True)
         for m in self.model:
             m.zero_grad_buffer()
         if self.optimizer is not None:
@@ -350,7 +371,7 @@ class PolicyEngine:
             vals["loss"] = float(loss.detach())
             return loss, vals
 
-        store = self._run(micro, mbs, t_used, self._forward_step(builder, need_entropy, temperature), False)
+        store = self._run(micro, mbs, t_run, self._forward_step(builder, need_entropy, temperature), False)
         return self._reduce_metrics(store)
 
     def train_step(self, batch: dict, loss_fn: LossFn, need_entropy: bool = False,
