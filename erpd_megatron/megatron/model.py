@@ -250,6 +250,56 @@ def resolve_spec(opts: BuildOptions) -> str:
     return opts.spec
 
 
+def kernel_availability() -> dict[str, bool]:
+    """Which optional fused kernels this process can use (megatron-core 0.19.2's own availability checks)."""
+    import importlib.util
+
+    def found(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            return False
+
+    from megatron.core.tensor_parallel import layers
+
+    rope = False
+    if have_te():
+        try:
+            from megatron.core.models.common.embeddings.rope_utils import fused_apply_rotary_pos_emb
+
+            rope = fused_apply_rotary_pos_emb is not None
+        except Exception:  # noqa: BLE001 - a broken TE install means "not available"
+            rope = False
+    return {
+        # tensor_parallel/layers.py:49-53: apex's extension; ColumnParallelLinear refuses the flag without it
+        # (layers.py:1070), and the output layer is always one, even in the TE spec
+        "wgrad_accum": bool(getattr(layers, "_grad_accum_fusion_available", False)),
+        # rope_utils.py:21-29: TE's fused RoPE (TransformerConfig refuses the flag without it)
+        "fused_rope": rope,
+        # fusions/fused_softmax.py: megatron's fused softmax CUDA extensions (local DotProductAttention only)
+        "fused_softmax": found("scaled_upper_triang_masked_softmax_cuda") and found("scaled_masked_softmax_cuda"),
+    }
+
+
+def fast_path_flags(cuda: bool, available: dict[str, bool]) -> tuple[dict[str, bool], dict[str, str]]:
+    """TransformerConfig fusion flags: each on where its kernel is available, else off with the reason.
+
+    Returns (flags, reasons for the ones off). BuildOptions.extra_transformer_config still overrides them."""
+    rules = {
+        "gradient_accumulation_fusion": ("wgrad_accum", "apex's fused_weight_gradient_mlp_cuda extension is not "
+                                         "importable (megatron's local linears, the output layer included, need it)"),
+        "apply_rope_fusion": ("fused_rope", "Transformer Engine's fused RoPE is not importable"),
+        "masked_softmax_fusion": ("fused_softmax", "megatron's scaled_(upper_triang_)masked_softmax_cuda extensions are "
+                                  "not importable (only the 'megatron' core attention uses them)"),
+    }
+    flags, reasons = {}, {}
+    for flag, (kernel, why) in rules.items():
+        flags[flag] = bool(cuda and available.get(kernel))
+        if not flags[flag]:
+            reasons[flag] = "no CUDA" if not cuda else why
+    return flags, reasons
+
+
 def make_transformer_config(cfg: ModelConfig, par: ParallelConfig, opts: BuildOptions | None = None):
     """megatron TransformerConfig for `cfg` under layout `par`."""
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -291,14 +341,16 @@ def make_transformer_config(cfg: ModelConfig, par: ParallelConfig, opts: BuildOp
         use_cpu_initialization=not cuda,
         perform_initialization=True,
         bias_dropout_fusion=cuda and spec == "te",
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         batch_p2p_comm=True,
         batch_p2p_sync=cuda,  # p2p_communication.py:419 torch.cuda.synchronize
         deallocate_pipeline_outputs=cuda,
     )
+    flags, off = fast_path_flags(cuda, kernel_availability() if cuda else {})
+    kw.update(flags)
+    if cuda:
+        log.info("fast paths on: %s; off: %s", [f for f, v in flags.items() if v] or "none",
+                 "; ".join(f"{f} ({why})" for f, why in off.items()) or "none")
     if opts.recompute:
         kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     if opts.fp8:
@@ -311,13 +363,15 @@ def layer_spec(cfg: ModelConfig, tcfg, spec: str, vp_stage: int | None = None, a
     """Transformer layer (or block) spec for the family and spec kind."""
     if cfg.family == "qwen3_5":
         try:
-            from erpd_megatron.models.qwen35.spec import qwen35_block_spec
+            from erpd_megatron.models.qwen35.spec import _te_base_layer_spec, qwen35_block_spec
         except ImportError as e:
             raise RuntimeError(
                 "family 'qwen3_5' needs erpd_megatron.models.qwen35.spec.qwen35_block_spec, which is not importable: "
                 f"{e}"
             ) from e
-        return qwen35_block_spec(tcfg, cfg, vp_stage=vp_stage)
+        # TE: attention + MLP on TE modules (FP8-capable, fused zero-centred pre-norms); GDN stays local
+        return qwen35_block_spec(tcfg, cfg, vp_stage=vp_stage, base_layer_spec=_te_base_layer_spec() if spec == "te"
+                                 else None)
     if spec == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -347,6 +401,10 @@ def build_model(cfg: ModelConfig, par: ParallelConfig, opts: BuildOptions | None
     spec = resolve_spec(opts)
     tcfg = make_transformer_config(cfg, par, opts)
     rotary_percent = cfg.hybrid.partial_rotary_factor if cfg.hybrid is not None else 1.0
+    if opts.fp8 and cfg.family == "qwen3_5":
+        log.warning("build_model: fp8 applies to Qwen3.5's attention and MLP GEMMs only: the Gated DeltaNet "
+                    "projections (in_proj / out_proj, megatron local linears) run in %s (their per-rank in_proj rows, "
+                    "(2*Kd + 2*Vd + 2*Hv)/tp, are not a multiple of 16 in general)", tcfg.params_dtype)
     log.info(
         "build_model: family=%s spec=%s%s%s dtype=%s layout=%s",
         cfg.family,

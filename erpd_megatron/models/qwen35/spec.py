@@ -1,4 +1,5 @@
-"""Block spec of the Qwen3.5 hybrid text model for megatron-core's GPTModel (local, portable modules).
+"""Block spec of the Qwen3.5 hybrid text model for megatron-core's GPTModel (local portable modules, or
+Transformer Engine attention / MLP with `base_layer_spec=_te_base_layer_spec()`).
 
 `qwen35_block_spec(transformer_config, model_cfg, vp_stage=None)` returns a TransformerBlockSubmodules whose
 `layer_specs` are the layers of THIS pipeline stage (following `layer_types`) and whose `layer_norm` is the
@@ -65,21 +66,48 @@ def _base_layer_spec():
     return spec
 
 
+def _te_base_layer_spec():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
+
+
+def has_fused_norms(layer_spec) -> bool:
+    """True for a Transformer Engine layer spec: the pre-norms live inside linear_qkv / linear_fc1
+    (TELayerNormColumnParallelLinear), so the layer's own input_layernorm / pre_mlp_layernorm are IdentityOps."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    return layer_spec.submodules.input_layernorm is IdentityOp
+
+
 def qwen35_layer_specs(dims: Qwen35Dims, base_layer_spec=None) -> list:
-    """One ModuleSpec per layer of the whole model (all stages)."""
+    """One ModuleSpec per layer of the whole model (all stages).
+
+    Local base spec: every norm is a ZeroCenteredRMSNorm. Transformer Engine base spec (fused pre-norms): the
+    fused norms stay in TE's linears (zero-centred through `layernorm_zero_centered_gamma`, which
+    qwen35_block_spec sets), so attention and MLP GEMMs are TE's (FP8-capable); q/k norms stay ZeroCenteredRMSNorm;
+    a GDN layer has no fused linear_qkv, so its input norm is a ZeroCenteredRMSNorm checkpointed under the key
+    the local spec uses (`self_attention.linear_qkv.layer_norm_weight`): checkpoints load across both specs.
+    The GDN projections are megatron's local linears in both (bf16 under FP8: see build_model's log line)."""
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     base = base_layer_spec if base_layer_spec is not None else _base_layer_spec()
+    fused = has_fused_norms(base)
     specs = []
     for kind in dims.layer_types:
         spec = copy.deepcopy(base)
         sub = spec.submodules
-        sub.input_layernorm = ZeroCenteredRMSNorm
-        sub.pre_mlp_layernorm = ZeroCenteredRMSNorm
+        if not fused:
+            sub.input_layernorm = ZeroCenteredRMSNorm
+            sub.pre_mlp_layernorm = ZeroCenteredRMSNorm
         if kind == "full_attention":
             sub.self_attention.submodules.q_layernorm = ZeroCenteredRMSNorm
             sub.self_attention.submodules.k_layernorm = ZeroCenteredRMSNorm
         elif kind == "linear_attention":
+            if fused:
+                sub.input_layernorm = ZeroCenteredRMSNorm
+                sub.sharded_state_dict_keys_map = {**sub.sharded_state_dict_keys_map,
+                                                   "input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
             sub.self_attention = ModuleSpec(
                 module=GatedDeltaNet,
                 params=dict(
@@ -113,10 +141,13 @@ def qwen35_block_spec(transformer_config, model_cfg, vp_stage: int | None = None
     if not gate:
         raise ValueError("Qwen3.5 without the attention output gate is not supported")
     transformer_config.attention_output_gate = True
+    base = base_layer_spec if base_layer_spec is not None else _base_layer_spec()
+    if has_fused_norms(base):  # TE's fused pre-norms: (1 + w), as HF Qwen3.5 (read when TE builds its linears)
+        transformer_config.layernorm_zero_centered_gamma = True
     # Hybrid layers have different parameter sets: dist-checkpoint keys per layer ("decoder.layers.{i}.")
     # instead of one tensor stacked over all layers (which the GDN-only / attention-only keys cannot fill).
     transformer_config.hetereogenous_dist_checkpoint = True
-    all_specs = qwen35_layer_specs(dims, base_layer_spec)
+    all_specs = qwen35_layer_specs(dims, base)
     n_local = get_num_layers_to_build(transformer_config, vp_stage=vp_stage)
     offset = get_transformer_layer_offset(transformer_config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=all_specs[offset : offset + n_local], layer_norm=ZeroCenteredRMSNorm)

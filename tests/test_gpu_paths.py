@@ -1,0 +1,98 @@
+"""GPU fast paths decided on CPU: fusion flags from kernel availability, the Qwen3.5 Transformer Engine spec's
+structure, FP8 refusal, the GDN kernel package in the gpu extra. (The kernels themselves need a GPU.)"""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from erpd_megatron.megatron.model import fast_path_flags
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL = {"wgrad_accum": True, "fused_rope": True, "fused_softmax": True}
+
+
+def test_fast_paths_on_where_available_off_with_reason():
+    flags, off = fast_path_flags(True, ALL)
+    assert flags == {"gradient_accumulation_fusion": True, "apply_rope_fusion": True, "masked_softmax_fusion": True}
+    assert off == {}
+    flags, off = fast_path_flags(False, ALL)
+    assert not any(flags.values()) and set(off.values()) == {"no CUDA"}
+    flags, off = fast_path_flags(True, {**ALL, "wgrad_accum": False, "fused_rope": False})
+    assert flags == {"gradient_accumulation_fusion": False, "apply_rope_fusion": False, "masked_softmax_fusion": True}
+    assert "fused_weight_gradient_mlp_cuda" in off["gradient_accumulation_fusion"]
+    assert "Transformer Engine" in off["apply_rope_fusion"]
+
+
+@pytest.fixture
+def world_of_one():
+    from erpd_megatron.megatron.parallel import ParallelConfig, destroy_parallel, init_parallel
+
+    init_parallel(ParallelConfig())
+    yield
+    destroy_parallel()
+
+
+def _qwen35():
+    from erpd_megatron.megatron.model import HybridConfig, ModelConfig
+
+    hybrid = HybridConfig(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                          linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
+    return ModelConfig("qwen3_5", vocab_size=100, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                       head_dim=8, ffn_hidden_size=64, hybrid=hybrid)
+
+
+def _te_shaped_base():
+    """The local spec rearranged like get_gpt_layer_with_transformer_engine_spec (TE is not installable here):
+    pre-norms are IdentityOps because the following linears carry them."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    from erpd_megatron.models.qwen35.spec import _base_layer_spec
+
+    base = _base_layer_spec()
+    base.submodules.input_layernorm = IdentityOp
+    base.submodules.pre_mlp_layernorm = IdentityOp
+    return base
+
+
+def test_qwen35_te_spec_keeps_fused_norms_and_zero_centres_them(world_of_one):
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    from erpd_megatron.megatron.model import make_transformer_config
+    from erpd_megatron.megatron.parallel import ParallelConfig
+    from erpd_megatron.models.qwen35.gdn import GatedDeltaNet
+    from erpd_megatron.models.qwen35.norms import ZeroCenteredRMSNorm
+    from erpd_megatron.models.qwen35.spec import qwen35_block_spec
+
+    cfg = _qwen35()
+    tcfg = make_transformer_config(cfg, ParallelConfig())
+    gdn, attn = qwen35_block_spec(tcfg, cfg, base_layer_spec=_te_shaped_base()).layer_specs
+    assert tcfg.layernorm_zero_centered_gamma  # TE's fused norms compute (1 + w), as HF Qwen3.5
+    assert attn.submodules.input_layernorm is IdentityOp and attn.submodules.pre_mlp_layernorm is IdentityOp
+    assert attn.submodules.self_attention.submodules.q_layernorm is ZeroCenteredRMSNorm
+    assert gdn.submodules.self_attention.module is GatedDeltaNet
+    assert gdn.submodules.input_layernorm is ZeroCenteredRMSNorm and gdn.submodules.pre_mlp_layernorm is IdentityOp
+    # the GDN input norm is checkpointed under the local spec's key: checkpoints load across both specs
+    assert gdn.submodules.sharded_state_dict_keys_map["input_layernorm."] == "self_attention.linear_qkv.layer_norm_"
+
+    tcfg = make_transformer_config(cfg, ParallelConfig())
+    gdn, attn = qwen35_block_spec(tcfg, cfg).layer_specs  # local spec: every norm is ours, flag untouched
+    assert not tcfg.layernorm_zero_centered_gamma
+    assert attn.submodules.input_layernorm is ZeroCenteredRMSNorm and gdn.submodules.pre_mlp_layernorm is \
+        ZeroCenteredRMSNorm
+
+
+def test_fp8_refused_without_transformer_engine():
+    from erpd_megatron.megatron.model import BuildOptions, make_transformer_config
+    from erpd_megatron.megatron.parallel import ParallelConfig
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU behaviour")
+    with pytest.raises(RuntimeError, match="FP8 needs the Transformer Engine spec"):
+        make_transformer_config(_qwen35(), ParallelConfig(), BuildOptions(fp8="hybrid"))
+
+
+def test_gdn_kernels_in_gpu_extra():
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    assert any(dep.startswith("fla-core") for dep in extra)  # fla.ops.gated_delta_rule (gated_delta_rule.py)
