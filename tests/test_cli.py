@@ -262,3 +262,29 @@ def test_eval_unreachable_sglang_is_a_one_line_error(tmp_path, bench, monkeypatc
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == ["erpd eval: error: --sglang-url: server http://127.0.0.1:1 not healthy after 30s; "
                                "log: None"]
+
+
+def test_resume_with_more_teacher_steps_continues_training(tmp_path, toy_base):
+    """`erpd teacher` to step 2, then the same run dir with steps=4: accepted, training continues from the step-2
+    checkpoint (metrics 1..4, each once) and config.yaml records 4; going back to 3 is refused in one line."""
+    from test_pipeline import clean_env
+
+    run = tmp_path / "ext"
+    base = ["teacher", "--config", "micro", f"run_dir={run}", f"model.base={toy_base}", "data.prompts_per_batch=4",
+            "rollout.n_samples=2", "rollout.max_new_tokens=8", "students={}", "onpolicy=null", "eval.every=0",
+            "data.eval_prompts=2", "eval.k=1"]
+
+    def teacher(steps):
+        argv = [*base, f"teachers={{ce: {{loss: ce, steps: {steps}, mini_batch_size: 8, save_every: 2}}}}"]
+        return subprocess.run([sys.executable, "-m", "erpd_megatron.cli", *argv], capture_output=True, text=True,
+                              env=clean_env(), timeout=600)
+
+    r = teacher(2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = teacher(4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from step 2" in r.stderr
+    steps = [json.loads(x)["step"] for x in (run / "metrics" / "ce.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert yaml.safe_load((run / "config.yaml").read_text())["teachers"]["ce"]["steps"] == 4
+    _one_line_exit_2(teacher(3), "teachers.ce.steps: 4 -> 3")
