@@ -14,10 +14,11 @@ PRESET = Path(__file__).resolve().parent.parent / "presets" / "demo.yaml"
 
 
 def main(argv: list[str]) -> int:
-    from erpd_megatron.pipeline.run import main_run
+    from erpd_megatron.pipeline.run import build_parser, main_run
 
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
+        build_parser("erpd demo", config="demo").print_help()  # the same flags, overrides, presets and sections as `erpd run`
         return 0
     rc = main_run(["--config", str(PRESET), *argv])
     if rc or "--print-config" in argv:

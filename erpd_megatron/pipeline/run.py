@@ -57,13 +57,14 @@ def _epilog(prog: str) -> str:
     return "\n".join(lines)
 
 
-def build_parser(prog: str, stages: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+def build_parser(prog: str, stages: tuple[str, ...] = (), config: str = "none, the built-in defaults"
+                 ) -> argparse.ArgumentParser:
     what = " -> ".join(stages) if stages else "all stages"
     p = argparse.ArgumentParser(prog=prog, epilog=_epilog(prog),
                                 description=f"{what} of one config; finished work is skipped, so rerunning resumes.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="PRESET|FILE",
-                   help="a preset name (listed below) or a YAML file (default: none, the built-in defaults)")
+                   help=f"a preset name (listed below) or a YAML file (default: {config})")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as YAML and exit without building anything (default: off)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
