@@ -184,7 +184,7 @@ def _dp_world(rank, tmp, tp):
 def test_dp2_rank0_stream_into_local_engine_and_fake_sglang(tmp_path, tp):
     """TP=1 x DP=2 (world 2) and TP=2 x DP=2 (world 4): no hang, and the engines' log-probs equal
     Megatron's (fp32, 1e-4) whether the weights arrive directly or through the SGLang wire format."""
-    res = run_distributed(_dp_world, world_size=2 * tp, args=(str(tmp_path), tp), timeout=240)
+    res = run_distributed(_dp_world, world_size=2 * tp, args=(str(tmp_path), tp), timeout=600)
     r0 = res[0]
     assert r0["local"] < 1e-4 and r0["sglang"] < 1e-4, r0
     assert r0["n_sglang"] == 3 + 2 * 11
