@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from erpd_megatron.data.rollout_store import RolloutRecord, RolloutStore
+from erpd_megatron.utils.timing import stage
 
 log = logging.getLogger("erpd.collect")
 
@@ -32,9 +33,10 @@ def sample_batch(ctx, store: RolloutStore, batch: int, prompts: list, version, s
     prompt_ids = encode_prompts(ctx.tokenizer, prompts, instruction=ctx.cfg.data.instruction or None)
     sp = SamplingParams(n=r.n_samples, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
                         seed=seed)
-    samples = ctx.engine.generate(prompt_ids, sp)
-    texts = [ctx.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-    rewards = ctx.reward.score_batch(texts, [prompts[s.prompt_index].answer for s in samples])
+    with stage("collect"):  # also on-policy training's per-step sampling
+        samples = ctx.engine.generate(prompt_ids, sp)
+        texts = [ctx.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+        rewards = ctx.reward.score_batch(texts, [prompts[s.prompt_index].answer for s in samples])
     params = {"n": r.n_samples, "temperature": r.temperature, "top_p": r.top_p, "max_new_tokens": r.max_new_tokens,
               "seed": seed}
     records = [

@@ -43,10 +43,12 @@ class Context:
     def par(self):
         if self._par is None:
             from erpd_megatron.megatron.parallel import ParallelConfig, init_parallel
+            from erpd_megatron.utils.timing import stage
 
             m = self.cfg.model
             self._par = ParallelConfig(tp=m.tp, pp=m.pp, dp=m.dp)
-            init_parallel(self._par, seed=self.cfg.seed)
+            with stage("parallel_init"):  # the first megatron.core import is here too
+                init_parallel(self._par, seed=self.cfg.seed)
         return self._par
 
     @property
@@ -99,12 +101,16 @@ class Context:
     def new_policy(self, lr: float = 0.0, total_steps: int = 1, warmup_steps: int = 0, init: Path | None = None):
         """A PolicyEngine holding the model weights of the Megatron checkpoint `init` (default: the base)."""
         from erpd_megatron.megatron.engine import OptimConfig, PolicyEngine
+        from erpd_megatron.utils.timing import stage
 
         optim = OptimConfig(lr=lr, min_lr=lr, warmup_steps=warmup_steps, clip_grad=1.0,
                             micro_batch_size=self.cfg.model.micro_batch_size)
-        engine = PolicyEngine(self.model_cfg, self.par, optim, seed=self.cfg.seed,
-                              temperature=self.cfg.rollout.temperature)
-        engine.load(str(init or self.base_ckpt(0)), model_only=True)
+        path, par = str(init or self.base_ckpt(0)), self.par
+        with stage("model_build"):
+            engine = PolicyEngine(self.model_cfg, par, optim, seed=self.cfg.seed,
+                                  temperature=self.cfg.rollout.temperature)
+        with stage("checkpoint_load"):
+            engine.load(path, model_only=True)
         return engine
 
     def base_ckpt(self, iteration: int) -> Path:
@@ -117,7 +123,10 @@ class Context:
 
                     cmd = [sys.executable, "-m", "checkpoints_conv", "import", "--hf", str(self.base_hf),
                            "--out", str(self.run.base), "--tp", str(self.cfg.model.tp), "--pp", "1", "--overwrite"]
-                    out = subprocess.run(cmd, capture_output=True, text=True)
+                    from erpd_megatron.utils.timing import stage
+
+                    with stage("base_import"):
+                        out = subprocess.run(cmd, capture_output=True, text=True)
                     if out.returncode != 0:
                         raise RuntimeError(f"importing the base policy failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
                 self.barrier()
@@ -128,13 +137,15 @@ class Context:
     def push_weights(self, policy, version) -> None:
         """Megatron -> rollout engine through the resharding path (TP gather, PP broadcast, HF names)."""
         from erpd_megatron.rollout.weight_sync import iter_hf_buckets
+        from erpd_megatron.utils.timing import stage
 
-        buckets = iter_hf_buckets(policy, receivers="rank0")
-        if self.is_main:
-            self.engine.update_weights(buckets, version=version)
-        else:  # non-zero ranks still take part in the collectives
-            for _ in buckets:
-                pass
+        with stage("weight_sync"):
+            buckets = iter_hf_buckets(policy, receivers="rank0")
+            if self.is_main:
+                self.engine.update_weights(buckets, version=version)
+            else:  # non-zero ranks still take part in the collectives
+                for _ in buckets:
+                    pass
 
 
 def resolve_base(cfg: RunConfig, run: RunDir) -> Path:

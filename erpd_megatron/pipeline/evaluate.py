@@ -22,7 +22,10 @@ def evaluate_policy(ctx, method: str, step: int, policy=None) -> dict | None:
         ctx.push_weights(policy, version=f"{method}@{step}")
     result = None
     if ctx.is_main:
-        result = _evaluate_engine(ctx)
+        from erpd_megatron.utils.timing import stage
+
+        with stage("eval"):  # generation, rewards, the reference KL (the push above is "weight_sync")
+            result = _evaluate_engine(ctx)
         result.update(method=method, step=step)
         ctx.run.write_eval(method, step, result)
         log.info("eval %s@%d: AVG@%d %.3f  pass@%d %.3f  KL %.4f  len %.1f", method, step, result["k"],

@@ -21,6 +21,11 @@ def build_summary(run: RunDir, methods: dict[str, dict]) -> dict:
     summary = {"base": {"accuracy": base_eval.get("avg_at_k"), "pass_at_k": base_eval.get("pass_at_k"), "kl": 0.0,
                         "mean_length": base_eval.get("mean_length")},
                "methods": {}}
+    from erpd_megatron.utils.timing import summarize
+
+    # wall seconds per stage over every invocation (exclusive: nested stages are not counted twice); None for a
+    # run dir from before it was recorded
+    summary["stage_times"] = summarize(run.root)
     for name, info in methods.items():
         curve = [
             {"step": s, "accuracy": r["avg_at_k"], "kl": r.get("kl"), "pass_at_k": r.get("pass_at_k"),
@@ -74,6 +79,10 @@ def write_report(run: RunDir, summary: dict, title: str = "ERPD run") -> Path:
         "KL is the reverse KL E_{y~pi}[log pi(y) - log pi_base(y)] (summed over response tokens), estimated on "
         "the eval samples of the policy itself. 'best' picks a step on the eval set and is therefore optimistic.",
     ]
+    if summary.get("stage_times"):
+        from erpd_megatron.utils.timing import format_line
+
+        lines += ["", f"Wall time by stage (exclusive): {format_line(summary['stage_times'])}."]
     path = run.root / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -17,6 +17,7 @@ Every stage skips finished work, so rerunning the same command after a crash (ev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import subprocess
@@ -175,7 +176,9 @@ def _pipeline(cfg: RunConfig, stages: tuple[str, ...]) -> dict:
     from erpd_megatron.pipeline import stages as st
     from erpd_megatron.pipeline.collect import collect
     from erpd_megatron.pipeline.context import Timer, build_context
+    from erpd_megatron.utils import timing
 
+    timing.reset()  # this invocation's stage times (summary.json "stage_times", utils/timing.py)
     ctx = build_context(cfg)  # validates the data (sizes, prompt lengths) before anything is recorded
     if ctx.is_main:
         save_config(cfg, ctx.run.root / "config.yaml")
@@ -184,27 +187,33 @@ def _pipeline(cfg: RunConfig, stages: tuple[str, ...]) -> dict:
     try:
         for it in range(cfg.iterations):
             if "collect" in stages:
-                collect(ctx, it)
-                st.evaluate_base(ctx, it)
+                with _timed(ctx, "collect"):
+                    collect(ctx, it)
+                with _timed(ctx, "eval"):
+                    st.evaluate_base(ctx, it)
             if "teacher" in stages:
                 for name in cfg.teachers:
                     timer = Timer(ctx.run, st.method_name(name, it))
-                    st.train_teachers(ctx, it, only=name)
+                    with _timed(ctx, "train"):
+                        st.train_teachers(ctx, it, only=name)
                     timer.save()
                     bookkeeping[st.method_name(name, it)] = {"kind": f"teacher ({cfg.teachers[name].loss})",
                                                              "rollouts": rollouts * (it + 1), "wall_s": timer.total()}
             if "signals" in stages:
-                st.compute_signals(ctx, it)
+                with _timed(ctx, "signals"):
+                    st.compute_signals(ctx, it)
             if "distill" in stages:
                 for name, s in cfg.students.items():
                     timer = Timer(ctx.run, st.method_name(name, it))
-                    st.train_students(ctx, it, only=name)
+                    with _timed(ctx, "train"):
+                        st.train_students(ctx, it, only=name)
                     timer.save()
                     strat = "+".join(str(k) for k in s.strategies)
                     bookkeeping[st.method_name(name, it)] = {"kind": f"student (strategy {strat}, {s.teacher})",
                                                              "rollouts": rollouts * (it + 1), "wall_s": timer.total()}
                 if it + 1 < cfg.iterations:
-                    info = st.promote_student(ctx, it)
+                    with _timed(ctx, "train"):  # the optional online phase trains
+                        info = st.promote_student(ctx, it)
                     if "online" in info:
                         bookkeeping[info["online"]] = {"kind": f"online phase ({cfg.onpolicy.loss})",
                                                        "rollouts": cfg.iterate.online_steps
@@ -212,7 +221,8 @@ def _pipeline(cfg: RunConfig, stages: tuple[str, ...]) -> dict:
         if "onpolicy" in stages and cfg.onpolicy is not None:
             name = f"onpolicy_{cfg.onpolicy.loss}"
             timer = Timer(ctx.run, name)
-            st.train_onpolicy(ctx, 0)
+            with _timed(ctx, "train"):  # its per-step sampling is "collect" (pipeline/collect.py)
+                st.train_onpolicy(ctx, 0)
             timer.save()
             steps = st.onpolicy_steps(ctx)
             bookkeeping[name] = {"kind": f"on-policy {cfg.onpolicy.loss}",
@@ -221,13 +231,29 @@ def _pipeline(cfg: RunConfig, stages: tuple[str, ...]) -> dict:
         if ctx.is_main and "report" in stages:
             from erpd_megatron.pipeline.report import build_summary, write_report
 
+            timing.save(ctx.run.root)  # this invocation's times so far, read back by build_summary
             summary = build_summary(ctx.run, _all_methods(ctx, bookkeeping))
             path = write_report(ctx.run, summary, title=f"ERPD run `{cfg.run_dir}`")
             print(f"report: {path}")
             return summary
         return {}
     finally:
+        if ctx.is_main:
+            with contextlib.suppress(OSError):  # never mask the error that ended the run (a full disk)
+                timing.save(ctx.run.root)
         ctx.close()
+
+
+@contextlib.contextmanager
+def _timed(ctx, name: str):
+    """A pipeline stage on the process clock; rank 0 rewrites the invocation's record after it (a crash later
+    keeps the stages that finished)."""
+    from erpd_megatron.utils import timing
+
+    with timing.stage(name):
+        yield
+    if ctx.is_main:
+        timing.save(ctx.run.root)
 
 
 def _all_methods(ctx, bookkeeping: dict) -> dict:

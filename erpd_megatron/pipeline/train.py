@@ -21,6 +21,7 @@ import torch
 
 from erpd_megatron.pipeline.rundir import MetricLog, minibatch_indices
 from erpd_megatron.utils.io import atomic_write_json, atomic_write_text
+from erpd_megatron.utils.timing import stage
 
 log = logging.getLogger("erpd.train")
 
@@ -49,7 +50,8 @@ def train_loop(ctx, method: str, *, batch: dict | None, loss_fn, steps: int, min
     if (ckdir / "latest").exists():  # megatron/checkpoint.py marks the newest complete save
         from erpd_megatron.megatron.checkpoint import load_latest_intact
 
-        load_latest_intact(policy, str(ckdir))  # a damaged newest one: the previous intact one (logged)
+        with stage("checkpoint_load"):
+            load_latest_intact(policy, str(ckdir))  # a damaged newest one: the previous intact one (logged)
         start = policy.step
     if start:
         log.info("%s: resuming from step %d (%s)", method, start, ckdir)
@@ -76,7 +78,8 @@ def train_loop(ctx, method: str, *, batch: dict | None, loss_fn, steps: int, min
         done = step + 1
         _test_kill_point(ctx, method, done)
         if done % save_every == 0 or done == steps:
-            policy.save(str(ckdir))
+            with stage("checkpoint_save"):
+                policy.save(str(ckdir))
             if ctx.cfg.checkpoint.keep_last and keep_steps is not None:
                 from erpd_megatron.megatron.checkpoint import prune_checkpoints
 
