@@ -209,33 +209,49 @@ def cpu_micro() -> Recipe:
     )
 
 
+def colocated_sglang(layout: Layout) -> dict[str, str]:
+    """Trainer overrides that carry a colocated layout's SGLang settings to the servers: trainer rank 0
+    launches one TP=rollout_tp server per TP group of its node (GPUs shared with training), holding
+    rollout_mem_fraction of each GPU, memory released while the trainer trains. Only rank 0's node
+    serves: servers are launched by rank 0, not per node."""
+    return {"rollout.engine": "sglang", "rollout.sglang_tp": str(layout.rollout_tp),
+            "rollout.sglang_num_servers": str(layout.gpus_per_node // layout.rollout_tp),
+            "rollout.sglang_mem_fraction_static": str(layout.rollout_mem_fraction),
+            "rollout.sglang_offload": "true", "rollout.sglang_weight_transport": "tensor"}
+
+
 def qwen3_4b_1node() -> Recipe:
     """Qwen3-4B ERPD on one node of 8 H100: TP1 x DP8 training, colocated SGLang TP1 rollouts."""
-    return Recipe(
+    r = Recipe(
         name="qwen3_4b_1node",
         description="Qwen3-4B, 1 x 8 H100, TP1 DP8, colocated SGLang TP1",
         model="qwen3-4b",
         layout=Layout(tp=1, pp=1, dp=8, cp=1, micro_batch=1, global_batch=256, seq_len=8192, recompute="selective",
                       nodes=1, gpus_per_node=8, rollout="colocated", rollout_tp=1, rollout_mem_fraction=0.5),
         trainer=["erpd", "run", "--config", "erpd_megatron/presets/qwen3_4b.yaml"],
-        overrides={"model.base": "/models/Qwen3-4B", "rollout.engine": "sglang"},
+        overrides={"model.base": "/models/Qwen3-4B"},
         nodes=1,
     )
+    r.overrides.update(colocated_sglang(r.layout))
+    return r
 
 
 def qwen35_27b() -> Recipe:
-    """Qwen3.5-27B ERPD on 4 x 8 H100: TP4 x PP2 x DP4 training, colocated SGLang TP4 rollouts."""
-    return Recipe(
+    """Qwen3.5-27B ERPD on 4 x 8 H100: TP4 x PP2 x DP4 training, colocated SGLang TP4 rollouts (the two
+    servers of trainer rank 0's node: the engine launches servers from rank 0 only)."""
+    r = Recipe(
         name="qwen35_27b",
-        description="Qwen3.5-27B, 4 x 8 H100, TP4 PP2 DP4, colocated SGLang TP4 (8 engines)",
+        description="Qwen3.5-27B, 4 x 8 H100, TP4 PP2 DP4, colocated SGLang TP4 (2 servers, rank 0's node)",
         model="qwen3.5-27b",
         layout=Layout(tp=4, pp=2, dp=4, cp=1, micro_batch=1, global_batch=256, seq_len=8192, recompute="selective",
                       nodes=4, gpus_per_node=8, rollout="colocated", rollout_tp=4, rollout_mem_fraction=0.5),
         trainer=["erpd", "run", "--config", "erpd_megatron/presets/qwen35_27b.yaml"],
-        overrides={"model.base": "/models/Qwen3.5-27B", "rollout.engine": "sglang"},
+        overrides={"model.base": "/models/Qwen3.5-27B"},
         nodes=4,
         slurm=SlurmSettings(time="08:00:00"),
     )
+    r.overrides.update(colocated_sglang(r.layout))
+    return r
 
 
 def qwen35_27b_disagg() -> Recipe:
@@ -248,6 +264,8 @@ def qwen35_27b_disagg() -> Recipe:
     r.layout.rollout_nodes = 2
     r.layout.rollout_mem_fraction = 0.85
     r.rollout_servers = RolloutServers(nodes=2, tp=4, mem_fraction=0.85, model_path="/models/Qwen3.5-27B")
+    for key in ("rollout.sglang_num_servers", "rollout.sglang_mem_fraction_static", "rollout.sglang_offload"):
+        del r.overrides[key]  # colocated-only settings: these servers are launched by the rollout group
     # filled in by the batch script from the rollout group's host list (one URL per server)
     r.overrides["rollout.sglang_urls"] = "$ROLLOUT_URLS"
     r.overrides["rollout.sglang_tp"] = "4"

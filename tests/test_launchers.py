@@ -109,6 +109,27 @@ def test_sbatch_27b_runs_against_stand_ins(tmp_path, fake_slurm):
         assert (fake_slurm / "scontrol.txt").read_text().count("requeue 77") == expect
 
 
+def test_recipes_carry_sglang_settings_to_a_valid_trainer_config():
+    """Colocated recipes pass the layout's SGLang TP / memory fraction / server count / offload to the
+    trainer, whose config accepts them; the disaggregated one attaches over NCCL instead."""
+    from erpd_megatron.config import load_config, validate
+    from erpd_megatron.rollout.sglang_engine import launch_spec
+
+    cfgs = {}
+    for name in ("qwen3_4b_1node", "qwen35_27b", "qwen35_27b_disagg"):
+        r = get_recipe(name)
+        items = [f"{k}={v}" for k, v in r.trainer_overrides().items() if k != "run_dir"]
+        cfgs[name] = load_config(r.trainer[3], [i.replace("$ROLLOUT_URLS", "[http://r1:30000]") for i in items])
+        validate(cfgs[name])
+    argv = launch_spec(cfgs["qwen3_4b_1node"].rollout, "/models/Qwen3-4B", log_dir="/x").argv(7)
+    assert argv[argv.index("--tp-size") + 1] == "1" and argv[argv.index("--base-gpu-id") + 1] == "7"
+    assert "--enable-memory-saver" in argv and argv[argv.index("--mem-fraction-static") + 1] == "0.5"
+    big = cfgs["qwen35_27b"].rollout
+    assert (big.sglang_tp, big.sglang_num_servers, big.sglang_offload) == (4, 2, True)
+    dis = cfgs["qwen35_27b_disagg"].rollout
+    assert dis.sglang_weight_transport == "distributed" and not dis.sglang_offload and dis.sglang_urls
+
+
 def test_sbatch_disagg_is_heterogeneous(tmp_path, fake_slurm):
     r = _recipe("qwen35_27b_disagg", tmp_path)
     text = slurm.render_sbatch(r)
