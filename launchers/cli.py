@@ -33,6 +33,22 @@ def plan_recipe(recipe: Recipe) -> Plan:
     return check_or_raise(get_model_config(recipe.model), L, recipe.hardware, name=recipe.model)
 
 
+def check_trainer_config(recipe: Recipe) -> None:
+    """The trainer command's config (its preset + every trainer override) through the trainer's own loader, so a
+    bad value (`teachers.ce.lr=-1`, an unknown key) is refused here, before a job waits in the queue for it.
+    Raises ConfigError (a ValueError) naming the field."""
+    from pathlib import Path
+
+    from erpd_megatron.pipeline.demo import PRESET
+    from erpd_megatron.pipeline.run import parse
+
+    argv = recipe.trainer_argv()
+    rest = argv[2:] if argv[:2] != ["erpd", "demo"] else ["--config", str(PRESET), *argv[2:]]
+    root = Path(__file__).resolve().parent.parent  # presets are named relative to the checkout
+    rest = [str(root / a) if not Path(a).is_absolute() and (root / a).is_file() else a for a in rest]
+    parse(rest, " ".join(argv[:2]))
+
+
 def launch(recipe: Recipe, executor: str, dryrun: bool) -> dict:
     """Plan (raises LayoutError), then run / write / submit. Returns what happened."""
     p = plan_recipe(recipe)
@@ -102,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = apply_overrides(get_recipe(args.recipe), args.overrides, nodes=args.nodes)
         slurm.validate(recipe)  # #SBATCH values, env names: refused before anything is written
+        check_trainer_config(recipe)  # trainer keys and ranges, likewise
     except (KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -288,3 +288,21 @@ def test_resume_with_more_teacher_steps_continues_training(tmp_path, toy_base):
     assert steps == [1, 2, 3, 4]
     assert yaml.safe_load((run / "config.yaml").read_text())["teachers"]["ce"]["steps"] == 4
     _one_line_exit_2(teacher(3), "teachers.ce.steps: 4 -> 3")
+
+
+def test_launcher_checks_trainer_overrides_before_writing(tmp_path, capsys):
+    """Every recipe's trainer config loads; a bad trainer override stops `python -m launchers` in one line, exit 2,
+    before a script is written or a job queued."""
+    from launchers.cli import check_trainer_config, main
+    from launchers.recipes import RECIPES, get_recipe
+
+    for name in RECIPES:
+        check_trainer_config(get_recipe(name))
+    capsys.readouterr()
+    for argv, needle in ((["plan", "cpu_micro", "teachers.ce.lr=-1"], "teachers.ce.lr=-1.0 is out of range"),
+                         (["run", "qwen35_27b", "--executor", "sbatch", "--dryrun", f"run_root={tmp_path}",
+                           "teacher.lr=1e-5"], "unknown key(s) ['teacher']")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())  # no sbatch script written
