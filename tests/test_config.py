@@ -132,3 +132,12 @@ def test_range_check_reaches_every_section():
                            ("iterations=0", "iterations")]:
         with pytest.raises(ConfigError, match=rf"^{path}=.* is out of range: allowed "):
             load_config(None, [override])
+
+
+def test_the_error_messages_own_example_loads():
+    import re
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["teachers.ce"])
+    example = re.search(r"e\.g\. (\S+)\)", str(e.value)).group(1)
+    assert load_config(None, [example]).teachers["ce"].lr == 1e-5
