@@ -10,8 +10,9 @@
 ``--api-key K``: every path but ``/health*`` needs ``Authorization: Bearer K`` (else 401
 ``{"error": "Unauthorized"}``), as sglang's ``add_api_key_middleware``. ``--dp-size`` is reported.
 Memory tags released with ``/release_memory_occupation`` are tracked: a weight update while
-"weights" is released, or a generation while anything is released, fails (400) instead of
-writing into freed memory as a real server would.
+"weights" is released, a flush while "kv_cache" is released, or a generation while anything is
+released, fails (400) instead of touching freed memory (conservative: what a real server does in
+those cases was not verified).
 
 Used by tests/test_sglang_engine.py (not a test module itself). Stdlib HTTP server; torch is
 imported only by the weight endpoints. What it checks and does:
@@ -205,6 +206,8 @@ def make_handler(state: State):
             return 200, {"message": "Generation continued successfully.", "status": "ok"}
 
         def h_flush_cache(self, body):
+            if "kv_cache" in state.released:
+                return 400, {"success": False, "message": "kv_cache memory is released"}
             self.log_event("flush_cache")
             return 200, "Cache flushed.\n"
 

@@ -60,7 +60,7 @@ class WeightUpdates:
         self._resume_released(("weights",))  # colocated: weights memory back before writing into it
         self.pause()
         try:
-            self.flush_cache()
+            self._flush_unless_released()
             opened = []
             try:
                 for s in self._live():
@@ -76,10 +76,16 @@ class WeightUpdates:
             finally:
                 # Close what was opened even after a failure: a server left in a session refuses the next begin.
                 run_each(opened, self._end_session)
-            self.flush_cache()
+            self._flush_unless_released()
         finally:
             self.resume()
         self._weights_pushed(version, disk_path=None)
+
+    def _flush_unless_released(self) -> None:
+        # A released KV cache was flushed by the release itself and nothing has run since; flushing
+        # again would touch the paused pool.
+        if "kv_cache" not in self._released:
+            self.flush_cache()
 
     def _weights_pushed(self, version, disk_path: str | None) -> None:
         self.weight_version = version
@@ -111,12 +117,12 @@ class WeightUpdates:
         """For ``update_weights_from_serialized`` callers: pause, flush, open the session everywhere."""
         self._resume_released(("weights",))
         self.pause()
-        self.flush_cache()
+        self._flush_unless_released()
         run_each(self._live(), self._begin_session)
 
     def end_update(self, version=None) -> None:
         run_each(self._live(), self._end_session)
-        self.flush_cache()
+        self._flush_unless_released()
         self.resume()
         self._weights_pushed(version, disk_path=None)
 
