@@ -89,13 +89,18 @@ def import_hf(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str | 
                 mod._parameters[attr] = torch.nn.Parameter(torch.empty(p.shape, dtype=src, device="meta"),
                                                            requires_grad=p.requires_grad)
 
+    from erpd_megatron.utils.console import progress
+
+    bar = progress(total=sum(1 for _ in model.named_parameters()), desc="import", unit="tensor")
+
     def full_tensor(name: str) -> torch.Tensor:
+        bar.update(1)  # called once per parameter, in writing order (a tensor split in chunks: on its first)
         conv, hf_names = maps.entry(cc, name)
         if conv == "vocab":  # padded while reading: no second copy of the largest tensor
             return ck.get(hf_names[0], pad_rows_to=cc.padded_vocab_size)
         return maps.to_mcore(cc, name, conv, [ck.get(h) for h in hf_names])
 
-    with ck, atomic_output_dir(out_dir, overwrite) as tmp:
+    with ck, bar, atomic_output_dir(out_dir, overwrite) as tmp:
         it = tmp / ITER0
         mcore_io.save_lazy(model, str(it), full_tensor)
         hf = it / "hf"
@@ -202,8 +207,10 @@ def export_mcore(mcore_dir: str, out_dir: str, dtype: str | None = None, hf_temp
         plan += [(h, tuple(t.shape), out_dtype(h)) for h, t in maps.mcore_to_hf(cc, n, meta_full)]
     plan += [(n, passthrough.meta[n][2], passthrough.meta[n][1]) for n in pass_names]
     with atomic_output_dir(out_dir, overwrite) as tmp:
+        from erpd_megatron.utils.console import progress
+
         w = ShardedWriter(tmp, plan, max_shard_bytes)
-        for _key, *group in groups:
+        for _key, *group in progress(groups, desc="export", unit="layer"):
             tensors = mcore_io.load_params(model, str(path), group, stored_dtypes)
             for n in group:
                 for h, t in maps.mcore_to_hf(cc, n, tensors.pop(n)):

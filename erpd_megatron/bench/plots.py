@@ -38,7 +38,7 @@ def throughput(out: Path) -> Path | None:
         r = d["results"]["ratio_megatron_over_plain"]
         ax.set_title(f"{name.replace('_', ' ')}\nratio {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]",
                      fontsize=10)
-        ax.set_ylabel("tokens / s (CPU, fp32)")
+        ax.set_ylabel("tokens / s (CPU, fp32): median, min-max")
     fig.tight_layout()
     path = out / "throughput.png"
     fig.savefig(path, dpi=110)
@@ -47,7 +47,7 @@ def throughput(out: Path) -> Path | None:
 
 
 def weight_sync(out: Path) -> Path | None:
-    """GB/s vs bucket size, with the memcpy bandwidth and the 1/4-of-memcpy target."""
+    """GB/s vs bucket size, with the memcpy bandwidth and the 1/4-of-memcpy target (legend beside the axes)."""
     d = _load(out, "weight_sync")
     if not d:
         return None
@@ -60,50 +60,108 @@ def weight_sync(out: Path) -> Path | None:
     lo = [v["gbps"]["median"] - v["gbps"]["min"] for _, v in rows]
     hi = [v["gbps"]["max"] - v["gbps"]["median"] for _, v in rows]
     mem = res["memcpy_gbps"]["median"]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=4, label="Megatron TP=2 -> LocalEngine")
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=4, label="Megatron TP=2 -> LocalEngine\n(median, min-max)")
     ax.axhline(mem, color="k", ls="--", lw=1, label=f"memcpy {mem:.1f} GB/s")
     ax.axhline(mem / 4, color="r", ls=":", lw=1, label="target: memcpy / 4")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+    for axis in (ax.xaxis, ax.yaxis):  # plain numbers, not 2^k / 10^k
+        axis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("bucket cap (MiB)")
     ax.set_ylabel("GB/s")
     ax.set_title("weight sync (CPU, gloo, fp32)", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     fig.tight_layout()
     path = out / "weight_sync.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
+SEED_STYLES = ((":", "o"), ("--", "s"), ("-.", "^"), ((0, (1, 3)), "D"), ((0, (5, 5)), "v"))
+
+
+def _median_spread(curves: list[list[dict]], x: str) -> dict[str, list]:
+    """Per eval step that every seed evaluated: median / min / max of `x` and of the accuracy over seeds."""
+    import statistics
+
+    steps = sorted(set.intersection(*({p["step"] for p in c if p.get(x) is not None} for c in curves)))
+    out = {k: [] for k in ("x", "x_lo", "x_hi", "y", "y_lo", "y_hi")}
+    for s in steps:
+        pts = [next(p for p in c if p["step"] == s) for c in curves]
+        for key, vals in (("x", [p[x] for p in pts]), ("y", [p["accuracy"] for p in pts])):
+            med = statistics.median(vals)
+            out[key].append(med)
+            out[key + "_lo"].append(med - min(vals))
+            out[key + "_hi"].append(max(vals) - med)
+    return out
+
+
 def erpd_vs_onpolicy(out: Path) -> Path | None:
-    """Accuracy vs rollouts consumed and vs reverse KL, one line per method and seed."""
+    """Accuracy vs rollouts consumed and vs reverse KL: per method the median over seeds (bold, with the
+    min-max band over seeds), each seed a thin line of its own style (labelled), the base marked."""
     d = _load(out, "erpd_vs_onpolicy")
     if not d or not d["results"].get("curves"):
         return None
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import PercentFormatter
+
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    colors = {}
-    for curve in d["results"]["curves"]:
-        m = curve["method"]
-        c = colors.setdefault(m, f"C{len(colors)}")
-        pts = curve["points"]
-        label = m if curve["seed"] == d["results"]["seeds"][0] else None
-        axes[0].plot([p["rollouts"] for p in pts], [p["accuracy"] for p in pts], marker="o", ms=3, color=c,
-                     alpha=0.8, label=label)
-        kl = [(p["kl"], p["accuracy"]) for p in pts if p.get("kl") is not None]
-        if kl:
-            axes[1].plot([k for k, _ in kl], [a for _, a in kl], marker="o", ms=3, color=c, alpha=0.8, label=label)
+    res = d["results"]
+    seeds = res["seeds"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
+    by_method: dict[str, list] = {}
+    for curve in res["curves"]:
+        by_method.setdefault(curve["method"], []).append(curve)
+    # methods whose points all sit at one rollout count (offline: the fixed batch) are dodged sideways
+    top = max(p["rollouts"] for cu in res["curves"] for p in cu["points"])
+    fixed = [m for m, cs in by_method.items() if len({p["rollouts"] for cu in cs for p in cu["points"]}) == 1]
+    dodge = {m: 0.03 * top * (i - (len(fixed) - 1) / 2) for i, m in enumerate(fixed)}
+    handles = []
+    for mi, (m, curves) in enumerate(by_method.items()):
+        c = f"C{mi}"
+        handles.append(Line2D([], [], color=c, lw=2.5, marker="o", label=f"{m} ({curves[0].get('kind', '')}): median"))
+        for ax, x in zip(axes, ("rollouts", "kl")):
+            shift = dodge.get(m, 0.0) if x == "rollouts" else 0.0
+            for curve in curves:
+                ls, mk = SEED_STYLES[seeds.index(curve["seed"]) % len(SEED_STYLES)]
+                pts = [p for p in curve["points"] if p.get(x) is not None]
+                ax.plot([p[x] + shift for p in pts], [p["accuracy"] for p in pts], color=c, ls=ls, lw=0.8, marker=mk,
+                        ms=3, mfc="none", alpha=0.5)
+            ms = _median_spread([cu["points"] for cu in curves], x)
+            xs = [v + shift for v in ms["x"]]
+            ax.errorbar(xs, ms["y"], yerr=[ms["y_lo"], ms["y_hi"]],
+                        xerr=[ms["x_lo"], ms["x_hi"]] if x == "kl" else None,
+                        color=c, lw=2.5, elinewidth=1, capsize=3, marker="o", ms=5, zorder=4)
+    base = res.get("base_accuracy") or {}
+    if base.get("median") is not None:
+        for ax in axes:
+            ax.errorbar([0], [base["median"]], yerr=[[base["median"] - base["min"]], [base["max"] - base["median"]]],
+                        marker="*", ms=14, color="k", capsize=4, ls="none", zorder=5)
+            ax.axhline(base["median"], color="grey", ls=":", lw=0.8)
+        handles.append(Line2D([], [], color="k", marker="*", ms=12, ls="none", label="base policy (median, min-max)"))
+    handles.append(Line2D([], [], color="grey", lw=1, marker="|", ms=10, label="bars: min-max over seeds"))
+    for s in seeds:
+        ls, mk = SEED_STYLES[seeds.index(s) % len(SEED_STYLES)]
+        handles.append(Line2D([], [], color="grey", ls=ls, marker=mk, mfc="none", ms=4, lw=0.8, label=f"seed {s}"))
     axes[0].set_xlabel("rollouts consumed")
-    axes[1].set_xlabel("reverse KL to the base")
+    axes[1].set_xlabel("reverse KL to the base, per response (k1; < 0 is noise)")
+    axes[0].set_ylabel("accuracy (AVG@K, held-out)")
     for ax in axes:
-        ax.set_ylabel("accuracy (AVG@K)")
-        ax.legend(fontsize=8)
-    fig.suptitle("ERPD vs on-policy, toy task (each line one seed)", fontsize=10)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.grid(alpha=0.3)
+    axes[1].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+                   frameon=False)
+    fig.suptitle(f"ERPD vs on-policy, toy task: median of {len(seeds)} seeds (bold), each seed (thin)", fontsize=11)
     fig.tight_layout()
     path = out / "erpd_vs_onpolicy.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 

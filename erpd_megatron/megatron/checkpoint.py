@@ -206,7 +206,8 @@ def _save_into(engine: PolicyEngine, root: str, step: int, final: str, tmp: str)
         os.makedirs(root, exist_ok=True)
         if os.path.exists(tmp):  # leftover of a crashed save of the same step
             shutil.rmtree(tmp)
-        os.makedirs(os.path.join(tmp, "rng"))
+        # empty: dist_checkpointing.save warns "Overwriting old incomplete / corrupted checkpoint" on any entry
+        os.makedirs(tmp)
     _barrier()
 
     sd = _model_sharded_sd(engine.modules)
@@ -214,6 +215,7 @@ def _save_into(engine: PolicyEngine, root: str, step: int, final: str, tmp: str)
         sd["optimizer"] = engine.optimizer.sharded_state_dict(sd, is_loading=False, metadata=_optim_metadata(OPTIM_SHARDING))
     _install_results_queue()
     dist_checkpointing.save(sd, tmp, content_metadata={"distrib_optim_sharding_type": OPTIM_SHARDING})
+    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)  # after the save (see above); every rank, race-free
     _write_rng(os.path.join(tmp, RNG_FILE.format(rank=_rank())))
     _barrier()
 

@@ -60,9 +60,11 @@ class RunDir:
 
 
 class MetricLog:
-    """Append-only JSONL (+ TensorBoard when available) that can be rewound to a resume step."""
+    """Append-only JSONL (+ TensorBoard when available, + extra sinks such as W&B) that can be rewound to a
+    resume step. Every destination gets the same metric names; `sinks` have `log(step, metrics)` / `close()`."""
 
-    def __init__(self, path: Path, resume_step: int, tb_dir: Path | None = None):
+    def __init__(self, path: Path, resume_step: int, tb_dir: Path | None = None, sinks: list | None = None):
+        self.sinks = list(sinks or [])
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lines = self.path.read_text().splitlines() if self.path.exists() else []
@@ -91,14 +93,27 @@ class MetricLog:
         self._f.write(json.dumps(rec) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
+        self.log_trackers(step, metrics)
+
+    def log_trackers(self, step: int, metrics: dict) -> None:
+        """TensorBoard and sinks only (e.g. eval results, whose source of truth is eval/<method>/step_*.json)."""
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(k, float(v), step)
+        for sink in self.sinks:
+            sink.log(step, metrics)
+
+    def log_text(self, tag: str, text: str) -> None:
+        """Provenance (resolved config, git commit) as TensorBoard text; W&B gets it as the run config."""
+        if self._tb is not None:
+            self._tb.add_text(tag, text)
 
     def close(self) -> None:
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 def minibatch_indices(num_rows: int, mini_batch_size: int, step: int, seed: int) -> list[int]:

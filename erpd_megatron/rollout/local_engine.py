@@ -96,13 +96,17 @@ class LocalEngine(RolloutEngine):
                 raise ValueError(f"prompt {i} is empty")
         if sampling.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer: build LocalEngine(model, tokenizer)")
+        from erpd_megatron.utils.console import progress
+
         requests = expand_requests(len(prompt_ids), sampling)
         out: list[Sample] = []
-        for start in range(0, len(requests), self.max_batch_size):
-            out.extend(self._generate_chunk(prompt_ids, requests[start:start + self.max_batch_size], sampling))
+        with progress(total=len(requests), desc="sampling", unit="sample") as bar:  # advances as rows finish
+            for start in range(0, len(requests), self.max_batch_size):
+                out.extend(self._generate_chunk(prompt_ids, requests[start:start + self.max_batch_size], sampling,
+                                                bar))
         return out
 
-    def _generate_chunk(self, prompt_ids, requests, sampling: SamplingParams) -> list[Sample]:
+    def _generate_chunk(self, prompt_ids, requests, sampling: SamplingParams, bar=None) -> list[Sample]:
         dev = self.device
         b = len(requests)
         prompts = [list(prompt_ids[i]) for i, _ in requests]
@@ -127,6 +131,7 @@ class LocalEngine(RolloutEngine):
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         cache = out.past_key_values
         next_pos = pos[:, -1] + 1
+        bar_done = 0
         for _ in range(sampling.max_new_tokens):
             logits = out.logits[:, -1, :].float()
             tokens, lps = _sample_step(logits, sampling, gens)
@@ -146,7 +151,11 @@ class LocalEngine(RolloutEngine):
                     hit = next((s for s in sampling.stop if s in text), None)
                     if hit is not None:
                         finish[r], matched[r] = "stop", hit
-            if all(f is not None for f in finish):
+            n_done = sum(f is not None for f in finish)
+            if bar is not None:
+                bar.update(n_done - bar_done)
+                bar_done = n_done
+            if n_done == b:
                 break
             mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=dev)], dim=1)
             out = self.model(input_ids=tokens[:, None].to(dev), attention_mask=mask,

@@ -229,7 +229,9 @@ def warmup(out_dir: str | Path, cfg: WarmupConfig = WarmupConfig(), *, force: bo
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98),
                                 foreach=False)
-        for step in range(cfg.steps):
+        from erpd_megatron.utils.console import progress
+
+        for step in progress(range(cfg.steps), desc="toy warm-up", unit="step"):
             if cfg.eval_every and step % cfg.eval_every == 0:
                 curve.append({"step": step, **evaluate(model, tokenizer, heldout, samples=cfg.eval_samples, seed=cfg.seed),
                               "wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(time.process_time() - c0, 2)})
