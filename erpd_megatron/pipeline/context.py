@@ -67,7 +67,10 @@ class Context:
             if self.cfg.rollout.engine == "sglang":
                 from erpd_megatron.rollout.sglang_engine import SGLangEngine
 
-                self._engine = SGLangEngine.from_config(self.cfg.rollout, model_path=str(self.base_hf))
+                # server logs and "disk" weight pushes live in the run directory (never a fixed /tmp path)
+                self._engine = SGLangEngine.from_config(self.cfg.rollout, model_path=str(self.base_hf),
+                                                        log_dir=str(self.run.root / "logs"),
+                                                        disk_dir=str(self.run.root / "sglang_weights"))
             else:
                 from erpd_megatron.rollout.local_engine import LocalEngine
 
