@@ -41,6 +41,12 @@ def _job_root(recipe: Recipe) -> str:
     return os.path.join(os.path.abspath(recipe.run_dir), "nemo")
 
 
+def _tunnel_dir(recipe: Recipe) -> str:
+    # where Experiment(base_dir=_job_root) writes its experiments: the local tunnel must point there, or
+    # sbatch is handed a script path that does not exist
+    return os.path.join(_job_root(recipe), "experiments")
+
+
 def _slurm_executor(run, recipe: Recipe, nodes: int, gpus: int, env: dict[str, str], het: bool, tasks: int = 1):
     s = recipe.slurm
     # USR1 to the tasks, not the batch shell (B:): nemo-run's shell runs srun in the foreground, so a trap
@@ -53,7 +59,7 @@ def _slurm_executor(run, recipe: Recipe, nodes: int, gpus: int, env: dict[str, s
         gpus_per_node=gpus or None, exclusive=s.exclusive or None,
         container_image=s.container_image if container else None,
         container_mounts=plain.container_mounts(recipe) if container else [], env_vars=env,
-        additional_parameters=extra, job_name_prefix="erpd.", tunnel=run.LocalTunnel(job_dir=_job_root(recipe)),
+        additional_parameters=extra, job_name_prefix="erpd.", tunnel=run.LocalTunnel(job_dir=_tunnel_dir(recipe)),
         packager=run.Packager(), setup_lines="\n".join(s.setup) or None,
         # without a container nemo-run passes --chdir JOB_DIR/code, which its base Packager never creates
         srun_args=None if container else ["--chdir", plain.task_code_dir(recipe)],
@@ -87,7 +93,7 @@ def slurm_experiment(recipe: Recipe, base_dir: str | None = None):
         train_ex.setup_lines = "\n".join(filter(None, [train_ex.setup_lines, plain.rollout_urls_line(recipe)]))
         executors.append(_slurm_executor(run, recipe, rs.nodes, rs.gpus_per_node, env, het))
         tasks.append(_bash_task(run, plain.rollout_task_command(recipe)))
-    base = base_dir or os.path.join(_job_root(recipe), "experiments")
+    base = base_dir or _job_root(recipe)
     exp = run.Experiment(f"erpd-{recipe.name}", executor=train_ex, base_dir=base, log_level="WARN")
     return exp, tasks, executors
 
