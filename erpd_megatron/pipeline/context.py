@@ -120,6 +120,9 @@ class Context:
         """Megatron checkpoint of the base policy of `iteration` (0: imported from HF; i: student of i-1)."""
         if iteration == 0:
             if not (self.run.base / "latest").exists():
+                m = self.cfg.model
+                if m.tp * m.pp * m.dp > 1:
+                    _ = self.par  # join the world first: before it exists every rank is "main" and barrier() is a no-op
                 if self.is_main:  # a child process: the converter sets up its own world of one
                     import subprocess
                     import sys
@@ -128,8 +131,11 @@ class Context:
                            "--out", str(self.run.base), "--tp", str(self.cfg.model.tp), "--pp", "1", "--overwrite"]
                     from erpd_megatron.utils.timing import stage
 
+                    # without the launcher's RANK / WORLD_SIZE / MASTER_*: the child is a world of one
+                    env = {k: v for k, v in os.environ.items()
+                           if k not in _LAUNCHER_VARS and not k.startswith("TORCHELASTIC_")}
                     with stage("base_import"):
-                        out = subprocess.run(cmd, capture_output=True, text=True)
+                        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                     if out.returncode != 0:
                         raise RuntimeError(f"importing the base policy failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
                 self.barrier()
@@ -149,6 +155,11 @@ class Context:
             else:  # non-zero ranks still take part in the collectives
                 for _ in buckets:
                     pass
+
+
+#: set by torchrun for its workers; a child process that inherits them joins (and hangs) the parent's world
+_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                  "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def resolve_base(cfg: RunConfig, run: RunDir) -> Path:
