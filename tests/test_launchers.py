@@ -181,7 +181,7 @@ def test_dryrun_writes_but_does_not_submit(tmp_path, fake_slurm, capsys):
 
 
 @pytest.mark.parametrize("bad,why", [
-    ("layout.tp=3", "KV groups 4 not divisible by TP 3"),
+    ("layout.tp=3", "KV groups 4 and TP 3: neither divides the other"),
     ("layout.pp=3", "layers 64 not divisible by PP 3"),
     ("layout.seq_len=65536", "memory: stage 0 needs"),
 ])
