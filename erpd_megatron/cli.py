@@ -5,6 +5,8 @@
     erpd collect|teacher|signals|distill|onpolicy|iterate --config X.yaml k=v   one stage (resumable)
     erpd eval ...                  AVG@K / pass@K of a checkpoint on a JSONL benchmark
     erpd plan ...                  memory / layout planner
+    erpd report RUN_DIR            rebuild summary.json, report.md, accuracy_vs_kl.png from a run dir
+    erpd compare RUN_A RUN_B ...   one table and one plot over several runs (compare/compare.md)
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ COMMANDS = {
     "iterate": ("erpd_megatron.pipeline.run", "main_iterate", "batch after batch, student -> next base"),
     "eval": ("erpd_megatron.rollout.eval", "main", "AVG@K / pass@K on a local JSONL benchmark"),
     "plan": ("erpd_megatron.planner", "main", "per-GPU memory and step-time plan for a model + layout"),
+    "report": ("erpd_megatron.pipeline.report", "main_report", "rebuild report.md and the plots of a run dir"),
+    "compare": ("erpd_megatron.pipeline.report", "main_compare", "several runs' summaries in one table and plot"),
 }
 
 

@@ -70,9 +70,9 @@ def test_report_from_eval_files(tmp_path):
     summary = build_summary(run, {"s1": {"kind": "student", "rollouts": 1024, "wall_s": 12.0}})
     m = summary["methods"]["s1"]
     assert (m["accuracy"], m["kl"], m["steps"]) == (0.35, 0.03, 20)
-    assert m["best"] == {"step": 10, "accuracy": 0.40, "kl": 0.01}
+    assert m["best"] == {"step": 10, "accuracy": 0.40, "kl": 0.01, "kl_token": 0.01 / 21}
     assert summary["base"]["accuracy"] == 0.30
     report = write_report(run, summary)
     text = report.read_text()
-    assert "| s1 | student | 1024 | 20 | 35.0% | 0.0300 | 40.0% (10, 0.0100)" in text
+    assert "| s1 | student | 1024 | 20 | 35.0% | 0.00143 | 0.0300 | 40.0% (10, 0.00048)" in text
     assert (tmp_path / "accuracy_vs_kl.png").stat().st_size > 1000

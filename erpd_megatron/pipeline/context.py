@@ -127,6 +127,10 @@ class Context:
                     import subprocess
                     import sys
 
+                    from erpd_megatron.utils.console import header
+
+                    header("import the base policy", f"{self.base_hf} -> Megatron checkpoint {self.run.base}")
+
                     cmd = [sys.executable, "-m", "checkpoints_conv", "import", "--hf", str(self.base_hf),
                            "--out", str(self.run.base), "--tp", str(self.cfg.model.tp), "--pp", "1", "--overwrite"]
                     from erpd_megatron.utils.timing import stage
@@ -166,8 +170,10 @@ def resolve_base(cfg: RunConfig, run: RunDir) -> Path:
     """HF directory of the base policy; "toy" warms up the tiny Qwen3 model (cached in the run dir)."""
     if cfg.model.base == "toy":
         from erpd_megatron.toy.warmup import ensure_base_model
+        from erpd_megatron.utils.console import header
 
-        return ensure_base_model(run.root / "hf_base")
+        header("toy base policy", "supervised warm-up on first use, cached after")
+        return ensure_base_model(run.root / "hf_base", log=logging.getLogger("erpd.warmup").info)  # above the bar
     p = Path(cfg.model.base)
     if not (p / "config.json").exists():
         raise FileNotFoundError(f"model.base: {p} is not a Hugging Face checkpoint directory (no config.json)")
@@ -247,8 +253,7 @@ class Timer:
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("ERPD_LOG", "INFO"), format="%(asctime)s %(name)s %(message)s",
-                        datefmt="%H:%M:%S")
-    # megatron-core logs every bucket / optimizer setting at INFO each time a policy is built
-    for name in ("megatron", "megatron.core"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    """Console logging above tqdm bars, megatron's INFO chatter off, known warnings quiet (utils/console.py)."""
+    from erpd_megatron.utils.console import setup_logging as _setup
+
+    _setup()

@@ -28,8 +28,11 @@ def evaluate_policy(ctx, method: str, step: int, policy=None) -> dict | None:
             result = _evaluate_engine(ctx)
         result.update(method=method, step=step)
         ctx.run.write_eval(method, step, result)
-        log.info("eval %s@%d: AVG@%d %.3f  pass@%d %.3f  KL %.4f  len %.1f", method, step, result["k"],
-                 result["avg_at_k"], result["k"], result["pass_at_k"], result["kl"], result["mean_length"])
+        from erpd_megatron.utils.console import kl_note
+
+        log.info("eval %s@%d: AVG@%d %.1f%%  pass@%d %.1f%%  KL/seq %.4f  len %.1f%s", method, step, result["k"],
+                 100 * result["avg_at_k"], result["k"], 100 * result["pass_at_k"], result["kl"],
+                 result["mean_length"], kl_note(result["kl"]))
     ctx.barrier()
     return result
 

@@ -1,25 +1,89 @@
-"""summary.json, report.md and the accuracy-vs-KL plot of a run, built only from files in the run dir.
+"""summary.json, report.md and the plots of a run, built only from files in the run dir; `erpd report RUN_DIR`
+rebuilds them, `erpd compare RUN_A RUN_B ...` puts several runs side by side.
 
 Each method's path (accuracy and KL at every evaluated step) is reported, not one end point: at toy
 scale curves rise and fall within 10-30 steps, so "final" alone would mislead. `accuracy` / `kl` in the
 summary are the values at the last evaluated step; `best` is the best evaluated step, reported beside
 its KL (choosing it uses the eval set, so it is optimistic -- the report says so).
+
+KL is the reverse KL to the base on the policy's own eval samples (pipeline/evaluate.py), k1: summed over
+the response (`kl`, per sequence) and divided by the mean response length (`kl_token`, per token: comparable
+across response lengths, the default axis). k1 is unbiased but can be slightly negative near 0.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from erpd_megatron.pipeline.rundir import RunDir
 from erpd_megatron.utils.io import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:  # rundir imports torch: `erpd report --help` should not
+    from erpd_megatron.pipeline.rundir import RunDir
+
+PLOT = "accuracy_vs_kl.png"
+KL_LABEL = {"token": "reverse KL to the base, per token", "sequence": "reverse KL to the base, per response"}
+
+
+def kl_token(r: dict) -> float | None:
+    """Per-token KL of one eval result: its own `kl_token`, else kl / mean_length (the same ratio: both are
+    means over the same samples)."""
+    if r.get("kl_token") is not None:
+        return r["kl_token"]
+    if r.get("kl") is None or not r.get("mean_length"):
+        return None
+    return r["kl"] / r["mean_length"]
+
+
+# ----------------------------------------------------------------------------- what a run holds
+
+
+def methods_from_run(run: RunDir, cfg) -> dict[str, dict]:
+    """name -> {"kind", "rollouts", "rollouts_per_step", "wall_s"} of every method `cfg` trains, from the config
+    and the run dir alone (promotions, wall-clock files), so a report can be rebuilt at any time.
+
+    Rollouts: an offline method (teacher, student) consumes the fixed batches of its iteration up front, so every
+    point of its path sits at the same count (`rollouts_per_step` 0); an on-policy method samples per step."""
+    from erpd_megatron.pipeline.stages import method_name
+
+    n = cfg.rollout.n_samples
+    batch = cfg.data.prompts_per_batch * n
+    out: dict[str, dict] = {}
+    for it in range(cfg.iterations):
+        for name, t in cfg.teachers.items():
+            out[method_name(name, it)] = {"kind": f"teacher ({t.loss})", "rollouts": batch * (it + 1)}
+        for name, s in cfg.students.items():
+            strat = "+".join(str(k) for k in s.strategies)
+            out[method_name(name, it)] = {"kind": f"student (strategy {strat}, {s.teacher})",
+                                          "rollouts": batch * (it + 1)}
+        promoted = run.root / f"iter_{it}" / "promoted.json"
+        online = json.loads(promoted.read_text()).get("online") if promoted.exists() else None
+        if online and cfg.onpolicy is not None:
+            per = cfg.onpolicy.prompts_per_step * n
+            out[online] = {"kind": f"online phase ({cfg.onpolicy.loss})", "rollouts": cfg.iterate.online_steps * per,
+                           "rollouts_per_step": per}
+    if cfg.onpolicy is not None:
+        o = cfg.onpolicy
+        steps = o.steps or -(-cfg.data.prompts_per_batch // o.prompts_per_step)
+        out[f"onpolicy_{o.loss}"] = {"kind": f"on-policy {o.loss}", "rollouts": steps * o.prompts_per_step * n,
+                                     "rollouts_per_step": o.prompts_per_step * n}
+    for m in out.values():
+        m.setdefault("rollouts_per_step", 0)
+    for p in sorted((run.root / "metrics").glob("*.wall.json")):
+        name = p.name[: -len(".wall.json")]
+        if name in out:
+            out[name]["wall_s"] = json.loads(p.read_text())["wall_s"]
+    return out
 
 
 def build_summary(run: RunDir, methods: dict[str, dict]) -> dict:
-    """methods: name -> {"kind", "rollouts", "wall_s"} (bookkeeping the stages wrote)."""
+    """methods: name -> {"kind", "rollouts", "rollouts_per_step", "wall_s"} (see `methods_from_run`)."""
     base_eval = run.eval_results("base").get(0, {})
     summary = {"base": {"accuracy": base_eval.get("avg_at_k"), "pass_at_k": base_eval.get("pass_at_k"), "kl": 0.0,
-                        "mean_length": base_eval.get("mean_length")},
+                        "kl_token": 0.0, "mean_length": base_eval.get("mean_length")},
                "methods": {}}
     from erpd_megatron.utils.timing import summarize
 
@@ -27,9 +91,11 @@ def build_summary(run: RunDir, methods: dict[str, dict]) -> dict:
     # run dir from before it was recorded
     summary["stage_times"] = summarize(run.root)
     for name, info in methods.items():
+        per_step = info.get("rollouts_per_step") or 0
         curve = [
-            {"step": s, "accuracy": r["avg_at_k"], "kl": r.get("kl"), "pass_at_k": r.get("pass_at_k"),
-             "mean_length": r.get("mean_length")}
+            {"step": s, "accuracy": r["avg_at_k"], "kl": r.get("kl"), "kl_token": kl_token(r),
+             "pass_at_k": r.get("pass_at_k"), "mean_length": r.get("mean_length"),
+             "rollouts": s * per_step if per_step else info.get("rollouts")}
             for s, r in sorted(run.eval_results(name).items())
         ]
         if not curve:
@@ -40,45 +106,55 @@ def build_summary(run: RunDir, methods: dict[str, dict]) -> dict:
             "kind": info.get("kind"),
             "accuracy": last["accuracy"],
             "kl": last["kl"],
+            "kl_token": last["kl_token"],
             "steps": last["step"],
             "rollouts": info.get("rollouts"),
             "wall_s": info.get("wall_s"),
-            "best": {"step": best["step"], "accuracy": best["accuracy"], "kl": best["kl"]},
+            "best": {"step": best["step"], "accuracy": best["accuracy"], "kl": best["kl"], "kl_token": best["kl_token"]},
             "curve": curve,
         }
     return summary
 
 
-def write_report(run: RunDir, summary: dict, title: str = "ERPD run") -> Path:
+# ----------------------------------------------------------------------------- report.md
+
+
+def write_report(run: RunDir, summary: dict, title: str = "ERPD run", kl: str = "token") -> Path:
     atomic_write_json(run.root / "summary.json", summary)
-    plot = run.root / "accuracy_vs_kl.png"
-    _plot(summary, plot)
+    plot = run.root / PLOT
+    plot_summaries({title: summary}, plot, kl=kl, title=title)
     b = summary["base"]
     lines = [
         f"# {title}",
         "",
         f"Base policy: AVG@K {_pct(b['accuracy'])}, pass@K {_pct(b.get('pass_at_k'))}.",
         "",
-        "| method | kind | rollouts | steps | AVG@K (last) | KL (last) | best AVG@K (step, KL) | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | kind | rollouts | steps | AVG@K (last) | KL/token (last) | KL/seq (last) | best AVG@K (step, KL/token) "
+        "| wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in summary["methods"].items():
         bst = m["best"]
         lines.append(
-            f"| {name} | {m['kind']} | {m['rollouts']} | {m['steps']} | {_pct(m['accuracy'])} | {_f(m['kl'])} | "
-            f"{_pct(bst['accuracy'])} ({bst['step']}, {_f(bst['kl'])}) | {_f(m['wall_s'], 1)} |"
+            f"| {name} | {m['kind']} | {m['rollouts']} | {m['steps']} | {_pct(m['accuracy'])} | "
+            f"{_f(m.get('kl_token'), 5)} | {_f(m['kl'])} | {_pct(bst['accuracy'])} ({bst['step']}, "
+            f"{_f(bst.get('kl_token'), 5)}) | {_f(m['wall_s'], 1)} |"
         )
-    lines += ["", "Accuracy along each method's path (step: AVG@K / KL to base):", ""]
+    lines += ["", "Accuracy along each method's path (step: AVG@K / KL per token):", ""]
     for name, m in summary["methods"].items():
-        pts = ", ".join(f"{c['step']}: {_pct(c['accuracy'])} / {_f(c['kl'])}" for c in m["curve"])
+        pts = ", ".join(f"{c['step']}: {_pct(c['accuracy'])} / {_f(c.get('kl_token'), 5)}" for c in m["curve"])
         lines.append(f"- **{name}**: {pts}")
     lines += [
         "",
-        f"![accuracy vs KL]({plot.name})",
+        f"![accuracy vs rollouts and vs KL]({plot.name})",
         "",
-        "KL is the reverse KL E_{y~pi}[log pi(y) - log pi_base(y)] (summed over response tokens), estimated on "
-        "the eval samples of the policy itself. 'best' picks a step on the eval set and is therefore optimistic.",
+        "KL is the reverse KL E_{y~pi}[log pi(y) - log pi_base(y)] estimated (k1) on the eval samples of the policy "
+        "itself: KL/seq sums it over the response, KL/token divides by the mean response length. "
+        "'best' picks a step on the eval set and is therefore optimistic.",
     ]
+    if _has_negative_kl(summary):
+        lines += ["", "Some KL values are negative: the k1 estimator is unbiased but not >= 0, so a policy close to "
+                      "the base can show a small negative estimate (sampling noise around 0, not a real KL < 0)."]
     if summary.get("stage_times"):
         from erpd_megatron.utils.timing import format_line
 
@@ -86,6 +162,10 @@ def write_report(run: RunDir, summary: dict, title: str = "ERPD run") -> Path:
     path = run.root / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def _has_negative_kl(summary: dict) -> bool:
+    return any((c.get("kl") or 0) < 0 for m in summary["methods"].values() for c in m["curve"])
 
 
 def _pct(x) -> str:
@@ -96,26 +176,164 @@ def _f(x, nd: int = 4) -> str:
     return "n/a" if x is None else f"{x:.{nd}f}"
 
 
-def _plot(summary: dict, path: Path) -> None:
+# ----------------------------------------------------------------------------- plots
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+BASE_FILLS = ("k", "w", "0.6", "0.3")  # base stars in greys: the colours belong to the methods
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def plot_summaries(summaries: dict[str, dict], path: Path, kl: str = "token", title: str = "") -> Path:
+    """Two panels: AVG@K vs rollouts consumed, AVG@K vs KL to the base; one summary (a run's report) or several
+    (`erpd compare`: one line style and base marker colour per run). Accuracy in %, the base a star, hollow
+    markers of a different shape per method so points at the same place stay visible, legend beside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    ax.axhline(summary["base"]["accuracy"] or 0, color="grey", ls="--", lw=1, label="base")
-    for name, m in summary["methods"].items():
-        xs = [c["kl"] or 0.0 for c in m["curve"]]
-        ys = [c["accuracy"] for c in m["curve"]]
-        ax.plot(xs, ys, marker="o", ms=3, label=name)
-    ax.set_xlabel("reverse KL to base (per response)")
-    ax.set_ylabel("AVG@K")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    key = "kl_token" if kl == "token" else "kl"
+    several = len(summaries) > 1
+    fig, (ax_r, ax_k) = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    series = 0
+    for ri, (run_name, summary) in enumerate(summaries.items()):
+        base = summary["base"]["accuracy"]
+        ls = LINESTYLES[ri % len(LINESTYLES)] if several else "-"
+        if base is not None:
+            label = f"base ({run_name})" if several else "base policy"
+            for ax in (ax_r, ax_k):
+                ax.plot([0], [base], marker="*", ms=15, color=BASE_FILLS[ri % len(BASE_FILLS)], mec="k", ls="none",
+                        zorder=5, label=label if ax is ax_k else None)
+                ax.axhline(base, color="grey", ls=":", lw=0.8, zorder=1)
+        methods = summary["methods"]
+        dodge = _dodge(methods)
+        for mi, (name, m) in enumerate(methods.items()):
+            color, marker = f"C{series % 10}", MARKERS[mi % len(MARKERS)]
+            series += 1
+            label = f"{run_name}: {name}" if several else name
+            style = dict(color=color, marker=marker, ms=6, mfc="none", mew=1.4, ls=ls, lw=1.2, alpha=0.9, zorder=3)
+            ys = [c["accuracy"] for c in m["curve"]]
+            xr = [(c.get("rollouts") or 0) + dodge.get(name, 0.0) for c in m["curve"]]
+            ax_r.plot(xr, ys, **style)
+            ax_r.plot(xr[-1:], ys[-1:], marker=marker, ms=8, color=color, ls="none", zorder=4)  # last step
+            pts = [(c.get(key), c["accuracy"]) for c in m["curve"] if c.get(key) is not None]
+            if pts:
+                ax_k.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
+                ax_k.plot([pts[-1][0]], [pts[-1][1]], marker=marker, ms=8, color=color, ls="none", zorder=4)  # last
+    ax_r.set_xlabel("rollouts consumed (offline methods: their fixed batch, dodged sideways)")
+    ax_k.set_xlabel(KL_LABEL[kl] + " (k1; < 0 is noise)")
+    ax_r.set_ylabel("AVG@K (held-out)")
+    for ax in (ax_r, ax_k):
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.grid(alpha=0.3)
+    ax_r.set_title("accuracy vs rollouts (filled: last step)", fontsize=10)
+    ax_k.set_title("accuracy vs KL to the base (filled: last step)", fontsize=10)
+    ax_k.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
+    fig.suptitle(title or "AVG@K vs rollouts and vs KL to the base", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+    return path
+
+
+def _dodge(methods: dict) -> dict[str, float]:
+    """Sideways offset (in rollouts) for methods whose whole path sits at one rollout count, so several offline
+    methods at the same count do not hide each other: spread over +-2% of the largest count."""
+    fixed = [n for n, m in methods.items() if len({c.get("rollouts") for c in m["curve"]}) == 1]
+    top = max((c.get("rollouts") or 0 for m in methods.values() for c in m["curve"]), default=0)
+    if len(fixed) < 2 or not top:
+        return {}
+    width = 0.04 * top
+    return {n: width * (i / (len(fixed) - 1) - 0.5) for i, n in enumerate(fixed)}
+
+
+# ----------------------------------------------------------------------------- erpd report / erpd compare
 
 
 def load_summary(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def _load_run_config(run_dir: Path):
+    from erpd_megatron.config import load_config
+
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
+    return load_config(str(path))
+
+
+def write_run_report(run_dir: str | Path, kl: str | None = None) -> tuple[Path, dict]:
+    """Rebuild summary.json, report.md and the plot of a run dir from its files; returns (report path, summary)."""
+    from erpd_megatron.pipeline.rundir import RunDir
+
+    run_dir = Path(run_dir)
+    cfg = _load_run_config(run_dir)
+    run = RunDir(run_dir)
+    summary = build_summary(run, methods_from_run(run, cfg))
+    path = write_report(run, summary, title=f"ERPD run `{cfg.run_dir}`", kl=kl or cfg.logging.report_kl)
+    return path, summary
+
+
+def compare_table(summaries: dict[str, dict]) -> str:
+    """One markdown table: every method of every run, with its gain over its run's base."""
+    lines = ["| run | method | kind | rollouts | steps | AVG@K (last) | vs base | KL/token (last) | best AVG@K (step) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for run_name, s in summaries.items():
+        base = s["base"]["accuracy"]
+        lines.append(f"| {run_name} | base | base policy | 0 | 0 | {_pct(base)} | | 0 | |")
+        for name, m in s["methods"].items():
+            gain = "n/a" if base is None else f"{100 * (m['accuracy'] - base):+.1f} pt"
+            lines.append(f"| {run_name} | {name} | {m['kind']} | {m['rollouts']} | {m['steps']} | {_pct(m['accuracy'])} "
+                         f"| {gain} | {_f(m.get('kl_token'), 5)} | {_pct(m['best']['accuracy'])} ({m['best']['step']}) |")
+    return "\n".join(lines)
+
+
+def _run_names(dirs: list[Path]) -> list[str]:
+    """Short unique labels: the dir names, or the full paths when two runs share a name."""
+    names = [d.name for d in dirs]
+    return names if len(set(names)) == len(names) else [str(d) for d in dirs]
+
+
+def main_report(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="erpd report", description="Rebuild report.md, summary.json and accuracy_vs_kl.png "
+                                "of a run directory from its files (eval results, config, promotions).")
+    p.add_argument("run_dir", help="a run directory (holds config.yaml and eval/)")
+    p.add_argument("--kl", choices=("token", "sequence"), default=None,
+                   help="KL axis of the plot (default: the run's logging.report_kl, normally token)")
+    ns = p.parse_args(argv)
+    try:
+        path, summary = write_run_report(ns.run_dir, ns.kl)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"erpd report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {path} ({len(summary['methods'])} methods; plot {path.parent / PLOT})")
+    return 0
+
+
+def main_compare(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="erpd compare", description="Several runs' summaries in one table and one plot "
+                                "(each run's summary.json, rebuilt from its files when missing).")
+    p.add_argument("run_dirs", nargs="+", help="run directories")
+    p.add_argument("--out", default="compare", help="directory for compare.md and compare.png (default: ./compare)")
+    p.add_argument("--kl", choices=("token", "sequence"), default="token", help="KL axis (default: token)")
+    ns = p.parse_args(argv)
+    dirs = [Path(d) for d in ns.run_dirs]
+    try:
+        summaries = {}
+        for name, d in zip(_run_names(dirs), dirs):
+            f = d / "summary.json"
+            summaries[name] = load_summary(f) if f.exists() else write_run_report(d)[1]
+    except (FileNotFoundError, ValueError) as e:
+        print(f"erpd compare: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = compare_table(summaries)
+    plot = plot_summaries(summaries, out / "compare.png", kl=ns.kl, title=f"{len(summaries)} runs compared")
+    atomic_write_text(out / "compare.md", f"# Runs compared\n\n{table}\n\n![runs]({plot.name})\n")
+    print(table)
+    print(f"\nwritten: {out / 'compare.md'}, {plot}")
+    return 0

@@ -75,11 +75,8 @@ def build_parser(prog: str, stages: tuple[str, ...] = (), config: str = "none, t
 
 def config_path(spec: str | None) -> str | None:
     """A YAML path as given, or the preset of that name ("micro" -> presets/micro.yaml)."""
-    if spec and not Path(spec).exists():
-        if (PRESETS / f"{spec}.yaml").exists():
-            return str(PRESETS / f"{spec}.yaml")
-        names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
-        raise ConfigError(f"--config {spec}: no such file and no such preset (presets: {names})")
+    if spec and not Path(spec).exists() and (PRESETS / f"{spec}.yaml").exists():
+        return str(PRESETS / f"{spec}.yaml")
     return spec
 
 
@@ -130,7 +127,7 @@ def locked_changes(old: dict, new: dict, started: set[str]) -> list[str]:
     bad = []
     for path, a, b in _leaf_changes(old, new):
         generic = re.sub(r"^(teachers|students)\.[^.]+\.", r"\1.*.", path)
-        if generic in FREE:
+        if generic in FREE or path.startswith("logging."):  # console / tracking only
             continue
         if path == "onpolicy.steps" and a == 0:  # 0 meant the ERPD budget: compare the steps it stood for
             a = -(-old["data"]["prompts_per_batch"] // old["onpolicy"]["prompts_per_step"])
@@ -179,64 +176,65 @@ def _pipeline(cfg: RunConfig, stages: tuple[str, ...]) -> dict:
     from erpd_megatron.pipeline import stages as st
     from erpd_megatron.pipeline.collect import collect
     from erpd_megatron.pipeline.context import Timer, build_context
-    from erpd_megatron.utils import timing
+    from erpd_megatron.utils import console, timing
 
+    console.configure(cfg.logging.progress, cfg.logging.log_every)  # before the warm-up's bar
     timing.reset()  # this invocation's stage times (summary.json "stage_times", utils/timing.py)
     ctx = build_context(cfg)  # validates the data (sizes, prompt lengths) before anything is recorded
     if ctx.is_main:
+        from erpd_megatron.utils.tracking import record_invocation
+
         save_config(cfg, ctx.run.root / "config.yaml")
-    bookkeeping: dict[str, dict] = {}
-    rollouts = cfg.data.prompts_per_batch * cfg.rollout.n_samples
+        record_invocation(cfg)  # git commit + command line of this invocation (run_info.json)
     try:
         for it in range(cfg.iterations):
             if "collect" in stages:
+                console.header(f"collect batch {it}", f"{cfg.data.prompts_per_batch} prompts x "
+                               f"{cfg.rollout.n_samples} samples, then the base's evaluation")
                 with _timed(ctx, "collect"):
                     collect(ctx, it)
                 with _timed(ctx, "eval"):
                     st.evaluate_base(ctx, it)
             if "teacher" in stages:
-                for name in cfg.teachers:
+                for name, t in cfg.teachers.items():
+                    console.header(f"stage 1: teacher {st.method_name(name, it)}", f"loss {t.loss}, {t.steps} steps")
                     timer = Timer(ctx.run, st.method_name(name, it))
                     with _timed(ctx, "train"):
                         st.train_teachers(ctx, it, only=name)
                     timer.save()
-                    bookkeeping[st.method_name(name, it)] = {"kind": f"teacher ({cfg.teachers[name].loss})",
-                                                             "rollouts": rollouts * (it + 1), "wall_s": timer.total()}
             if "signals" in stages:
+                console.header(f"signals of batch {it}", "teacher / unlearned / weak log-probs per token")
                 with _timed(ctx, "signals"):
                     st.compute_signals(ctx, it)
             if "distill" in stages:
                 for name, s in cfg.students.items():
+                    strat = "+".join(str(k) for k in s.strategies)
+                    console.header(f"stage 2: student {st.method_name(name, it)}",
+                                   f"strategy {strat} from teacher {s.teacher}, {s.steps} steps")
                     timer = Timer(ctx.run, st.method_name(name, it))
                     with _timed(ctx, "train"):
                         st.train_students(ctx, it, only=name)
                     timer.save()
-                    strat = "+".join(str(k) for k in s.strategies)
-                    bookkeeping[st.method_name(name, it)] = {"kind": f"student (strategy {strat}, {s.teacher})",
-                                                             "rollouts": rollouts * (it + 1), "wall_s": timer.total()}
                 if it + 1 < cfg.iterations:
+                    console.header(f"promote a student of batch {it} to the next base",
+                                   f"then {cfg.iterate.online_steps} online steps" if cfg.iterate.online_steps else "")
                     with _timed(ctx, "train"):  # the optional online phase trains
-                        info = st.promote_student(ctx, it)
-                    if "online" in info:
-                        bookkeeping[info["online"]] = {"kind": f"online phase ({cfg.onpolicy.loss})",
-                                                       "rollouts": cfg.iterate.online_steps
-                                                       * cfg.onpolicy.prompts_per_step * cfg.rollout.n_samples}
+                        st.promote_student(ctx, it)
         if "onpolicy" in stages and cfg.onpolicy is not None:
             name = f"onpolicy_{cfg.onpolicy.loss}"
+            console.header(f"on-policy baseline {name}", f"{st.onpolicy_steps(ctx)} steps of "
+                           f"{cfg.onpolicy.prompts_per_step} prompts, same rollout budget")
             timer = Timer(ctx.run, name)
             with _timed(ctx, "train"):  # its per-step sampling is "collect" (pipeline/collect.py)
                 st.train_onpolicy(ctx, 0)
             timer.save()
-            steps = st.onpolicy_steps(ctx)
-            bookkeeping[name] = {"kind": f"on-policy {cfg.onpolicy.loss}",
-                                 "rollouts": steps * cfg.onpolicy.prompts_per_step * cfg.rollout.n_samples,
-                                 "wall_s": timer.total()}
         if ctx.is_main and "report" in stages:
-            from erpd_megatron.pipeline.report import build_summary, write_report
+            from erpd_megatron.pipeline.report import build_summary, methods_from_run, write_report
 
+            console.header("report", str(ctx.run.root / "report.md"))
             timing.save(ctx.run.root)  # this invocation's times so far, read back by build_summary
-            summary = build_summary(ctx.run, _all_methods(ctx, bookkeeping))
-            path = write_report(ctx.run, summary, title=f"ERPD run `{cfg.run_dir}`")
+            summary = build_summary(ctx.run, methods_from_run(ctx.run, cfg))
+            path = write_report(ctx.run, summary, title=f"ERPD run `{cfg.run_dir}`", kl=cfg.logging.report_kl)
             print(f"report: {path}")
             return summary
         return {}
@@ -257,18 +255,6 @@ def _timed(ctx, name: str):
         yield
     if ctx.is_main:
         timing.save(ctx.run.root)
-
-
-def _all_methods(ctx, bookkeeping: dict) -> dict:
-    """Methods with wall times from this or earlier (resumed) invocations."""
-    import json
-
-    out = dict(bookkeeping)
-    for p in sorted((ctx.run.root / "metrics").glob("*.wall.json")):
-        name = p.name[: -len(".wall.json")]
-        out.setdefault(name, {"kind": None, "rollouts": None})
-        out[name]["wall_s"] = json.loads(p.read_text())["wall_s"]
-    return out
 
 
 ALL = ("collect", "teacher", "signals", "distill", "onpolicy", "report")

@@ -18,8 +18,8 @@ from erpd_megatron.data.rollout_store import RolloutStore
 from erpd_megatron.pipeline import objectives
 from erpd_megatron.pipeline.collect import add_policy_logprobs, batch_prompts, sample_batch
 from erpd_megatron.pipeline.evaluate import evaluate_policy
-from erpd_megatron.pipeline.rundir import MetricLog, minibatch_indices
-from erpd_megatron.pipeline.train import final_step, finished, slice_batch, train_loop
+from erpd_megatron.pipeline.rundir import minibatch_indices
+from erpd_megatron.pipeline.train import final_step, finished, open_metric_log, slice_batch, train_loop
 
 log = logging.getLogger("erpd.stages")
 
@@ -153,7 +153,7 @@ def critic_advantages(ctx, method: str, t, batch: dict, iteration: int):
         critic.load(str(ck))
     else:
         critic.load_policy_weights(str(ctx.base_ckpt(iteration)))
-    metrics_log = MetricLog(ctx.run.metrics(method + "_critic"), critic.step) if ctx.is_main else None
+    metrics_log = open_metric_log(ctx, method + "_critic", critic.step) if ctx.is_main else None
 
     def on_step(step, m):
         if metrics_log is not None:

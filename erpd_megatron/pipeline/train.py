@@ -20,6 +20,7 @@ import time
 import torch
 
 from erpd_megatron.pipeline.rundir import MetricLog, minibatch_indices
+from erpd_megatron.utils import console
 from erpd_megatron.utils.io import atomic_write_json, atomic_write_text
 from erpd_megatron.utils.timing import stage
 
@@ -55,11 +56,15 @@ def train_loop(ctx, method: str, *, batch: dict | None, loss_fn, steps: int, min
         start = policy.step
     if start:
         log.info("%s: resuming from step %d (%s)", method, start, ckdir)
-    metrics_log = MetricLog(ctx.run.metrics(method), start, tb_dir=ctx.run.root / "tb" / method if ctx.is_main else None)
+    metrics_log = open_metric_log(ctx, method, start)
     evaluated = set(ctx.run.eval_results(method)) if eval_fn else set()
     every = ctx.cfg.eval.every if eval_every is None else eval_every
     if eval_fn and _is_eval_step(start, steps, save_every, every) and start not in evaluated:
         eval_fn(policy, start)
+        _log_eval(ctx, metrics_log, method, start)
+    bar = console.progress(total=steps, desc=method, unit="step")
+    bar.update(start)
+    t_start = time.perf_counter()
     for step in range(start, steps):
         t0 = time.perf_counter()
         if batch is not None:
@@ -73,9 +78,12 @@ def train_loop(ctx, method: str, *, batch: dict | None, loss_fn, steps: int, min
         metrics["perf/response_length"] = float(mb["response_mask"].sum() / mb["response_mask"].shape[0])
         if step_metrics is not None:
             metrics.update(step_metrics(policy, mb))
-        if ctx.is_main:
-            metrics_log.log(step + 1, metrics)
         done = step + 1
+        if ctx.is_main:
+            metrics_log.log(done, metrics)
+            eta = (time.perf_counter() - t_start) / (done - start) * (steps - done)
+            console.print_step(method, done, steps, metrics, eta_s=eta)
+        bar.update(1)
         _test_kill_point(ctx, method, done)
         if done % save_every == 0 or done == steps:
             with stage("checkpoint_save"):
@@ -86,17 +94,49 @@ def train_loop(ctx, method: str, *, batch: dict | None, loss_fn, steps: int, min
                 prune_checkpoints(str(ckdir), ctx.cfg.checkpoint.keep_last, keep_steps)
             if eval_fn and _is_eval_step(done, steps, save_every, every):
                 eval_fn(policy, done)
+                _log_eval(ctx, metrics_log, method, done)
                 if early_stop_patience and _no_progress(ctx.run.eval_results(method), early_stop_patience):
                     if ctx.is_main:
                         atomic_write_text(ckdir / STOPPED, f"{done}\n")
                     log.info("%s: early stop at step %d (no eval gain in %d evaluations)", method, done,
                              early_stop_patience)
                     break
+    bar.close()
     metrics_log.close()
     if ctx.is_main and not (ckdir / STOPPED).exists():
         atomic_write_json(ckdir / FINISHED, {"steps": steps})  # after the last save and eval
     ctx.barrier()
     return policy
+
+
+def open_metric_log(ctx, method: str, start: int) -> MetricLog:
+    """JSONL + TensorBoard (+ W&B when `logging.wandb.mode` is set) for `method`, rewound to `start`; the
+    trackers get the resolved config and the git commit (utils/tracking.py). Non-main ranks: JSONL path only."""
+    if not ctx.is_main:
+        return MetricLog(ctx.run.metrics(method), start)
+    from erpd_megatron.utils.tracking import make_sinks, run_info
+
+    info = run_info(ctx.cfg)
+    mlog = MetricLog(ctx.run.metrics(method), start, tb_dir=ctx.run.root / "tb" / method,
+                     sinks=make_sinks(ctx.cfg, method, info))
+    import yaml
+
+    mlog.log_text("config", "```\n" + yaml.safe_dump(info["config"], sort_keys=False) + "```")
+    mlog.log_text("git_commit", str(info["git_commit"]))
+    return mlog
+
+
+EVAL_KEYS = ("avg_at_k", "pass_at_k", "kl", "kl_token", "mean_length")
+
+
+def _log_eval(ctx, metrics_log: MetricLog, method: str, step: int) -> None:
+    """Eval results to TensorBoard / W&B as `eval/<key>` (their JSON file, eval/<method>/step_*.json, holds
+    the same keys without the prefix; the JSONL keeps one line per optimizer step)."""
+    if not ctx.is_main:
+        return
+    r = ctx.run.eval_results(method).get(step)
+    if r:
+        metrics_log.log_trackers(step, {f"eval/{k}": r[k] for k in EVAL_KEYS if r.get(k) is not None})
 
 
 STOPPED = "early_stopped"
