@@ -91,7 +91,15 @@ def check_nccl(cuda: bool) -> dict:
     backend = dist.get_backend()
     ok = float(x.sum()) == 4.0 and (backend == "nccl" or not cuda)
     return {"pass": ok, "backend": backend, "world_size": dist.get_world_size(),
-            "nccl_version": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None}
+            "nccl_version": _nccl_version() if cuda else None}
+
+
+def _nccl_version() -> str | None:
+    try:  # a tuple in recent torch, an int in older ones: informational only, never a failure
+        v = torch.cuda.nccl.version()
+        return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def check_logprobs_and_train(eng, ref, batch) -> tuple[dict, dict]:
