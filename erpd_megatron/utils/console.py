@@ -173,6 +173,8 @@ KNOWN_LOG_MESSAGES: tuple[tuple[str, str, str], ...] = (
     ("megatron.core.dist_checkpointing.strategies.torch", "MCore's async save is deprecated",
      "printed when the torch save strategy is built; ERPD saves synchronously"),
     ("torch.utils.cpp_extension", "No CUDA runtime is found", "CPU runs: megatron imports the extension builder"),
+    ("megatron.core.models.gpt.gpt_model", "GPTModel IS DEPRECATED",
+     "a notice about megatron's future HybridModel; GPTModel is the model class of the pinned megatron-core 0.19"),
 )
 
 
