@@ -123,7 +123,7 @@ class Context:
                 m = self.cfg.model
                 if m.tp * m.pp * m.dp > 1:
                     _ = self.par  # join the world first: before it exists every rank is "main" and barrier() is a no-op
-                if self.is_main:  # a child process: the converter sets up its own world of one
+                if self.is_main:  # several ranks: a child process (the converter needs a world of one)
                     import subprocess
                     import sys
 
@@ -131,17 +131,22 @@ class Context:
 
                     header("import the base policy", f"{self.base_hf} -> Megatron checkpoint {self.run.base}")
 
-                    cmd = [sys.executable, "-m", "checkpoints_conv", "import", "--hf", str(self.base_hf),
-                           "--out", str(self.run.base), "--tp", str(self.cfg.model.tp), "--pp", "1", "--overwrite"]
                     from erpd_megatron.utils.timing import stage
 
-                    # without the launcher's RANK / WORLD_SIZE / MASTER_*: the child is a world of one
-                    env = {k: v for k, v in os.environ.items()
-                           if k not in _LAUNCHER_VARS and not k.startswith("TORCHELASTIC_")}
+                    m = self.cfg.model
                     with stage("base_import"):
-                        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                    if out.returncode != 0:
-                        raise RuntimeError(f"importing the base policy failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
+                        if m.tp * m.pp * m.dp == 1:
+                            _import_in_process(self.base_hf, self.run.base)
+                        else:
+                            cmd = [sys.executable, "-m", "checkpoints_conv", "import", "--hf", str(self.base_hf),
+                                   "--out", str(self.run.base), "--tp", str(m.tp), "--pp", "1", "--overwrite"]
+                            # without the launcher's RANK / WORLD_SIZE / MASTER_*: the child is a world of one
+                            env = {k: v for k, v in os.environ.items()
+                                   if k not in _LAUNCHER_VARS and not k.startswith("TORCHELASTIC_")}
+                            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                            if out.returncode != 0:
+                                raise RuntimeError(f"importing the base policy failed: {' '.join(cmd)}\n"
+                                                   f"{out.stderr[-3000:]}")
                 self.barrier()
             return self.run.base
         marker = self.run.root / f"iter_{iteration - 1}" / "promoted.json"
@@ -164,6 +169,19 @@ class Context:
 #: set by torchrun for its workers; a child process that inherits them joins (and hangs) the parent's world
 _LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                   "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _import_in_process(hf: Path, out: Path) -> None:
+    """HF -> Megatron base checkpoint in this process (one rank: the converter's TP=PP=1 world is the trainer's).
+    A subprocess would start a second interpreter and import torch and megatron again: most of the import's
+    wall time on the micro run (docs/benchmarks.md section 6)."""
+    from checkpoints_conv.config import ConversionError
+    from checkpoints_conv.convert import import_hf
+
+    try:
+        import_hf(str(hf), str(out), tp=1, pp=1, overwrite=True)
+    except ConversionError as e:
+        raise RuntimeError(f"importing the base policy failed: {e}") from e
 
 
 def resolve_base(cfg: RunConfig, run: RunDir) -> Path:
