@@ -293,6 +293,28 @@ def _train_then_export(rank, hf_dir, mc_dir, out):
     return {"moved": (after - before).abs().max().item(), "diff": (exported - after).abs().max().item()}
 
 
+def test_import_writes_checksums_and_export_refuses_an_altered_file(converted, tmp_path, capsys):
+    import shutil
+
+    from test_checkpoint_integrity import _alter_in_place, _largest_distcp
+
+    from checkpoints_conv.__main__ import main
+
+    mc, _, _ = converted
+    it = Path(mc["qwen3"]) / "iter_0000000"
+    marker = json.loads((it / "erpd_checkpoint.json").read_text())
+    assert marker["format_version"] == 2 and "hf/config.json" in marker["files"]
+    assert all(len(r["sha256"]) == 64 for r in marker["files"].values())
+    bad = tmp_path / "bad"
+    shutil.copytree(mc["qwen3"], bad)
+    victim = _largest_distcp(bad / "iter_0000000")
+    _alter_in_place(bad / "iter_0000000" / victim)  # 64 bytes, same size: loaded silently before
+    assert main(["export", "--mcore", str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert victim in err and "does not match its checksum" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_megatron_logits_equal_transformers_tp_pp(hf_dirs, converted, tmp_path):
     mc, _, _ = converted
