@@ -403,10 +403,16 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
                    for k in range(min(self.concurrency_per_server, len(keys)))]
         if not threads:
             raise RolloutError("no live SGLang server")
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        from erpd_megatron.utils.console import progress
+
+        with progress(total=len(keys), desc="sampling (sglang)", unit="sample") as bar:
+            for t in threads:
+                t.start()
+            for t in threads:
+                while t.is_alive():  # the main thread only waits: it moves the bar as samples arrive
+                    t.join(0.5)
+                    bar.update(len(results) - bar.n)
+            bar.update(len(results) - bar.n)
         if failure:
             raise failure[0] if isinstance(failure[0], RolloutError) else RolloutError(str(failure[0])) from failure[0]
         if len(results) != len(keys):
