@@ -130,8 +130,9 @@ def test_erpd_vs_onpolicy_minimal(tmp_path):
     warmup(base, WarmupConfig(steps=2, batch_size=8, eval_prompts=4, eval_samples=1), log=lambda m: None)
     overrides = [f"model.base={base}", "model.micro_batch_size=8", "data.prompts_per_batch=4", "data.eval_prompts=4",
                  "rollout.n_samples=2", "rollout.max_new_tokens=8", "teachers.sapo.steps=2", "teachers.sapo.save_every=2",
-                 "teachers.sapo.mini_batch_size=8", "students.s1_sapo.steps=2", "students.s1_sapo.mini_batch_size=8",
-                 "onpolicy.prompts_per_step=2", "eval.k=1", "eval.every=2"]
+                 "teachers.sapo.mini_batch_size=8", "teachers.rft.steps=2", "teachers.rft.save_every=2",
+                 "teachers.rft.mini_batch_size=8", "students.s1_sapo.steps=2", "students.s1_sapo.mini_batch_size=8",
+                 "onpolicy.prompts_per_step=2", "onpolicy.steps=4", "eval.k=1", "eval.every=2", "iterations=2"]
     try:
         res = erpd_vs_onpolicy.run(tmp_path / "out", seeds=(1, 2), overrides=overrides, work_dir=tmp_path / "work")
     finally:
@@ -141,17 +142,22 @@ def test_erpd_vs_onpolicy_minimal(tmp_path):
     doc = _check_schema(tmp_path / "out" / "erpd_vs_onpolicy.json", "erpd_vs_onpolicy")
     assert doc["results"]["seeds"] == [1, 2] and len(doc["results"]["per_seed"]) == 2
     kinds = {n: m["kind"] for n, m in res["methods"].items()}
-    assert kinds == {"sapo": "teacher", "s1_sapo": "erpd", "onpolicy_grpo": "onpolicy"}
+    assert kinds == {"sapo": "teacher", "rft": "rft", "s1_sapo": "erpd", "onpolicy_grpo": "onpolicy"}
     for m in res["methods"].values():
         _check_spread(m["final_accuracy"])
         assert m["final_accuracy"]["n"] == 2
     # on-policy reaches its own final accuracy by definition; rollouts grow along its path
     assert res["methods"]["onpolicy_grpo"]["seeds_reaching_onpolicy_final"] == 2
     op = [c for c in res["curves"] if c["method"] == "onpolicy_grpo"][0]["points"]
-    assert [p["rollouts"] for p in op] == [p["step"] * 2 * 2 for p in op] and op[-1]["rollouts"] == 8
+    assert [p["rollouts"] for p in op] == [p["step"] * 2 * 2 for p in op] and op[-1]["rollouts"] == 16
     for c in res["curves"]:
         assert all(p["compute_s"] >= 0 for p in c["points"])
-    assert "s1_sapo" in res["paired_erpd_minus_onpolicy"]
+    # the ERPD chain over 2 batches: the second batch's points count 2 x 8 rollouts, steps run on (no repeated
+    # step-0 point of the promoted policy), compute seconds grow along the chain; equal rollouts with on-policy
+    erpd = [c for c in res["curves"] if c["method"] == "s1_sapo" and c["seed"] == 1][0]["points"]
+    assert [(p["iteration"], p["step"], p["rollouts"]) for p in erpd] == [(0, 0, 8), (0, 2, 8), (1, 4, 16)]
+    assert erpd[-1]["compute_s"] > erpd[1]["compute_s"] and erpd[-1]["rollouts"] == op[-1]["rollouts"]
+    assert "s1_sapo" in res["paired_erpd_minus_onpolicy"] and "s1_sapo - rft" in res["paired_erpd_minus_rft"]
 
 
 def test_erpd_vs_onpolicy_eval_points_kl_per_token(tmp_path):

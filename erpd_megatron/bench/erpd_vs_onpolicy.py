@@ -76,7 +76,9 @@ def _instrument(clock: _ComputeClock):
                 try:
                     return orig(*a, **k)
                 finally:
-                    clock.stages.append({"stage": label, "only": k.get("only"), "start_s": start,
+                    # every stage entry point is f(ctx, iteration, ...): the iteration separates repeated stages
+                    it = a[1] if len(a) > 1 and isinstance(a[1], int) else k.get("iteration", 0)
+                    clock.stages.append({"stage": label, "only": k.get("only"), "iteration": it, "start_s": start,
                                          "end_s": clock.now()})
             return f
         return wrap
@@ -92,12 +94,17 @@ def _instrument(clock: _ComputeClock):
     return undo
 
 
-def _stage_s(stages: list[dict], stage: str, only: str | None = None) -> float:
-    return sum(s["end_s"] - s["start_s"] for s in stages if s["stage"] == stage and (only is None or s["only"] == only))
+def _match(s: dict, stage: str, only: str | None, iteration: int | None) -> bool:
+    return s["stage"] == stage and (only is None or s["only"] == only) and \
+        (iteration is None or s.get("iteration", 0) == iteration)
 
 
-def _stage_start(stages: list[dict], stage: str, only: str | None = None) -> float:
-    return min(s["start_s"] for s in stages if s["stage"] == stage and (only is None or s["only"] == only))
+def _stage_s(stages: list[dict], stage: str, only: str | None = None, iteration: int | None = None) -> float:
+    return sum(s["end_s"] - s["start_s"] for s in stages if _match(s, stage, only, iteration))
+
+
+def _stage_start(stages: list[dict], stage: str, only: str | None = None, iteration: int | None = None) -> float:
+    return min(s["start_s"] for s in stages if _match(s, stage, only, iteration))
 
 
 def _eval_points(run_root: Path, method: str) -> list[dict]:
@@ -119,23 +126,56 @@ def _since(point: dict, start: float) -> float:
     return 0.0 if point["step"] == 0 else point["clock_s"] - start
 
 
+def _promoted(cfg) -> str:
+    return cfg.iterate.promote or next(iter(cfg.students))
+
+
 def analyse_seed(cfg, run_root: Path, stages: list[dict]) -> dict:
-    """Per-seed curves (rollouts, compute seconds) and the Table-4 style numbers."""
+    """Per-seed curves (rollouts, compute seconds) and the Table-4 style numbers.
+
+    With `iterations` > 1 a method's curve chains its runs over the batches: iteration i's points count
+    (i + 1) fixed batches of rollouts, their `step` is cumulative, and the step-0 point of a later iteration
+    (the promoted policy itself, already the previous iteration's last point) is left out. Compute seconds
+    of the ERPD chain: the collect, the promoted student's teacher, the signals and that student of every
+    iteration so far (other teachers / students, e.g. the RFT control, are not ERPD's cost)."""
+    from erpd_megatron.pipeline.stages import method_name
+
     per_batch = cfg.data.prompts_per_batch * cfg.rollout.n_samples
     base = _eval_points(run_root, "base")
     base_acc = base[0]["accuracy"] if base else None
     collect_s = _stage_s(stages, "collect")
     signals_s = _stage_s(stages, "compute_signals")
+    promoted = _promoted(cfg)
+    chain_teacher = cfg.students[promoted].teacher
+
+    def upstream(i: int) -> float:
+        """ERPD's compute before iteration i's own stages: every earlier iteration of the chain."""
+        return sum(_stage_s(stages, "collect", iteration=j) + _stage_s(stages, "train_teachers", chain_teacher, j)
+                   + _stage_s(stages, "compute_signals", iteration=j) + _stage_s(stages, "train_students", promoted, j)
+                   for j in range(i))
+
+    def chained(name: str, stage: str, steps: int, cost_before) -> list[dict]:
+        pts = []
+        for i in range(cfg.iterations):
+            start = _stage_start(stages, stage, name, i)
+            for p in _eval_points(run_root, method_name(name, i)):
+                if i > 0 and p["step"] == 0:
+                    continue
+                pts.append({**p, "iteration": i, "step": i * steps + p["step"], "rollouts": per_batch * (i + 1),
+                            "compute_s": cost_before(i) + _since(p, start)})
+        return pts
+
     curves = {}
-    for t in cfg.teachers:
-        start = _stage_start(stages, "train_teachers", t)
-        curves[t] = {"kind": "teacher", "points": [
-            {**p, "rollouts": per_batch, "compute_s": collect_s + _since(p, start)} for p in _eval_points(run_root, t)]}
+    for t, tc in cfg.teachers.items():
+        kind = "rft" if tc.loss == "sft" else "teacher"  # SFT on the policy's own correct samples: the RFT control
+        curves[t] = {"kind": kind, "points": chained(
+            t, "train_teachers", tc.steps,
+            lambda i: upstream(i) + _stage_s(stages, "collect", iteration=i))}
     for s, sc in cfg.students.items():
-        start = _stage_start(stages, "train_students", s)
-        upstream = collect_s + _stage_s(stages, "train_teachers", sc.teacher) + signals_s
-        curves[s] = {"kind": "erpd", "points": [
-            {**p, "rollouts": per_batch, "compute_s": upstream + _since(p, start)} for p in _eval_points(run_root, s)]}
+        curves[s] = {"kind": "erpd", "points": chained(
+            s, "train_students", sc.steps,
+            lambda i, sc=sc: upstream(i) + _stage_s(stages, "collect", iteration=i)
+            + _stage_s(stages, "train_teachers", sc.teacher, i) + _stage_s(stages, "compute_signals", iteration=i))}
     op_name = f"onpolicy_{cfg.onpolicy.loss}"
     op_start = _stage_start(stages, "train_onpolicy")
     op_rollouts_per_step = cfg.onpolicy.prompts_per_step * cfg.rollout.n_samples
@@ -243,6 +283,12 @@ def aggregate(per_seed: list[dict]) -> dict:
                 and s["methods"][op]["compute_s_to_onpolicy_final"]]),
         }
     out["paired_erpd_minus_onpolicy"] = paired
+    # ERPD against the RFT control (SFT on the same batches' correct samples): what distillation adds
+    rfts = [n for n in methods if per_seed[0]["methods"][n]["kind"] == "rft"]
+    out["paired_erpd_minus_rft"] = {
+        f"{n} - {r}": {"accuracy_diff": spread([s["methods"][n]["final_accuracy"] - s["methods"][r]["final_accuracy"]
+                                                for s in per_seed])}
+        for n in paired for r in rfts}
     return out
 
 
