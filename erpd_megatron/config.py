@@ -258,7 +258,8 @@ class LoggingConfig:
     log_every: int = 1
     """Print one console line every N optimizer steps (JSONL, TensorBoard and W&B get every step)."""
     progress: str = "auto"
-    """Progress bars: "auto" (only when stderr is a terminal), "on" or "off"."""
+    """Progress bars: "auto" (only when stderr is a terminal), "always" or "never" (not on/off: YAML reads those
+    as booleans)."""
     report_kl: str = "token"
     """KL axis of the report's plot: "token" (per response token) or "sequence" (summed over the response)."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -549,7 +550,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("iterate.online_steps needs an `onpolicy` section (its loss, lr, prompts_per_step)")
     lg = cfg.logging
     for key, value, valid in (("mode", lg.wandb.mode, ("online", "offline", "disabled")),
-                              ("progress", lg.progress, ("auto", "on", "off")),
+                              ("progress", lg.progress, ("auto", "always", "never")),
                               ("report_kl", lg.report_kl, ("token", "sequence"))):
         if value not in valid:
             raise ConfigError(f"logging.{'wandb.' if key == 'mode' else ''}{key}: {value!r} is not one of {list(valid)}")

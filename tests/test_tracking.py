@@ -54,6 +54,18 @@ def test_known_warnings_are_quiet_and_others_still_show():
     assert [r.getMessage() for r in records] == ["something new"]
 
 
+def test_logging_settings_may_change_on_resume():
+    """Console and tracking settings do not alter results: a run dir accepts new ones (a seed change is refused)."""
+    from erpd_megatron.config import load_config, to_dict
+    from erpd_megatron.pipeline.run import locked_changes
+
+    old = to_dict(load_config(str(PRESETS / "micro.yaml")))
+    new = to_dict(load_config(str(PRESETS / "micro.yaml"), ["logging.wandb.mode=offline", "logging.log_every=5",
+                                                             "logging.progress=never", "logging.report_kl=sequence"]))
+    assert locked_changes(old, new, set()) == []
+    assert locked_changes(old, {**new, "seed": 8}, set()) == ["seed: 7 -> 8"]
+
+
 def test_git_commit_of_this_checkout(tmp_path):
     import re
     import subprocess

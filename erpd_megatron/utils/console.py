@@ -20,10 +20,10 @@ _STATE = {"progress": "auto", "log_every": 1}
 
 
 def configure(progress: str = "auto", log_every: int = 1) -> None:
-    """Set the bar policy ("auto" | "on" | "off") and the step-line period for this process. Hugging Face's
+    """Set the bar policy ("auto" | "always" | "never") and the step-line period for this process. Hugging Face's
     own bars ("Loading weights") follow the same policy (the variable is read when transformers is imported)."""
     _STATE.update(progress=progress, log_every=max(int(log_every), 1))
-    if progress == "off" or (progress == "auto" and not sys.stderr.isatty()):
+    if progress == "never" or (progress == "auto" and not sys.stderr.isatty()):
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
@@ -43,9 +43,9 @@ def header(title: str, detail: str = "") -> None:
 
 def _bars_enabled() -> bool | None:
     """tqdm's `disable` argument: None lets tqdm hide the bar when stderr is not a terminal."""
-    if not is_main() or _STATE["progress"] == "off":
+    if not is_main() or _STATE["progress"] == "never":
         return True
-    return False if _STATE["progress"] == "on" else None
+    return False if _STATE["progress"] == "always" else None
 
 
 def progress(iterable=None, *, total: int | None = None, desc: str = "", unit: str = "it"):
