@@ -349,6 +349,15 @@ def test_cpu_recipe_has_no_gpu_account_or_container_lines(tmp_path, monkeypatch)
     (srun,) = [x for x in text.splitlines() if x.startswith("srun ")]
     assert f"cd {tmp_path} && exec {sys.executable} -m erpd_megatron.cli run --config" in srun
     assert f"export PYTHONPATH={tmp_path}" in text
+    if HAS_NEMO:  # nemo-run's SlurmExecutor: the same absences, and srun runs in the checkout
+        monkeypatch.setattr("sys.stdin", open(os.devnull))
+        monkeypatch.setenv("NEMORUN_HOME", str(tmp_path / "nemo_home"))
+        from launchers import nemo
+
+        ntext = open(nemo.run_slurm(r, dryrun=True)[0]).read()
+        for absent in ("--gpus-per-node", "--account", "--partition", "--container", "--exclusive"):
+            assert absent not in ntext, absent
+        assert f"--chdir {tmp_path}" in ntext and "--signal=USR1@300" in ntext
     # GPUs and an account appear only when set
     r = apply_overrides(r, ["gpus_per_node=4", "slurm.account=acc"])
     text = slurm.render_sbatch(r)
