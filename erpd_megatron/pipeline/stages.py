@@ -155,9 +155,14 @@ def critic_advantages(ctx, method: str, t, batch: dict, iteration: int):
         critic.load_policy_weights(str(ctx.base_ckpt(iteration)))
     metrics_log = open_metric_log(ctx, method + "_critic", critic.step) if ctx.is_main else None
 
+    from erpd_megatron.utils import console
+
+    console.header(f"critic of {method}", f"{t.critic_steps} value pre-training steps, lambda = 1")
+
     def on_step(step, m):
         if metrics_log is not None:
             metrics_log.log(step, m)
+            console.print_step(method + "_critic", step, t.critic_steps, m)
         if step % t.save_every == 0:
             critic.save(str(ck))
 
