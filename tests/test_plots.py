@@ -81,6 +81,20 @@ def test_report_plot_per_sequence_option(tmp_path, captured):
     assert max(next(ln for ln in ax_k.lines if ln.get_label() == "ce").get_xdata()) == pytest.approx(1.0)
 
 
+def test_compare_plot_reads_summaries_written_before_per_token_kl(tmp_path, captured):
+    old = {"base": {"accuracy": 0.3, "kl": 0.0},
+           "methods": {"s1": {"kind": "student", "accuracy": 0.35, "kl": 0.2, "steps": 10, "rollouts": 512,
+                              "best": {"step": 10, "accuracy": 0.35, "kl": 0.2},
+                              "curve": [{"step": 0, "accuracy": 0.3, "kl": 0.0, "mean_length": 20},
+                                        {"step": 10, "accuracy": 0.35, "kl": 0.2, "mean_length": 20}]}}}
+    report.plot_summaries({"old": old, "new": _synthetic_run(tmp_path)}, tmp_path / "c.png")
+    ax_r, ax_k = captured[-1].axes
+    line = next(ln for ln in ax_k.lines if ln.get_label() == "old: s1")
+    assert list(line.get_xdata()) == pytest.approx([0.0, 0.01])  # 0.2 / 20 tokens
+    assert "| old | s1 | student | 512 | 10 | 35.0% | +5.0 pt | n/a |" in report.compare_table({"old": old})
+    assert any(set(ln.get_xdata()) == {512} for ln in ax_r.lines)  # the method's total rollouts
+
+
 def _bench_json(out):
     curves = []
     for seed in (1, 2, 3):

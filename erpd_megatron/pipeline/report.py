@@ -194,7 +194,6 @@ def plot_summaries(summaries: dict[str, dict], path: Path, kl: str = "token", ti
     import matplotlib.pyplot as plt
     from matplotlib.ticker import PercentFormatter
 
-    key = "kl_token" if kl == "token" else "kl"
     several = len(summaries) > 1
     fig, (ax_r, ax_k) = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
     series = 0
@@ -215,10 +214,10 @@ def plot_summaries(summaries: dict[str, dict], path: Path, kl: str = "token", ti
             label = f"{run_name}: {name}" if several else name
             style = dict(color=color, marker=marker, ms=6, mfc="none", mew=1.4, ls=ls, lw=1.2, alpha=0.9, zorder=3)
             ys = [c["accuracy"] for c in m["curve"]]
-            xr = [(c.get("rollouts") or 0) + dodge.get(name, 0.0) for c in m["curve"]]
+            xr = [_rollouts(c, m) + dodge.get(name, 0.0) for c in m["curve"]]
             ax_r.plot(xr, ys, **style)
             ax_r.plot(xr[-1:], ys[-1:], marker=marker, ms=8, color=color, ls="none", zorder=4)  # last step
-            pts = [(c.get(key), c["accuracy"]) for c in m["curve"] if c.get(key) is not None]
+            pts = [(x, c["accuracy"]) for c in m["curve"] if (x := _kl(c, kl)) is not None]
             if pts:
                 ax_k.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
                 ax_k.plot([pts[-1][0]], [pts[-1][1]], marker=marker, ms=8, color=color, ls="none", zorder=4)  # last
@@ -238,11 +237,21 @@ def plot_summaries(summaries: dict[str, dict], path: Path, kl: str = "token", ti
     return path
 
 
+def _rollouts(point: dict, method: dict) -> int:
+    """Rollouts of a curve point; summaries written before per-point counts: the method's total."""
+    r = point.get("rollouts")
+    return r if r is not None else (method.get("rollouts") or 0)
+
+
+def _kl(point: dict, kl: str) -> float | None:
+    return kl_token(point) if kl == "token" else point.get("kl")
+
+
 def _dodge(methods: dict) -> dict[str, float]:
     """Sideways offset (in rollouts) for methods whose whole path sits at one rollout count, so several offline
     methods at the same count do not hide each other: spread over +-2% of the largest count."""
-    fixed = [n for n, m in methods.items() if len({c.get("rollouts") for c in m["curve"]}) == 1]
-    top = max((c.get("rollouts") or 0 for m in methods.values() for c in m["curve"]), default=0)
+    fixed = [n for n, m in methods.items() if len({_rollouts(c, m) for c in m["curve"]}) == 1]
+    top = max((_rollouts(c, m) for m in methods.values() for c in m["curve"]), default=0)
     if len(fixed) < 2 or not top:
         return {}
     width = 0.04 * top
