@@ -54,7 +54,7 @@ def _epilog(prog: str) -> str:
             lines.append(f"  {name:<14} (top level)")
     lines += ["\nexamples:",
               f"  {prog} --config micro run_dir=runs/try teachers.ce.lr=3e-4 eval.k=2",
-              f"  {prog} --config demo 'students.s1_ce.strategies=[1,2]' students.s1_ce.unlearned_step=10 --print-config"]
+              f"  {prog} --config micro 'students.s1_ce.strategies=[1,2]' students.s1_ce.unlearned_step=2 --print-config"]
     return "\n".join(lines)
 
 
