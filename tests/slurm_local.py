@@ -63,15 +63,16 @@ def _exe(name: str) -> str:
 def slurm_conf(root: Path, host: str, cpus: int, ports: list[int], partition: str) -> str:
     return f"""# one-node test cluster written by tests/slurm_local.py
 ClusterName=erpdtest
-SlurmctldHost={host}
+SlurmctldHost={host}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort={ports[0]}
 SlurmdPort={ports[1]}
 AuthType=auth/munge
 CredType=cred/munge
-# cred_expire also sets how long a requeued job waits before it may start again (default 120 s)
-AuthInfo=socket={root}/munge/run/munge.socket,cred_expire=10
+# cred_expire also sets how long a requeued job waits before it may start again (default 120 s); at 10 s a
+# loaded machine's slurmd revoked the old run's credential after the new one was issued (JobLaunchFailure)
+AuthInfo=socket={root}/munge/run/munge.socket,cred_expire=30
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
@@ -96,7 +97,7 @@ KillWait=5
 InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=60
-NodeName={host} CPUs={cpus} RealMemory=4000 State=UNKNOWN
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 State=UNKNOWN
 PartitionName={partition} Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
 

@@ -86,19 +86,20 @@ def _submit(r, executor: str) -> str:
 def jobs(cluster, toy_base, tmp_path_factory):
     """Submit every job of the module at once; name -> (recipe, job id)."""
     root = tmp_path_factory.mktemp("slurm_runs")
-    os.environ.setdefault("NEMORUN_HOME", str(root / "nemo_home"))
+    old_home = os.environ.get("NEMORUN_HOME")
+    os.environ["NEMORUN_HOME"] = str(root / "nemo_home")  # nemo-run's experiment index: not ~/.nemo_run
     stdin, sys.stdin = sys.stdin, open(os.devnull)  # nemo-run's submission (invoke) reads stdin
     base = f"model.base={toy_base}"
     plan = {  # name: (executor, recipe)
         "ref": ("sbatch", _recipe(root, "ref", base, *MICRO)),
         "dp2": ("sbatch", _recipe(root, "dp2", base, *MICRO, "torchrun=true", "tasks_per_node=2", "layout.dp=2")),
-        "usr1_sbatch": ("sbatch", _recipe(root, "usr1_sbatch", "slurm.time=1", "slurm.requeue_signal_s=45",
+        "usr1_sbatch": ("sbatch", _recipe(root, "usr1_sbatch", "slurm.time=2", "slurm.requeue_signal_s=40",
                                           trainer="usr1")),
         "fail_sbatch": ("sbatch", _recipe(root, "fail_sbatch", "slurm.max_retries=1", trainer="fail")),
     }
     if HAS_NEMO:
         plan["requeue_nemo"] = ("nemo", _recipe(root, "requeue_nemo", base, *MICRO))
-        plan["usr1_nemo"] = ("nemo", _recipe(root, "usr1_nemo", "slurm.time=1", "slurm.requeue_signal_s=45",
+        plan["usr1_nemo"] = ("nemo", _recipe(root, "usr1_nemo", "slurm.time=2", "slurm.requeue_signal_s=40",
                                              trainer="usr1"))
         plan["fail_nemo"] = ("nemo", _recipe(root, "fail_nemo", "slurm.max_retries=1", trainer="fail"))
     else:  # the requeue test still runs, through the plain path
@@ -109,6 +110,10 @@ def jobs(cluster, toy_base, tmp_path_factory):
         sys.stdin.close()
         sys.stdin = stdin
     yield out
+    if old_home is None:
+        os.environ.pop("NEMORUN_HOME", None)
+    else:
+        os.environ["NEMORUN_HOME"] = old_home
 
 
 def _state(job: str) -> dict:
@@ -183,9 +188,11 @@ def test_requeued_job_resumes_with_the_same_summary(cluster, jobs, capsys):
 
 @pytest.mark.parametrize("executor", ["sbatch", "nemo"])
 def test_usr1_before_time_limit_requeues(cluster, jobs, executor):
-    """--time=1 with the signal 45 s before it (slurmctld checks every 30 s: it lands 15-45 s in): the first
-    run (sleeping) is signalled, the job requeues itself and the rerun finishes. Plain script: USR1 to the
-    batch shell's trap; nemo-run: USR1 to the task, whose non-zero exit goes through its retry block."""
+    """--time=2 with the signal 40 s before it: slurmctld checks every 30 s and sends it once the time left is
+    under 40 + 30 s, so it lands 50-80 s in, after the trainer step started (nemo-run signals the steps
+    that exist then; earlier it would be lost). The first run (sleeping) is signalled, the job requeues
+    itself and the rerun finishes. Plain script: USR1 to the batch shell's trap; nemo-run: USR1 to the
+    task, whose non-zero exit goes through its retry block."""
     if f"usr1_{executor}" not in jobs:
         pytest.skip("nemo-run not installed (optional extra `launch`)")
     r, job = jobs[f"usr1_{executor}"]
