@@ -196,7 +196,20 @@ def render_sbatch(recipe: Recipe) -> str:
         lines += _sbatch_group(recipe, rs.nodes, rs.gpus_per_node, job + "-rollout")
     nodelist = "$SLURM_JOB_NODELIST_HET_GROUP_0" if het else "$SLURM_JOB_NODELIST"
     lines += ["", "set -uo pipefail", f"MAX_RETRIES={s.max_retries}", f"RUN_DIR={shlex.quote(run_dir)}",
-              'mkdir -p "$RUN_DIR/slurm"', ""]
+              'mkdir -p "$RUN_DIR/slurm"',
+              "requeue() {",
+              '    if [ "${SLURM_RESTART_COUNT:-0}" -lt "$MAX_RETRIES" ]; then',
+              '        echo "requeueing job $SLURM_JOB_ID: the rerun resumes from the last checkpoint in $RUN_DIR"',
+              '        scontrol requeue "$SLURM_JOB_ID"',
+              "    else",
+              '        echo "no retries left ($MAX_RETRIES)"',
+              "    fi",
+              "}",
+              # first thing the shell does: Slurm may send the signal up to ~60 s before the asked time, and
+              # an untrapped USR1 kills the batch shell
+              "# USR1 arrives before the time limit (--signal=B:USR1@...): requeue instead of being killed",
+              "pids=()",
+              "trap 'echo \"USR1: time limit near\"; requeue; kill -TERM \"${pids[@]}\" 2>/dev/null' USR1", ""]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in job_env(recipe).items()]
     lines += [f'export MASTER_ADDR=$(scontrol show hostnames "{nodelist}" | head -n1)',
               f"export MASTER_PORT={s.rdzv_port}"]
@@ -206,17 +219,6 @@ def render_sbatch(recipe: Recipe) -> str:
     lines += [
         "",
         'echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}/$MAX_RETRIES on $(hostname) at $(date)"',
-        "requeue() {",
-        '    if [ "${SLURM_RESTART_COUNT:-0}" -lt "$MAX_RETRIES" ]; then',
-        '        echo "requeueing job $SLURM_JOB_ID: the rerun resumes from the last checkpoint in $RUN_DIR"',
-        '        scontrol requeue "$SLURM_JOB_ID"',
-        "    else",
-        '        echo "no retries left ($MAX_RETRIES)"',
-        "    fi",
-        "}",
-        "# USR1 arrives before the time limit (--signal=B:USR1@...): requeue instead of being killed",
-        "trap 'echo \"USR1: time limit near\"; requeue; kill -TERM \"${pids[@]}\" 2>/dev/null' USR1",
-        "pids=()",
         "",
     ]
     cflags = "".join(shlex.quote(f) + " " for f in container_flags(recipe))
