@@ -1,19 +1,23 @@
 """Benchmark 3: ERPD vs on-policy GRPO on the toy task, through the real pipeline, over several seeds.
 
 For each seed, `erpd_megatron.pipeline.run._pipeline(cfg, ALL)` runs the preset
-`erpd_megatron/presets/bench.yaml` (a reduced demo: one fixed batch, a strong (SAPO) teacher, a
-strategy-1 student, and on-policy GRPO with the same rollout budget) in a fresh run dir. All seeds share one
-warmed-up base model (the toy warm-up is seed-fixed); the seed changes sampling and training.
+`erpd_megatron/presets/bench.yaml` in a fresh run dir: iterated ERPD (3 fixed batches; a SAPO teacher and a
+strategy-1 student per batch, the student promoted to the next batch's base), an RFT control (SFT on each batch's
+correct samples, from the same policy as that batch's teacher) and on-policy GRPO with the same total rollouts.
+All seeds share one warmed-up base model (the toy warm-up is seed-fixed); the seed changes sampling, training and
+the eval problems.
 
 What is reported (the paper's Table 4 comparison, at toy scale):
 - accuracy (AVG@K on held-out problems) along each method's path, against rollouts consumed: ERPD
-  consumes its whole fixed batch before its first update, on-policy GRPO `step * prompts_per_step * n`;
+  consumes each fixed batch before its first update on it (batch i counts (i + 1) batches), on-policy GRPO
+  `step * prompts_per_step * n`;
 - accuracy gain over the base per 1k rollouts and per unit of reverse KL to the base (final point);
 - compute seconds to reach the on-policy baseline's final accuracy: for ERPD the collect + teacher +
   signals + student time up to its first evaluated step at or above that accuracy, for on-policy its
   own time up to its first such step. Evaluation time is excluded on both sides (the benchmark wraps
   the pipeline's evaluator and stops the clock while it runs); checkpoint writes are included.
-- every number per seed and as median/min/max over seeds; paired per-seed differences ERPD - on-policy.
+- every number per seed and as median/min/max over seeds; paired per-seed differences ERPD - on-policy and
+  ERPD - RFT.
 Noise: +-1 to 3 points at this eval size; a difference within the seed spread is not a result.
 
     python -m erpd_megatron.bench.erpd_vs_onpolicy [--seeds 1 2 3] [--out docs/benchmarks] [overrides ...]

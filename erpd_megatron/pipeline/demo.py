@@ -1,8 +1,10 @@
 """`erpd demo` (what `make demo` runs): the full ERPD pipeline on the tiny toy model on CPU, no downloads.
 
 Same code path as a real run (`erpd run --config erpd_megatron/presets/demo.yaml`): warm-up of the toy base
-(cached), collect, CE + MSE teachers, strategy-1 / strategy-2 students, on-policy GRPO, evaluation along
-every path, report. Rerunning resumes; `erpd demo run_dir=runs/demo2` starts elsewhere; any key of the preset
+(3 layers / hidden 128, cached in ~/.cache/erpd), collect 256 prompts x 8, CE + SAPO + MSE teachers, strategy-1
+students over CE and SAPO, a strategy-2 student over MSE, on-policy GRPO (3,840 rollouts), evaluation along every
+path on 512 held-out test problems (`data.eval=toy_val`: the validation split, for tuning), report (docs/demo.md).
+Rerunning resumes; `erpd demo run_dir=runs/demo2` starts elsewhere; any key of the preset
 can be overridden (`erpd demo teachers.ce.lr=1e-5`); `erpd demo --print-config` prints the resolved config.
 """
 
