@@ -73,13 +73,6 @@ def test_micro_pipeline_end_to_end(tmp_path, toy_base):
     assert set(STAGES) | {"other"} <= set(times["stages"]) and all(v >= 0 for v in times["stages"].values())
     assert all(times["counts"][k] > 0 for k in STAGES), times["counts"]
     assert "Wall time by stage" in (run / "report.md").read_text()
-    # wall time per stage (utils/timing.py): every stage was timed at least once; no threshold on the seconds
-    from erpd_megatron.utils.timing import STAGES
-
-    times = summary["stage_times"]
-    assert set(STAGES) | {"other"} <= set(times["stages"]) and all(v >= 0 for v in times["stages"].values())
-    assert all(times["counts"][k] > 0 for k in STAGES), times["counts"]
-    assert "Wall time by stage" in (run / "report.md").read_text()
     # signals were precomputed into the rollout store, next to the rollouts
     from erpd_megatron.data.rollout_store import RolloutStore
 

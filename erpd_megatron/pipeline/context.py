@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +123,7 @@ class Context:
                 if m.tp * m.pp * m.dp > 1:
                     _ = self.par  # join the world first: before it exists every rank is "main" and barrier() is a no-op
                 if self.is_main:  # several ranks: a child process (the converter needs a world of one)
+                    import os
                     import subprocess
                     import sys
 

@@ -75,8 +75,11 @@ def build_parser(prog: str, stages: tuple[str, ...] = (), config: str = "none, t
 
 def config_path(spec: str | None) -> str | None:
     """A YAML path as given, or the preset of that name ("micro" -> presets/micro.yaml)."""
-    if spec and not Path(spec).exists() and (PRESETS / f"{spec}.yaml").exists():
-        return str(PRESETS / f"{spec}.yaml")
+    if spec and not Path(spec).exists():
+        if (PRESETS / f"{spec}.yaml").exists():
+            return str(PRESETS / f"{spec}.yaml")
+        names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+        raise ConfigError(f"--config {spec}: no such file and no such preset (presets: {names})")
     return spec
 
 
