@@ -429,23 +429,6 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
             "return_logprob": True,
             "stream": False,
         }
-        status, data = http_json(s.url, "POST", "/generate", body, timeout=self.request_timeout)
-        if status == 503:
-            raise RetryableGeneration(f"{s.url}/generate: 503 {data}")
-        if status != 200:
-            raise SGLangError(f"{s.url}/generate: HTTP {status}: {data}")
-        return self._parse_generation(s, data, key)
-
-    def _generate_one(self, s: _Server, prompt: Sequence[int], key: tuple[int, int], sampling: SamplingParams,
-                      call: str) -> Sample:
-        body = {
-            "rid": _rid(call, key),
-            "input_ids": [int(t) for t in prompt],
-            "sampling_params": sglang_sampling_params(
-                sampling, derive_seed(sampling.seed, *key) if self.send_sampling_seed else None),
-            "return_logprob": True,
-            "stream": False,
-        }
         status, data = http_json(s.url, "POST", "/generate", body, timeout=self.request_timeout, api_key=self.api_key)
         if status == 503:
             raise RetryableGeneration(f"{s.url}/generate: 503 {data}")
