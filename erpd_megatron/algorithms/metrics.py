@@ -35,14 +35,17 @@ def reverse_kl(
 ) -> float:
     """Reverse KL estimate from new-policy samples. estimator "k1" (unbiased, log-ratio) or "k3"
     (exp(-d) + d - 1, non-negative, lower variance); both estimate the same KL."""
+    lp, m = _inputs("logprobs", logprobs, mask)
+    check_tensor("ref_logprobs", ref_logprobs, shape=logprobs.shape, mask=m)
+    return _kl_from_samples(lp - zero_outside(upcast(ref_logprobs.detach()), m), m, per, estimator)
+
+
+def _kl_from_samples(d: Tensor, m: Tensor, per: str, estimator: str) -> float:
+    """KL(p || q) from d = log p - log q on tokens sampled from p: k1 = d, k3 = exp(-d) - 1 + d."""
     if per not in ("token", "sequence"):
         raise ValueError(f"per must be 'token' or 'sequence', got {per!r}")
     if estimator not in ("k1", "k3"):
         raise ValueError(f"estimator must be 'k1' or 'k3', got {estimator!r}")
-    lp, m = _inputs("logprobs", logprobs, mask)
-    check_tensor("ref_logprobs", ref_logprobs, shape=logprobs.shape, mask=m)
-    ref = zero_outside(upcast(ref_logprobs.detach()), m)
-    d = lp - ref
     kl = d if estimator == "k1" else torch.expm1(-d) + d
     if per == "token":
         return item(masked_mean(kl, m))
@@ -60,19 +63,10 @@ def behaviour_kl(
     fixed batch; the paper's reported reverse KL needs the new policy's own samples: `reverse_kl` at eval).
     With r = pi_theta / pi_b: k1 = -log r (unbiased, can be < 0), k3 = r - 1 - log r (unbiased, >= 0).
     per="token": mean over response tokens; per="sequence": mean over sequences of the per-token sum."""
-    if per not in ("token", "sequence"):
-        raise ValueError(f"per must be 'token' or 'sequence', got {per!r}")
-    if estimator not in ("k1", "k3"):
-        raise ValueError(f"estimator must be 'k1' or 'k3', got {estimator!r}")
     lp, m = _inputs("logprobs", logprobs, mask)
     check_tensor("behaviour_logprobs", behaviour_logprobs, shape=logprobs.shape, mask=m)
     log_r = (lp - zero_outside(upcast(behaviour_logprobs.detach()), m)).clamp(-20.0, 20.0)
-    kl = -log_r if estimator == "k1" else torch.expm1(log_r) - log_r
-    if per == "token":
-        return item(masked_mean(kl, m))
-    seq = zero_outside(kl, m).sum(-1)
-    nonempty = m.sum(-1) > 0
-    return item(seq[nonempty].mean()) if bool(nonempty.any()) else 0.0
+    return _kl_from_samples(-log_r, m, per, estimator)  # samples from pi_b: d = log pi_b - log pi_theta
 
 
 def entropy_mean(entropy: Tensor, mask: Tensor) -> float:
