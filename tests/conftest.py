@@ -1,6 +1,12 @@
 """Shared fixtures."""
 
+import os
+
 import pytest
+
+# Tests never read or fill the user's shared base cache (~/.cache/erpd): a stale base there would make a test
+# depend on what an earlier checkout left behind. The test of the cache itself points ERPD_CACHE elsewhere.
+os.environ["ERPD_CACHE"] = "off"
 
 
 @pytest.fixture(scope="session")

@@ -293,8 +293,13 @@ def cache_root() -> Path | None:
     return Path(env) if env else Path.home() / ".cache" / "erpd"
 
 
+# Bump when the warm-up code changes what a given WarmupConfig produces: the shared cache outlives checkouts.
+CACHE_VERSION = 1
+
+
 def cache_key(cfg: WarmupConfig) -> str:
-    return hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    blob = json.dumps({"version": CACHE_VERSION, **asdict(cfg)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def ensure_base_model(out_dir: str | Path, cfg: WarmupConfig = DEMO_BASE, log=_print) -> Path:
