@@ -135,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     except LayoutError as e:
         print(f"refusing to launch {recipe.name}: {e}", file=sys.stderr)
         return 2
-    except (RuntimeError, ValueError) as e:
+    except ValueError as e:  # the user's choice cannot work (executor, nodes): a user error, like the others
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # the submission itself failed (sbatch, nemo-run)
         print(f"error: {e}", file=sys.stderr)
         return 1
     if "script" in out:

@@ -193,6 +193,12 @@ def test_planner_refusal_blocks_launch(tmp_path, fake_slurm, capsys, bad, why):
     assert not list(tmp_path.rglob("*.sbatch"))
 
 
+def test_multi_node_recipe_on_the_local_executor_is_a_one_line_user_error(tmp_path, capsys):
+    rc = launch_main(["run", "qwen35_27b", "--executor", "local", f"run_root={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "use --executor slurm or sbatch" in err[0]
+
+
 def test_overrides_and_nodes():
     r = apply_overrides(get_recipe("qwen35_27b"), ["layout.recompute=full", "slurm.env.NCCL_DEBUG=INFO",
                                                    "slurm.max_retries=5", "eval.k=8"], nodes=8)
