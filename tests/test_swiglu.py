@@ -33,7 +33,21 @@ def test_local_spec_uses_swiglu_mlp():
 
     cfg = ModelConfig(family="qwen3", vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=2,
                       head_dim=8, ffn_hidden_size=32, qk_norm=True)
-    assert layer_spec(cfg, None, "local").submodules.mlp.module is SwiGLUMLP
+    mlp = layer_spec(cfg, None, "local").submodules.mlp
+    assert getattr(mlp, "func", None) is not None or getattr(mlp, "module", None) is SwiGLUMLP
+    if getattr(mlp, "func", None) is not None:  # megatron-core 0.19: partial(cls.as_mlp_submodule, ...)
+        assert mlp.func.__self__ is SwiGLUMLP
+
+
+def test_built_engine_uses_swiglu_mlp():
+    """The model the engine actually builds holds SwiGLUMLP and takes its fast path (not megatron's glu)."""
+    from erpd_megatron.bench.models import BenchModel, policy_engine
+
+    m = BenchModel(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=8, ffn_hidden_size=32,
+                   vocab_size=32)
+    eng = policy_engine(m, micro_batch_size=2)
+    mlps = [x for x in eng.modules[0].modules() if isinstance(x, SwiGLUMLP)]
+    assert len(mlps) == 1 and mlps[0]._plain_swiglu()
 
 
 def test_project_config_takes_the_fast_path():

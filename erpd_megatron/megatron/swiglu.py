@@ -14,6 +14,8 @@ through megatron's own forward.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.mlp import MLP
@@ -59,3 +61,16 @@ class SwiGLUMLP(MLP):
         intermediate, _ = self.linear_fc1(hidden_states)
         output, output_bias = self.linear_fc2(swiglu(intermediate))
         return output, output_bias
+
+
+def swiglu_mlp_spec(mlp_spec):
+    """The local spec's `mlp` entry with `SwiGLUMLP` in place of `MLP`, same submodules.
+
+    megatron-core 0.19 gives it as `functools.partial(MLP.as_mlp_submodule, submodules=...)`; older
+    versions as a `ModuleSpec(module=MLP, ...)`. Anything else is returned unchanged.
+    """
+    if isinstance(mlp_spec, functools.partial) and getattr(mlp_spec.func, "__self__", None) is MLP:
+        return functools.partial(SwiGLUMLP.as_mlp_submodule, *mlp_spec.args, **mlp_spec.keywords)
+    if getattr(mlp_spec, "module", None) is MLP:
+        mlp_spec.module = SwiGLUMLP
+    return mlp_spec
