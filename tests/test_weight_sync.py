@@ -189,3 +189,74 @@ def test_dp2_rank0_stream_into_local_engine_and_fake_sglang(tmp_path, tp):
     assert r0["local"] < 1e-4 and r0["sglang"] < 1e-4, r0
     assert r0["n_sglang"] == 3 + 2 * 11
     assert all(r["n_all"] == 3 + 2 * 11 for r in res)
+
+
+def _shm_world(rank):
+    """TP=2 on one host (gloo): the default "rank0" stream takes the shared-memory transport, and it
+    yields bit-identical tensors to the point-to-point path, in the same buckets (fp32 and bf16 casts,
+    copy=True and the default views)."""
+    from erpd_megatron.megatron.engine import PolicyEngine
+    from erpd_megatron.megatron.model import ModelConfig
+    from erpd_megatron.megatron.parallel import ParallelConfig, init_parallel
+    from erpd_megatron.rollout import weight_sync as ws
+    from erpd_megatron.rollout import weight_sync_shm as shm_mod
+
+    ring_bytes = shm_mod.RING_BYTES
+    par = ParallelConfig(tp=2)
+    init_parallel(par, seed=11)
+    policy = PolicyEngine(ModelConfig(**{**CFG, "num_layers": 2}), par, trainable=False)
+    out: dict = {}
+    for key, kw in (("fp32", {}), ("bf16", {"dtype": torch.bfloat16}), ("copy", {"copy": False})):
+        runs = {}
+        # twice through shm: the reused arena must give the same result; the second time with a ring of
+        # arena of 2 x the largest bucket (RING_BYTES=0), so places are reused within the stream
+        for shm, ring in ((None, None), (False, None), (None, 0)):
+            shm_mod.RING_BYTES = ring if ring is not None else ring_bytes
+            # float64 numpy: exact for fp32 and bf16; tensors through the spawn queue would die with the rank
+            buckets = [[(n, str(t.dtype), t.double().numpy().copy()) for n, t in b]
+                       for b in ws.iter_hf_buckets(policy, receivers="rank0", bucket_bytes=CAP, shm=shm, **kw)]
+            runs.setdefault(str(shm), []).append((buckets, ws.last_transport()))
+        out[key] = runs
+    import glob
+    out["leftover"] = glob.glob(f"/dev/shm/erpd_wsync_{os.getpid()}_*")
+    return out
+
+
+def test_shm_transport_taken_and_bit_equal_to_p2p():
+    res = run_distributed(_shm_world, world_size=2, timeout=300)
+    r0 = res[0]
+    for key in ("fp32", "bf16", "copy"):
+        (p2p, tr_p2p), = r0[key]["False"]
+        assert tr_p2p == "p2p"
+        assert len(p2p) > 3
+        for shm, tr in r0[key]["None"]:
+            assert tr == "shm"
+            assert [[n for n, *_ in b] for b in shm] == [[n for n, *_ in b] for b in p2p]  # same buckets
+            for bs, bp in zip(shm, p2p):
+                for (n, da, a), (_, db, b) in zip(bs, bp):
+                    assert da == db and a.shape == b.shape and (a == b).all(), (key, n)
+    assert all(not r["fp32"]["None"][0][0] for r in res[1:])  # only rank 0 yields
+    assert not r0["leftover"]  # the arena file is unlinked once mapped
+
+
+def test_shm_ring_places_never_overlap_a_bucket_still_in_use():
+    """``ring``: every bucket lies inside the arena, and bucket b shares no byte with any bucket after
+    dep[b] (those may still be held by the consumer or written by a sender when b is released)."""
+    from erpd_megatron.rollout import weight_sync_shm as m
+
+    g = torch.Generator().manual_seed(0)
+    for ring_bytes in (0, 1000, 1 << 20):
+        m_ring, m.RING_BYTES = m.RING_BYTES, ring_bytes
+        try:
+            sizes = (torch.randint(1, 50, (200,), generator=g) * 64).tolist()
+            offsets, dep, size = m.ring(sizes)
+        finally:
+            m.RING_BYTES = m_ring
+        assert size >= max(ring_bytes, 2 * max(sizes))
+        for b, (o, n) in enumerate(zip(offsets, sizes)):
+            assert 0 <= o and o + n <= size and -1 <= dep[b] < b
+            for j in range(dep[b] + 1, b):
+                assert offsets[j] + sizes[j] <= o or o + n <= offsets[j], (b, j)
+            if dep[b] >= 0:  # dep is a real overlap (not needlessly late)
+                d = dep[b]
+                assert offsets[d] < o + n and o < offsets[d] + sizes[d]

@@ -2,8 +2,10 @@
 
 Two spawned processes hold a TP=2 PolicyEngine (fp32); rank 0 also holds a LocalEngine (transformers
 Qwen3, own random init). `erpd_megatron.rollout.weight_sync.sync_weights(policy, engine,
-receivers="rank0", bucket_bytes=...)` streams the weights: TP gather over gloo, un-fusing of QKV /
-gate-up into HF names, size-capped buckets, `LocalEngine.update_weights` copying into the model.
+receivers="rank0", bucket_bytes=...)` streams the weights: both TP ranks write their rows into HF
+tensors in shared-memory bucket slots (`weight_sync_shm`; keys "<MiB>"), and, interleaved with it, the
+point-to-point gloo path (`shm=False`, keys "p2p_<MiB>"); size-capped buckets,
+`LocalEngine.update_weights` copying into the model.
 GB/s = HF bytes delivered / wall seconds on rank 0, per bucket size (A, B, ... order alternating
 between repeats). Also per run: "stream only" (buckets consumed without an engine: gather + un-fuse
 cost) and the machine's plain memory-copy bandwidth (`dst.copy_(src)` of a large fp32 buffer, one
@@ -61,11 +63,13 @@ def _worker(rank: int, model: BenchModel, buckets_mib: list[float], repeats: int
     sync_weights(policy, engine, version=-1, receivers="rank0", bucket_bytes=int(64 * MiB))
     for r in range(repeats):
         for b in (sizes if r % 2 == 0 else sizes[::-1]):
-            dist.barrier()
-            s = sync_weights(policy, engine, version=r, receivers="rank0", bucket_bytes=int(b * MiB))
-            runs.setdefault(str(b), []).append(s)
+            # both transports of the same bucket size back to back, order alternating between repeats
+            for shm in ((True, False) if r % 2 == 0 else (False, True)):
+                dist.barrier()
+                s = sync_weights(policy, engine, version=r, receivers="rank0", bucket_bytes=int(b * MiB), shm=shm)
+                runs.setdefault(str(b) if shm else f"p2p_{b}", []).append(s)
         dist.barrier()
-        s = sync_weights(policy, None, version=r, receivers="rank0", bucket_bytes=int(64 * MiB))
+        s = sync_weights(policy, None, version=r, receivers="rank0", bucket_bytes=int(64 * MiB), shm=True)
         runs.setdefault("stream_only_64", []).append(s)
     # memcpy on rank 0 while rank 1 waits (no competition for the cores)
     mem = memcpy_gbps(memcpy_bytes) if rank == 0 else None
@@ -84,7 +88,7 @@ def run(out_dir=None, *, model: BenchModel | None = None, buckets_mib=DEFAULT_BU
         memcpy_mib: int = 256, threads: int = 1, log=print) -> dict:
     model = model or DEFAULT_MODEL
     config = dict(model=model.to_dict(), params=model.num_params(), tp=2, processes=2, backend="gloo",
-                  dtype="float32", receivers="rank0", bucket_sizes_mib=list(buckets_mib), repeats=repeats,
+                  dtype="float32", receivers="rank0", transports=["shm", "p2p"], bucket_sizes_mib=list(buckets_mib), repeats=repeats,
                   memcpy_buffer_mib=memcpy_mib, threads_per_process=threads)
     rec = Recorder(NAME, config)
     res = spawn(_worker, 2, (model, list(buckets_mib), repeats, memcpy_mib * MiB), threads=threads)[0]
@@ -100,19 +104,24 @@ def run(out_dir=None, *, model: BenchModel | None = None, buckets_mib=DEFAULT_BU
             "gbps": spread(gbps),
             "fraction_of_memcpy": spread([g / mem["median"] for g in gbps]),
         }
-    best_key = max((k for k in per_bucket if k != "stream_only_64"), key=lambda k: per_bucket[k]["gbps"]["median"])
+    shm_keys = [k for k in per_bucket if k != "stream_only_64" and not k.startswith("p2p_")]
+    best_key = max(shm_keys, key=lambda k: per_bucket[k]["gbps"]["median"])
+    best_p2p = max((k for k in per_bucket if k.startswith("p2p_")), key=lambda k: per_bucket[k]["gbps"]["median"])
     results = {
         "memcpy_gbps": mem,
         "per_bucket_mib": per_bucket,
         "best_bucket_mib": best_key,
         "best_fraction_of_memcpy": per_bucket[best_key]["fraction_of_memcpy"]["median"],
         "target_fraction_of_memcpy": 0.25,
+        "best_p2p_bucket_mib": best_p2p,
+        "best_p2p_fraction_of_memcpy": per_bucket[best_p2p]["fraction_of_memcpy"]["median"],
         "max_abs_logprob_diff_engine_vs_megatron": res["max_abs_logprob_diff"],
     }
     path = rec.write(results, out_dir)
     log(f"[{NAME}] memcpy {mem['median']:.2f} GB/s; " + ", ".join(
         f"{k} MiB {v['gbps']['median']:.3f} GB/s" for k, v in per_bucket.items())
-        + f"; best {best_key} MiB = {results['best_fraction_of_memcpy']:.3f} of memcpy; "
+        + f"; best {best_key} MiB = {results['best_fraction_of_memcpy']:.3f} of memcpy (shm), "
+          f"p2p best {results['best_p2p_fraction_of_memcpy']:.3f}; "
           f"logprob diff {res['max_abs_logprob_diff']:.1e} -> {path}")
     return results
 

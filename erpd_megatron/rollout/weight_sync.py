@@ -24,6 +24,8 @@ Who receives (``receivers``):
   stage 1-3 cost one receive per remote byte and one copy per local byte (no gather buffer, no
   ``cat``, no un-fusing copy; "row"-split tensors: one extra copy of the remote columns).
   Right for LocalEngine and for disaggregated SGLang (rank 0 broadcasts to the servers).
+  Same host + gloo + CPU (default ``shm=None``): the same rows are written into shared-memory bucket
+  places instead of being sent over TCP loopback (``weight_sync_shm``); NCCL / GPU: point-to-point.
 
 The iterator runs collectives: every rank of the model must consume it to the end, in lockstep
 (``sync_weights`` does that for you). The tied output layer (last stage's copy of the embedding) is
@@ -130,18 +132,21 @@ def _routes(cfg, name: str, kind: str, full_shape: tuple[int, ...], tp: int):
     return names, shapes, runs
 
 
-def _owner_ranks() -> dict[tuple[int, int], int]:
-    """{(pp_rank, tp_rank): global rank} of the model replica that streams (DP rank 0, CP rank 0).
-    A collective over the whole world (every rank of every replica must call it)."""
+def _owner_ranks() -> tuple[dict[tuple[int, int], int], list[str]]:
+    """{(pp_rank, tp_rank): global rank} of the model replica that streams (DP rank 0, CP rank 0), and
+    every rank's host (``weight_sync_shm.host_id``). A collective over the whole world (every rank of
+    every replica must call it)."""
     from megatron.core import parallel_state as ps
 
+    from erpd_megatron.rollout.weight_sync_shm import host_id
+
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return {(0, 0): 0}
+        return {(0, 0): 0}, [host_id()]
     me = (ps.get_data_parallel_rank(), ps.get_context_parallel_rank(),
-          ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), dist.get_rank())
+          ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), dist.get_rank(), host_id())
     table: list = [None] * dist.get_world_size()
     dist.all_gather_object(table, me)
-    return {(pp, t): g for dp, cp, pp, t, g in table if dp == 0 and cp == 0}
+    return {(pp, t): g for dp, cp, pp, t, g, _ in table if dp == 0 and cp == 0}, [h for *_, h in table]
 
 
 class _Chunks:
@@ -172,7 +177,8 @@ class _Chunks:
 
 @torch.no_grad()
 def iter_hf_buckets(policy, model_cfg=None, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, receivers: str = "all",
-                    dtype: torch.dtype | None = None, conv_cfg=None, copy: bool = True) -> Iterator[WeightBucket]:
+                    dtype: torch.dtype | None = None, conv_cfg=None, copy: bool = True,
+                    shm: bool | None = None) -> Iterator[WeightBucket]:
     """Buckets of (HF name, full tensor) from a ``PolicyEngine`` (anything with ``model_cfg`` and
     ``named_parameters_global()``), or from its list of model chunks plus ``model_cfg``.
     ``dtype``: cast on the way out (e.g. bf16 for SGLang). ``conv_cfg``: HF config dict / ConvConfig
@@ -180,7 +186,10 @@ def iter_hf_buckets(policy, model_cfg=None, *, bucket_bytes: int = DEFAULT_BUCKE
     ``copy=False``: an HF tensor that is a contiguous slice of a local parameter (replicated norms,
     everything at TP=1 except un-fused Q/K/V) is yielded as a view of the live parameter instead of a
     copy. Only for consumers that copy what they receive before the parameters change again (every
-    engine's ``update_weights`` does; ``sync_weights`` uses it)."""
+    engine's ``update_weights`` does; ``sync_weights`` uses it).
+    ``shm`` ("rank0" only): assemble the buckets in shared memory (``weight_sync_shm``) instead of
+    point-to-point sends; None (default): when every rank is on one host with gloo and CPU
+    parameters (the NCCL / GPU path is unchanged). Must be the same on every rank."""
     from megatron.core import parallel_state as ps
 
     from checkpoints_conv import maps
@@ -199,8 +208,17 @@ def iter_hf_buckets(policy, model_cfg=None, *, bucket_bytes: int = DEFAULT_BUCKE
     if receivers == "rank0":
         # The owner table is an all_gather over the whole world: every replica must join it before
         # the non-streaming ones (DP or CP rank != 0, same weights) leave; leaving first hung DP > 1.
-        owners = _owner_ranks()
+        owners, hosts = _owner_ranks()
         if ps.get_data_parallel_rank() != 0 or ps.get_context_parallel_rank() != 0:
+            return
+        from erpd_megatron.rollout import weight_sync_shm
+
+        if shm is None:
+            shm = set(owners.values()) != {0} and weight_sync_shm.usable(hosts, local)
+        _LAST["transport"] = "shm" if shm else "p2p"
+        if shm:
+            tp = ps.get_tensor_model_parallel_world_size()
+            yield from weight_sync_shm.stream(cfg, plan, local, dtype, copy, owners, bucket_bytes, tp)
             return
         arena = None if copy else _Arena(bucket_bytes, _device(local))
         tensors = _rank0_tensors(cfg, plan, local, dtype, copy, arena, owners)
@@ -218,6 +236,14 @@ def iter_hf_buckets(policy, model_cfg=None, *, bucket_bytes: int = DEFAULT_BUCKE
         size += nbytes
     if bucket:
         yield bucket
+
+
+_LAST: dict = {"transport": None}
+
+
+def last_transport() -> str | None:
+    """How this process's latest ``receivers="rank0"`` stream moved the weights: "shm" or "p2p"."""
+    return _LAST["transport"]
 
 
 class _Arena:
