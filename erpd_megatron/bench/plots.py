@@ -53,15 +53,19 @@ def weight_sync(out: Path) -> Path | None:
         return None
     plt = _plt()
     res = d["results"]
-    rows = sorted(((float(k), v) for k, v in res["per_bucket_mib"].items() if not k.startswith("stream")),
-                  key=lambda kv: kv[0])
-    xs = [k for k, _ in rows]
-    med = [v["gbps"]["median"] for _, v in rows]
-    lo = [v["gbps"]["median"] - v["gbps"]["min"] for _, v in rows]
-    hi = [v["gbps"]["max"] - v["gbps"]["median"] for _, v in rows]
     mem = res["memcpy_gbps"]["median"]
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
-    ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=4, label="Megatron TP=2 -> LocalEngine\n(median, min-max)")
+    # keys "<MiB>": shared-memory transport; "p2p_<MiB>": gloo point-to-point (older JSONs: only "<MiB>")
+    for prefix, label in (("", "Megatron TP=2 -> LocalEngine,\nshared memory"), ("p2p_", "same, gloo point-to-point")):
+        rows = sorted(((float(k[len(prefix):]), v) for k, v in res["per_bucket_mib"].items()
+                       if not k.startswith("stream") and (k.startswith("p2p_") == bool(prefix))), key=lambda kv: kv[0])
+        if not rows:
+            continue
+        med = [v["gbps"]["median"] for _, v in rows]
+        lo = [v["gbps"]["median"] - v["gbps"]["min"] for _, v in rows]
+        hi = [v["gbps"]["max"] - v["gbps"]["median"] for _, v in rows]
+        ax.errorbar([k for k, _ in rows], med, yerr=[lo, hi], marker="o", capsize=4,
+                    label=label + "\n(median, min-max)")
     ax.axhline(mem, color="k", ls="--", lw=1, label=f"memcpy {mem:.1f} GB/s")
     ax.axhline(mem / 4, color="r", ls=":", lw=1, label="target: memcpy / 4")
     ax.set_xscale("log", base=2)
