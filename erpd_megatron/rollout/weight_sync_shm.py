@@ -13,14 +13,15 @@ the senders fill the next buckets while the engine copies this one. A place is r
 consumer asked for the bucket after the one carved from it (the rule of ``weight_sync._Arena``);
 ``copy=True`` yields clones.
 
-The arena is kept between syncs (no first-touch page faults) and grows when a larger bucket layout
-needs it; every rank applies the same rule, so they agree on its name without a message. Rank 0
-unlinks the file once every sender has mapped it (after the first sync on it): nothing is left in
-/dev/shm even if a process dies later.
+The arena is kept between syncs (no first-touch page faults) and replaced by a larger file when a
+bucket layout needs it; "go" names it (rank 0's pid, generation, bytes). Rank 0 unlinks the file once
+every rank of the streaming replica has mapped it (normally after the first sync on it), and at exit:
+nothing is left in /dev/shm if a process dies later.
 """
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import socket
@@ -31,8 +32,9 @@ import torch.distributed as dist
 
 ALIGN = 64
 RING_BYTES = 64 << 20  # ring arena at least this large: small buckets get many places, senders run ahead
-# Per process: the current arena {"gen", "size", "path", "buf", "fresh"} (same gen/size on every rank).
-_STATE: dict = {"gen": 0, "size": 0, "path": None, "buf": None, "fresh": False}
+# Per process: the current arena. Rank 0: {"gen", "size", "path", "buf", "mapped": senders that mapped
+# it}; senders: {"path", "size", "buf"} of the arena named in rank 0's latest "go" message.
+_STATE: dict = {"gen": 0, "size": 0, "path": None, "buf": None, "mapped": None}
 
 
 def host_id() -> str:
@@ -109,24 +111,43 @@ def ring(sizes: list[int]) -> tuple[list[int], list[int], int]:
     return offsets, dep, size
 
 
-def _arena(size: int, rank0_pid: int, me: int) -> torch.Tensor:
-    """The uint8 arena (at least ``size`` bytes), same name on every rank."""
+def _own_arena(size: int) -> tuple[torch.Tensor, int, int]:
+    """Rank 0: the uint8 arena (at least ``size`` bytes), a new file when it must grow.
+    Returns (arena, generation, bytes)."""
     st = _STATE
-    if size > st["size"] or st["path"] is None or f"_{rank0_pid}_" not in st["path"]:
+    if size > st["size"] or st["buf"] is None:
+        if st["path"] is not None and os.path.exists(st["path"]):
+            os.unlink(st["path"])
         st["gen"] += 1
-        st["size"] = size
-        st["path"] = f"/dev/shm/erpd_wsync_{rank0_pid}_{st['gen']}"
-        st["buf"], st["fresh"] = None, True
-    if st["buf"] is None:
-        n = st["size"]
-        if me == 0:
-            fd = os.open(st["path"], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.ftruncate(fd, n)
-            finally:
-                os.close(fd)
-        st["buf"] = torch.from_file(st["path"], shared=True, size=n, dtype=torch.uint8)
+        st["size"], st["path"], st["mapped"] = size, f"/dev/shm/erpd_wsync_{os.getpid()}_{st['gen']}", set()
+        fd = os.open(st["path"], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)  # a stale file of a reused pid: reset
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        st["buf"] = torch.from_file(st["path"], shared=True, size=size, dtype=torch.uint8)
+    return st["buf"], st["gen"], st["size"]
+
+
+def _map_arena(pid: int, gen: int, size: int) -> torch.Tensor:
+    """Sender: rank 0's arena named in its "go" message, mapped once per generation. A missing file
+    raises (never create one: that would be a private, silently wrong arena)."""
+    st = _STATE
+    path = f"/dev/shm/erpd_wsync_{pid}_{gen}"
+    if st["path"] != path:
+        os.close(os.open(path, os.O_RDWR))  # FileNotFoundError if rank 0 has unlinked it
+        st["path"], st["size"], st["buf"] = path, size, torch.from_file(path, shared=True, size=size,
+                                                                         dtype=torch.uint8)
     return st["buf"]
+
+
+def _cleanup() -> None:
+    path = _STATE.get("path")
+    if _STATE.get("mapped") is not None and path and os.path.exists(path):
+        os.unlink(path)
+
+
+atexit.register(_cleanup)
 
 
 def _views(buf: torch.Tensor, base: int, items: list[_Item]) -> list[torch.Tensor]:
@@ -160,11 +181,11 @@ def stream(cfg, plan, local: dict, dtype, copy: bool, owners: dict, bucket_bytes
         mine = [b for b, s in enumerate(senders) if me in s]
         if not mine:
             return
-        flag, done = torch.zeros(1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+        flag, done = torch.zeros(3, dtype=torch.int64), torch.ones(1, dtype=torch.int32)
         buf, sent = None, []
         for b in mine:
-            dist.recv(flag, src=0, tag=b)  # "go b": its place is free
-            buf = _arena(size, int(flag.item()), me) if buf is None else buf
+            dist.recv(flag, src=0, tag=b)  # "go b": its place is free; (pid, generation, bytes) of the arena
+            buf = _map_arena(*flag.tolist()) if buf is None else buf
             _write(buckets[b], _views(buf, offsets[b], buckets[b]), me, local)
             # "ready b", not waited for: gloo's send returns only once rank 0 posted the matching
             # receive, which would keep this rank from running ahead (measured: ~2 ms per bucket)
@@ -172,9 +193,9 @@ def stream(cfg, plan, local: dict, dtype, copy: bool, owners: dict, bucket_bytes
         for q in sent:
             q.wait()
         return
-    buf = _arena(size, os.getpid(), 0)
+    buf, gen, nbytes = _own_arena(size)
     st = _STATE
-    pid = torch.tensor([os.getpid()], dtype=torch.int32)  # "go" carries rank 0's pid: the arena's name
+    name = torch.tensor([os.getpid(), gen, nbytes], dtype=torch.int64)  # "go" names the arena
     release: list[list[int]] = [[] for _ in buckets]
     for b, d in enumerate(dep):
         release[d + 1].append(b)  # dep[b] < b
@@ -182,7 +203,7 @@ def stream(cfg, plan, local: dict, dtype, copy: bool, owners: dict, bucket_bytes
     ack = torch.zeros(1, dtype=torch.int32)
     for c, items in enumerate(buckets):
         for b in release[c]:  # buckets before c are consumed: the consumer asked for bucket c
-            pending.extend(dist.isend(pid, dst=g, tag=b) for g in senders[b])
+            pending.extend(dist.isend(name, dst=g, tag=b) for g in senders[b])
         views = _views(buf, offsets[c], items)
         _write(items, views, 0, local)
         for g in senders[c]:
@@ -190,7 +211,7 @@ def stream(cfg, plan, local: dict, dtype, copy: bool, owners: dict, bucket_bytes
         if c == len(buckets) - 1:
             for q in pending:
                 q.wait()
-            if st["fresh"]:  # every sender has mapped it: the name is no longer needed
-                os.unlink(st["path"])
-                st["fresh"] = False
+            st["mapped"].update(g for s in senders for g in s)
+            if st["mapped"] >= set(owners.values()) - {0} and os.path.exists(st["path"]):
+                os.unlink(st["path"])  # every possible sender has mapped it: the name is no longer needed
         yield [(it.hf_name, v.clone() if copy else v) for it, v in zip(items, views)]
