@@ -173,15 +173,17 @@ def _cpu_slurm() -> SlurmSettings:
     return SlurmSettings(time="01:00:00", exclusive=False, env=dict(CPU_ENV))
 
 
-def cpu_demo() -> Recipe:
-    """The tiny ERPD pipeline on one CPU node (what `make demo` runs), no GPU, no container needed."""
+def _cpu_recipe(name: str, description: str, trainer: list[str], micro_batch: int, global_batch: int,
+                seq_len: int) -> Recipe:
+    """One CPU node, one process, fp32, no GPU, no container: the shape shared by the CPU recipes."""
     return Recipe(
-        name="cpu_demo",
-        description="tiny Qwen3 toy task on CPU, one process",
+        name=name,
+        description=description,
         model="qwen3-toy",
-        layout=Layout(tp=1, pp=1, dp=1, micro_batch=128, global_batch=256, seq_len=48, param_dtype="fp32",
-                      grad_dtype="fp32", attention="unfused", recompute="none", nodes=None, gpus_per_node=1),
-        trainer=["erpd", "demo"],
+        layout=Layout(tp=1, pp=1, dp=1, micro_batch=micro_batch, global_batch=global_batch, seq_len=seq_len,
+                      param_dtype="fp32", grad_dtype="fp32", attention="unfused", recompute="none", nodes=None,
+                      gpus_per_node=1),
+        trainer=trainer,
         nodes=1,
         gpus_per_node=0,
         torchrun=False,
@@ -191,22 +193,18 @@ def cpu_demo() -> Recipe:
     )
 
 
+def cpu_demo() -> Recipe:
+    """The tiny ERPD pipeline on one CPU node (what `make demo` runs), no GPU, no container needed."""
+    return _cpu_recipe("cpu_demo", "tiny Qwen3 toy task on CPU, one process", ["erpd", "demo"],
+                       micro_batch=128, global_batch=256, seq_len=48)
+
+
 def cpu_micro() -> Recipe:
     """The CI-sized pipeline (erpd_megatron/presets/micro.yaml) on one CPU node: what the local Slurm tests
     submit. `torchrun=true tasks_per_node=2 layout.dp=2` makes it a two-task DP=2 gloo job."""
-    return Recipe(
-        name="cpu_micro",
-        description="micro preset (toy task) on CPU, one process; no GPU, no container",
-        model="qwen3-toy",
-        layout=Layout(tp=1, pp=1, dp=1, micro_batch=16, global_batch=64, seq_len=64, param_dtype="fp32",
-                      grad_dtype="fp32", attention="unfused", recompute="none", nodes=None, gpus_per_node=1),
-        trainer=["erpd", "run", "--config", "erpd_megatron/presets/micro.yaml"],
-        nodes=1,
-        gpus_per_node=0,
-        torchrun=False,
-        slurm=_cpu_slurm(),
-        hardware=dataclasses.replace(CPU_HOST),
-    )
+    return _cpu_recipe("cpu_micro", "micro preset (toy task) on CPU, one process; no GPU, no container",
+                       ["erpd", "run", "--config", "erpd_megatron/presets/micro.yaml"],
+                       micro_batch=16, global_batch=64, seq_len=64)
 
 
 def colocated_sglang(layout: Layout) -> dict[str, str]:
