@@ -44,6 +44,9 @@ class ModelConfig:
     """Sequences per micro-batch in Megatron forward/backward (gradient accumulation fills a mini-batch)."""
     fp8: bool = False
     """Transformer Engine FP8 (hybrid recipe) on GPU; refused on CPU."""
+    reuse_engines: bool = True
+    """Between stages of one process, reset and reload a built policy (model, DDP, optimizer) in place instead
+    of building another; results are the same either way (false: build every time, to rule reuse out)."""
 
 
 @dataclass

@@ -166,6 +166,7 @@ def _run_dir_with(tmp_path, overrides, started=()) -> Path:
     ([], ["teachers.ce.steps=8"], [], None),  # extending a teacher: allowed
     ([], ["students.s1_ce.steps=9", "onpolicy.steps=5", "iterations=2", "eval.every=1"], ["s1_ce"], None),
     ([], ["students={s9: {teacher: ce}}"], [], None),  # a new student (replacing the old ones)
+    ([], ["model.reuse_engines=false"], ["ce"], None),  # how policies are built: same results either way
     ([], ["teachers.ce.steps=2"], [], "teachers.ce.steps: 4 -> 2"),  # shrinking: refused
     ([], ["teachers.ce.lr=3e-4"], [], "teachers.ce.lr: 0.0001 -> 0.0003"),
     ([], ["seed=8"], [], "seed: 7 -> 8"),

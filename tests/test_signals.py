@@ -257,11 +257,13 @@ def test_unlearned_step_auto_picks_the_dip_on_the_fixed_batch(tmp_path):
         loaded.append(step)
         return Policy(step)
 
+    released = []
     ctx = SimpleNamespace(cfg=cfg, run=run, is_main=True, barrier=lambda: None, new_policy=new_policy,
-                          tokenizer=SimpleNamespace(pad_token_id=0))
+                          release=lambda p: released.append(p.step), tokenizer=SimpleNamespace(pad_token_id=0))
     s = cfg.students["s2"]
     assert s.unlearned_step == -1
     assert unlearned_step(ctx, s, 0) == 20 and sorted(loaded) == [10, 20, 30]
+    assert sorted(released) == [10, 20, 30]  # each candidate's policy goes back to the engine pool
     import json
 
     rec = json.loads((tmp_path / "iter_0" / "unlearned_mse.json").read_text())

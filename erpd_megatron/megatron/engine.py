@@ -93,6 +93,17 @@ def seq_multiple(par: ParallelConfig, fp8: bool) -> int:
     return m
 
 
+#: OptimConfig fields baked into megatron's optimizer at construction; `PolicyEngine.reset` cannot change them
+BAKED_OPTIM_FIELDS = ("adam_beta1", "adam_beta2", "adam_eps", "clip_grad", "distributed_optimizer")
+
+
+def reuse_key(model_cfg, par, optim_cfg, build_opts=None, trainable: bool = True) -> tuple:
+    """What a reused engine must share with the one `PolicyEngine(model_cfg, par, optim_cfg, build_opts,
+    trainable=...)` would build: model, layout, build options, trainability, construction-time optimizer settings."""
+    return (model_cfg, par, build_opts or BuildOptions(), trainable,
+            tuple(getattr(optim_cfg, f) for f in BAKED_OPTIM_FIELDS))
+
+
 class PolicyEngine:
     """Megatron model + optimizer with `forward_logprobs` and `train_step` (see module docstring)."""
 
@@ -126,6 +137,10 @@ class PolicyEngine:
             raise ValueError(f"megatron parallel state is initialised with another layout than {par}")
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
             torch.device("cpu")
+        if self.device.type == "cpu":
+            from erpd_megatron.utils.cpu_malloc import keep_freed_memory
+
+            keep_freed_memory()  # freed activations stay in the heap: no page faults per step (cpu_malloc.py)
         self.seq_multiple = seq_multiple(par, bool(self.build_opts.fp8))
         self.modules = self._build_modules()  # bare GPTModels
         self.tcfg = self.modules[0].config  # shared by all chunks; the schedules read it
@@ -133,6 +148,8 @@ class PolicyEngine:
         self.optimizer = self._make_optimizer() if trainable else None
         self.step = 0  # optimizer steps taken
         self.trainer_state: dict = {}  # free-form, saved with checkpoints (data position, ...)
+        self.generation = 0  # times `reset` handed this engine to a new owner (Context's engine pool)
+        self.idle = False  # True between `Context.release` and the next `reset`: any use then is a bug
         self._set_lr()
 
     # ------------------------------------------------------------------ setup
@@ -193,12 +210,66 @@ class PolicyEngine:
             g["weight_decay"] = self.optim_cfg.weight_decay * g.get("wd_mult", 1.0)
         self.lr = lr
 
+    # ------------------------------------------------------------------ reuse (pipeline/context.py's pool)
+    def reuse_key(self) -> tuple:
+        """See `reuse_key`: an engine may stand in for a build whose key equals this."""
+        return reuse_key(self.model_cfg, self.par, self.optim_cfg, self.build_opts, self.optimizer is not None)
+
+    @property
+    def reusable(self) -> bool:
+        """False when the optimizer holds state `reset` cannot clear: fp16's dynamic loss scale."""
+        from megatron.core.optimizer.grad_scaler import DynamicGradScaler
+
+        return not any(isinstance(getattr(o, "grad_scaler", None), DynamicGradScaler) for o in self._optimizers())
+
+    def _optimizers(self) -> list:
+        """The megatron optimizers (one per chained param group set), [] when not trainable."""
+        if self.optimizer is None:
+            return []
+        return list(getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
+
+    def reset(self, optim_cfg: OptimConfig, *, temperature: float | None = None) -> None:
+        """Make this engine what a fresh `PolicyEngine(..., optim_cfg)` is, apart from its weights (load them next,
+        `load(path, model_only=True)`, which also refreshes the optimizer's main params from them).
+
+        Cleared: Adam's moments and step counts (torch keeps them in `optimizer.state[param]`; a fresh megatron
+        optimizer starts with that dict empty), the grad buffers, `step`, `trainer_state`. Set: the OptimConfig
+        (LR, warm-up, micro-batch size: read at each step) and the temperature. What differs from a build: the
+        global torch RNG is not advanced by a weight initialisation (dropout is 0, so no result reads it)."""
+        mine = tuple(getattr(self.optim_cfg, f) for f in BAKED_OPTIM_FIELDS)
+        theirs = tuple(getattr(optim_cfg, f) for f in BAKED_OPTIM_FIELDS)
+        if mine != theirs:
+            raise ValueError(f"PolicyEngine.reset: {BAKED_OPTIM_FIELDS} are fixed at construction "
+                             f"({mine} != {theirs}); build a new engine")
+        if not self.reusable:
+            raise ValueError("PolicyEngine.reset: the optimizer has a dynamic loss scale (fp16); build a new engine")
+        for opt in self._optimizers():
+            opt.optimizer.state.clear()  # torch Adam(W): exp_avg, exp_avg_sq and step of every main param
+        for m in self.model:
+            m.zero_grad_buffer()
+        if self.optimizer is not None:
+            self.optimizer.zero_grad()
+        self.optim_cfg = optim_cfg
+        if temperature is not None:
+            self.temperature = temperature
+        self.step = 0
+        self.trainer_state = {}
+        self.generation += 1
+        self.idle = False
+        self._set_lr()
+
+    def _check_live(self) -> None:
+        if self.idle:
+            raise RuntimeError("this PolicyEngine was released to the engine pool (Context.release) and is "
+                               "used again by its previous owner")
+
     # ------------------------------------------------------------------ batching
     def _prepare(self, batch: dict, for_train: bool):
         """DP slice, row padding to whole micro-batches, trim to the longest row and pad that length up to
         `self.seq_multiple` (zeros); returns (micro-batches, mbs, padded length, rows per rank, B, T, trimmed length)."""
         from megatron.core import parallel_state as ps
 
+        self._check_live()
         ids = batch["input_ids"]
         if ids.dim() != 2:
             raise ValueError(f"batch['input_ids'] must be [B, T], got shape {tuple(ids.shape)}")
@@ -424,6 +495,7 @@ class PolicyEngine:
         """Yield (global Megatron name, local TP shard) for this rank's parameters (layer index global)."""
         from megatron.core import parallel_state as ps
 
+        self._check_live()  # weight sync reads the parameters through here
         pp_rank = ps.get_pipeline_model_parallel_rank()
         for vp, m in enumerate(self.modules):
             off = layer_offset(self.model_cfg, self.par, pp_rank, vp if self.par.vpp else None)
@@ -433,6 +505,7 @@ class PolicyEngine:
     def save(self, directory: str, trainer_state: dict | None = None) -> str:
         from erpd_megatron.megatron.checkpoint import save_checkpoint
 
+        self._check_live()
         if trainer_state is not None:
             self.trainer_state = dict(trainer_state)
         return save_checkpoint(self, directory)

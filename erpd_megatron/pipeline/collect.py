@@ -73,4 +73,5 @@ def collect(ctx, iteration: int = 0) -> int:
             sample_batch(ctx, store, iteration, prompts, version=iteration, seed=ctx.cfg.seed + iteration)
         ctx.barrier()
     add_policy_logprobs(ctx, store, iteration, "old_logprobs", policy)
+    ctx.release(policy)  # the rollout engine holds copies of its weights, the store its log-probs
     return iteration

@@ -36,6 +36,10 @@ class Context:
     _ref_engine: object = None
     _reward: object = None
     _par: object = None
+    _idle: list = field(default_factory=list)
+    """Released PolicyEngines `new_policy` may hand out again (model.reuse_engines)."""
+    engines_built: int = 0
+    """PolicyEngines `new_policy` built (not reused) in this process."""
 
     # ------------------------------------------------------------------ parallel / ranks
     @property
@@ -101,19 +105,55 @@ class Context:
 
     # ------------------------------------------------------------------ Megatron side (all ranks)
     def new_policy(self, lr: float = 0.0, total_steps: int = 1, warmup_steps: int = 0, init: Path | None = None):
-        """A PolicyEngine holding the model weights of the Megatron checkpoint `init` (default: the base)."""
+        """A PolicyEngine holding the model weights of the Megatron checkpoint `init` (default: the base), in the
+        state a fresh build has (no optimizer state, step 0, this OptimConfig). With `model.reuse_engines` an
+        engine given back by `release` is reset and reloaded in place instead of building another."""
         from erpd_megatron.megatron.engine import OptimConfig, PolicyEngine
         from erpd_megatron.utils.timing import stage
 
         optim = OptimConfig(lr=lr, min_lr=lr, warmup_steps=warmup_steps, clip_grad=1.0,
                             micro_batch_size=self.cfg.model.micro_batch_size)
         path, par = str(init or self.base_ckpt(0)), self.par
-        with stage("model_build"):
-            engine = PolicyEngine(self.model_cfg, par, optim, seed=self.cfg.seed,
-                                  temperature=self.cfg.rollout.temperature)
+        engine = self._take_idle(optim) if self.cfg.model.reuse_engines else None
+        if engine is None:
+            with stage("model_build"):
+                engine = PolicyEngine(self.model_cfg, par, optim, seed=self.cfg.seed,
+                                      temperature=self.cfg.rollout.temperature)
+            self.engines_built += 1
+        else:
+            with stage("model_reset"):
+                engine.reset(optim, temperature=self.cfg.rollout.temperature)
         with stage("checkpoint_load"):
             engine.load(path, model_only=True)
         return engine
+
+    def _take_idle(self, optim):
+        """An idle engine whose model, layout and construction-time optimizer settings fit, or None."""
+        from erpd_megatron.megatron.engine import PolicyEngine, reuse_key
+
+        want = reuse_key(self.model_cfg, self.par, optim)  # what new_policy would build
+        for i, e in enumerate(self._idle):
+            if type(e) is PolicyEngine and e.reuse_key() == want:
+                return self._idle.pop(i)
+        return None
+
+    def release(self, policy) -> None:
+        """`policy` (from `new_policy`) is no longer used by its caller: `new_policy` may reset and hand it out again.
+        Every later call of the old owner on it (log-probs, training, saving, weight sync) raises until then; a
+        second release raises. With `model.reuse_engines` false, nothing is kept (the caller's reference goes)."""
+        if policy is None or not self.cfg.model.reuse_engines:
+            return
+        if policy.idle:
+            raise RuntimeError("Context.release: this PolicyEngine was released already")
+        if not policy.reusable:
+            return
+        policy.idle = True
+        self._idle.append(policy)
+
+    def drop_idle(self) -> None:
+        """Forget the released engines (before building a model outside the pool, e.g. a critic: memory then
+        holds what it held without reuse)."""
+        self._idle.clear()
 
     def base_ckpt(self, iteration: int) -> Path:
         """Megatron checkpoint of the base policy of `iteration` (0: imported from HF; i: student of i-1)."""

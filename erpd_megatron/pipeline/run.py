@@ -99,7 +99,8 @@ def print_config(cfg: RunConfig) -> None:
 # Steps may only grow: training continues from the last checkpoint and the mini-batch of a step is a pure
 # function of (seed, step), so the finished steps are the ones an uninterrupted longer run would have made.
 GROWABLE = ("iterations", "teachers.*.steps", "students.*.steps", "onpolicy.steps")
-FREE = ("eval.every", "rollout.sglang_urls", "checkpoint.keep_last")  # what is evaluated / served / kept
+FREE = ("eval.every", "rollout.sglang_urls", "checkpoint.keep_last",  # what is evaluated / served / kept
+        "model.reuse_engines")  # how policies are built (same results)
 
 
 def _leaf_changes(old, new, path: str = "") -> list[tuple[str, object, object]]:

@@ -57,6 +57,7 @@ def evaluate_base(ctx, iteration: int) -> None:
     if 0 not in ctx.run.eval_results(name):
         policy = ctx.new_policy(init=ctx.base_ckpt(iteration))
         evaluate_policy(ctx, name, 0, policy)
+        ctx.release(policy)
 
 
 # ----------------------------------------------------------------------------- no learning signal
@@ -111,11 +112,13 @@ def train_teachers(ctx, iteration: int = 0, only: str | None = None) -> None:
             b["advantages"] = grpo_advantages(batch["rewards"], batch["group_ids"])
         elif t.loss == "ppo":
             b["advantages"] = critic_advantages(ctx, method, t, batch, iteration)
-        train_loop(ctx, method, batch=b, loss_fn=objectives.teacher_objective(t), steps=t.steps,
-                   mini_batch_size=t.mini_batch_size, lr=t.lr, warmup_steps=t.warmup_steps, save_every=t.save_every,
-                   init=init, eval_fn=_eval_fn(ctx, method, iteration, t.init == "base"),
-                   step_metrics=_teacher_metrics, early_stop_patience=t.early_stop_patience,
-                   keep_steps=teacher_keep_steps(ctx.cfg, name))
+        policy = train_loop(ctx, method, batch=b, loss_fn=objectives.teacher_objective(t), steps=t.steps,
+                            mini_batch_size=t.mini_batch_size, lr=t.lr, warmup_steps=t.warmup_steps,
+                            save_every=t.save_every, init=init, eval_fn=_eval_fn(ctx, method, iteration,
+                                                                                 t.init == "base"),
+                            step_metrics=_teacher_metrics, early_stop_patience=t.early_stop_patience,
+                            keep_steps=teacher_keep_steps(ctx.cfg, name))
+        ctx.release(policy)  # saved and evaluated; later stages load its checkpoints
 
 
 def teacher_keep_steps(cfg, name: str) -> set[int] | None:
@@ -147,6 +150,7 @@ def critic_advantages(ctx, method: str, t, batch: dict, iteration: int):
     from erpd_megatron.pipeline.critic import ppo_advantages, pretrain_critic
 
     ck = ctx.run.ckpt(method + "_critic")
+    ctx.drop_idle()  # peak memory: the critic alone, as without engine reuse (the pool keeps idle policies)
     critic = ValueEngine(ctx.model_cfg, ctx.par, OptimConfig(lr=t.critic_lr, min_lr=t.critic_lr,
                          micro_batch_size=ctx.cfg.model.micro_batch_size), seed=ctx.cfg.seed)
     if (ck / "latest").exists():
@@ -227,7 +231,7 @@ def unlearned_step(ctx, student, iteration: int) -> int:
         if _lp_column(tm, step) not in store.per_token_columns(iteration):
             policy = ctx.new_policy(init=ckpt_at(ctx, tm, step))
             add_policy_logprobs(ctx, store, iteration, _lp_column(tm, step), policy)
-            del policy
+            ctx.release(policy)
     batch = load_batch(ctx, store, iteration, [_lp_column(tm, s) for s in candidates])
     curve = {s: logprob_by_outcome(batch[_lp_column(tm, s)], batch["response_mask"], batch["rewards"])["pos_logprob"]
              for s in candidates}
@@ -276,7 +280,7 @@ def compute_signals(ctx, iteration: int = 0) -> None:
             if col not in store.per_token_columns(iteration):
                 policy = ctx.new_policy(init=path)
                 add_policy_logprobs(ctx, store, iteration, col, policy)
-                del policy
+                ctx.release(policy)
 
 
 def build_signals(ctx, student, batch: dict, iteration: int) -> list[torch.Tensor]:
@@ -328,10 +332,11 @@ def train_students(ctx, iteration: int = 0, only: str | None = None) -> None:
                                           minibatch_indices(n, mbs, step, ctx.cfg.seed))["x"]
                 return b
 
-        train_loop(ctx, method, batch=None if next_batch else batch, next_batch=next_batch,
-                   loss_fn=objectives.distill_objective(s), steps=s.steps, mini_batch_size=mbs,
-                   lr=s.lr, save_every=_save_every(ctx, s.steps), init=ctx.base_ckpt(iteration),
-                   eval_fn=_eval_fn(ctx, method, iteration, True))
+        policy = train_loop(ctx, method, batch=None if next_batch else batch, next_batch=next_batch,
+                            loss_fn=objectives.distill_objective(s), steps=s.steps, mini_batch_size=mbs,
+                            lr=s.lr, save_every=_save_every(ctx, s.steps), init=ctx.base_ckpt(iteration),
+                            eval_fn=_eval_fn(ctx, method, iteration, True))
+        ctx.release(policy)
 
 
 def promote_student(ctx, iteration: int) -> dict:
@@ -403,7 +408,8 @@ def train_onpolicy(ctx, iteration: int = 0, init=None, steps: int | None = None,
     from erpd_megatron.config import TeacherConfig
 
     t = TeacherConfig(loss=o.loss)  # agg "auto": sapo seq-mean-token-mean, grpo / ppo / cispo token-mean
-    train_loop(ctx, method, batch=None, next_batch=next_batch, loss_fn=objectives.onpolicy_objective(o, t),
-               steps=steps, mini_batch_size=o.prompts_per_step * ctx.cfg.rollout.n_samples, lr=o.lr,
-               save_every=1, eval_every=max(1, steps // 4), init=init or ctx.base_ckpt(iteration),
-               eval_fn=_eval_fn(ctx, method, iteration, True))
+    policy = train_loop(ctx, method, batch=None, next_batch=next_batch, loss_fn=objectives.onpolicy_objective(o, t),
+                        steps=steps, mini_batch_size=o.prompts_per_step * ctx.cfg.rollout.n_samples, lr=o.lr,
+                        save_every=1, eval_every=max(1, steps // 4), init=init or ctx.base_ckpt(iteration),
+                        eval_fn=_eval_fn(ctx, method, iteration, True))
+    ctx.release(policy)
