@@ -137,10 +137,6 @@ class PolicyEngine:
             raise ValueError(f"megatron parallel state is initialised with another layout than {par}")
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
             torch.device("cpu")
-        if self.device.type == "cpu":
-            from erpd_megatron.utils.cpu_malloc import keep_freed_memory
-
-            keep_freed_memory()  # freed activations stay in the heap: no page faults per step (cpu_malloc.py)
         self.seq_multiple = seq_multiple(par, bool(self.build_opts.fp8))
         self.modules = self._build_modules()  # bare GPTModels
         self.tcfg = self.modules[0].config  # shared by all chunks; the schedules read it
