@@ -143,26 +143,32 @@ def spread(values: list[float]) -> dict:
 
 
 def interleaved(candidates: dict[str, Callable[[], None]], *, warmup: int, repeats: int, steps: int,
-                log: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+                log: Callable[[str], None] | None = None,
+                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each candidate, measured A, B, A, B, ... so that load changes hit both alike.
 
     Each candidate first runs `warmup` untimed calls (allocator, autograd graph, thread pools), then
     `repeats` rounds; in each round every candidate runs `steps` timed calls back to back (the mean
     is one sample). The candidate order alternates between rounds (A B, B A, ...) so that neither
-    always runs right after the other.
+    always runs right after the other. With `cpu` (a dict), the process CPU seconds per call of each
+    sample go there too: on a shared machine wall time includes waiting for a core, CPU time does not.
     """
     names = list(candidates)
     for n in names:
         for _ in range(warmup):
             candidates[n]()
     times: dict[str, list[float]] = {n: [] for n in names}
+    if cpu is not None:
+        cpu.update({n: [] for n in names})
     for r in range(repeats):
         order = names if r % 2 == 0 else names[::-1]
         for n in order:
-            t = time.perf_counter()
+            c, t = time.process_time(), time.perf_counter()
             for _ in range(steps):
                 candidates[n]()
             times[n].append((time.perf_counter() - t) / steps)
+            if cpu is not None:
+                cpu[n].append((time.process_time() - c) / steps)
         if log:
             log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names))
     return times
@@ -249,9 +255,10 @@ def spawn(fn, world_size: int, args: tuple = (), *, threads: int = 1, timeout: f
 
 
 def ratio_results(name: str, times: dict[str, list[float]], tokens: int, flops_per_token: float, unit: str,
-                  rec, out_dir, log, **extra) -> dict:
+                  rec, out_dir, log, cpu: dict[str, list[float]] | None = None, **extra) -> dict:
     """Results of a Megatron-vs-plain throughput benchmark (seconds per `unit` for each side, interleaved):
-    tokens/s, GFLOP/s and the ratio Megatron / plain with its spread; written through `rec`, logged."""
+    tokens/s, GFLOP/s and the ratio Megatron / plain with its spread (wall time: the target; with `cpu`,
+    also the ratio of process CPU seconds); written through `rec`, logged."""
     ratios = [p / m for m, p in zip(times["megatron"], times["plain"])]
     results = {
         **extra,
@@ -262,11 +269,15 @@ def ratio_results(name: str, times: dict[str, list[float]], tokens: int, flops_p
         "ratio_megatron_over_plain": spread(ratios),
         "target_ratio": 1.0,
     }
+    if cpu:
+        results[f"cpu_seconds_per_{unit}"] = dict(cpu)
+        results["ratio_megatron_over_plain_cpu"] = spread([p / m for m, p in zip(cpu["megatron"], cpu["plain"])])
     path = rec.write(results, out_dir)
     r = results["ratio_megatron_over_plain"]
+    rc = results.get("ratio_megatron_over_plain_cpu")
     log(f"[{name}] tokens/s megatron {results['tokens_per_s']['megatron']['median']:.0f} plain "
         f"{results['tokens_per_s']['plain']['median']:.0f}; ratio median {r['median']:.3f} "
-        f"[{r['min']:.3f}, {r['max']:.3f}] -> {path}")
+        f"[{r['min']:.3f}, {r['max']:.3f}]" + (f" (CPU time {rc['median']:.3f})" if rc else "") + f" -> {path}")
     return results
 
 
@@ -275,13 +286,19 @@ def throughput_main(run, doc: str, argv, steps: int) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from erpd_megatron.bench.models import MODELS
+
     ap.add_argument("--out", default=None)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--model", choices=sorted(MODELS), default="bench",
+                    help="bench: the 3.5 M-parameter Qwen3 (16 x 256 tokens); demo: the demo's toy base "
+                         "(256 x 64 tokens, JSON name <benchmark>_demo.json)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the model's (see --model)")
+    ap.add_argument("--seq-len", type=int, default=None, help="default: the model's (see --model)")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
-    run(a.out, batch_size=a.batch_size, seq_len=a.seq_len, warmup=a.warmup, repeats=a.repeats, steps=a.steps,
-        threads=a.threads)
+    make, bs, seq, suffix = MODELS[a.model]
+    run(a.out, model=make(), batch_size=a.batch_size or bs, seq_len=a.seq_len or seq, warmup=a.warmup,
+        repeats=a.repeats, steps=a.steps, threads=a.threads, suffix=suffix)

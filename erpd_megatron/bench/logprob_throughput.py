@@ -21,13 +21,14 @@ NAME = "logprob_throughput"
 
 
 def run(out_dir=None, *, model: BenchModel | None = None, batch_size: int = 16, seq_len: int = 256,
-        warmup: int = 1, repeats: int = 5, steps: int = 3, threads: int | None = 1, log=print) -> dict:
+        warmup: int = 1, repeats: int = 5, steps: int = 3, threads: int | None = 1, log=print,
+        suffix: str = "") -> dict:
     model = model or BenchModel()
     threads = set_threads(threads)
     config = dict(model=model.to_dict(), batch_size=batch_size, seq_len=seq_len, warmup=warmup, repeats=repeats,
                   steps_per_repeat=steps, threads=threads, dtype="float32", micro_batch_size=batch_size, tp=1,
                   params=model.num_params())
-    rec = Recorder(NAME, config)
+    rec = Recorder(NAME + suffix, config)
     hf = hf_model(model).eval()
     state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
     eng = policy_engine(model, micro_batch_size=batch_size, hf_state=state, trainable=False)
@@ -42,11 +43,13 @@ def run(out_dir=None, *, model: BenchModel | None = None, batch_size: int = 16, 
 
     diff = float((plain_pass() - megatron_pass()).abs().max())
     log(f"[{NAME}] max |logprob diff| megatron vs plain: {diff:.2e}")
+    cpu: dict[str, list[float]] = {}
     times = interleaved({"megatron": megatron_pass, "plain": plain_pass}, warmup=warmup, repeats=repeats,
-                        steps=steps, log=log)
+                        steps=steps, log=log, cpu=cpu)
     tokens = batch_size * seq_len
     flops_tok = model.matmul_flops_per_token(seq_len)
-    return ratio_results(NAME, times, tokens, flops_tok, "pass", rec, out_dir, log, max_abs_logprob_diff=diff)
+    return ratio_results(NAME + suffix, times, tokens, flops_tok, "pass", rec, out_dir, log, cpu=cpu,
+                         max_abs_logprob_diff=diff)
 
 
 def main(argv=None):

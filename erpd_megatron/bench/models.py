@@ -67,6 +67,26 @@ class BenchModel:
         return 2 * n + attn
 
 
+def demo_base_model() -> BenchModel:
+    """The demo's toy base (`toy/warmup.py` DEMO_MODEL with the toy vocabulary of 24, tied embeddings): issue 15
+    asks for the Megatron / plain ratio on it too. Its batch in the benchmarks is the demo's training
+    mini-batch, 256 rows, padded to 64 tokens (prompt + up to 40 generated tokens; `presets/demo.yaml`)."""
+    from erpd_megatron.toy.tokenizer import VOCAB
+    from erpd_megatron.toy.warmup import DEMO_MODEL
+
+    return BenchModel(hidden_size=DEMO_MODEL["hidden_size"], num_layers=DEMO_MODEL["num_layers"],
+                      num_heads=DEMO_MODEL["num_heads"], num_kv_heads=DEMO_MODEL["num_kv_heads"],
+                      head_dim=DEMO_MODEL["head_dim"], ffn_hidden_size=DEMO_MODEL["intermediate_size"],
+                      vocab_size=len(VOCAB), tie_embeddings=True)
+
+
+#: --model choices of the throughput benchmarks: (model, batch size, sequence length, JSON name suffix)
+MODELS = {
+    "bench": (BenchModel, 16, 256, ""),
+    "demo": (demo_base_model, 256, 64, "_demo"),
+}
+
+
 def hf_model(spec: BenchModel, seed: int = 0, attn_implementation: str = "sdpa"):
     """Qwen3ForCausalLM (fp32, train mode) with seeded init."""
     from transformers import Qwen3Config, Qwen3ForCausalLM

@@ -22,13 +22,18 @@ def _load(out: Path, name: str) -> dict | None:
 
 def throughput(out: Path) -> Path | None:
     """Bars: tokens/s (median, min-max whiskers) of Megatron vs plain, train step and log-prob pass."""
-    docs = [(n, _load(out, n)) for n in ("train_throughput", "logprob_throughput")]
+    docs = [(n, _load(out, n)) for n in ("train_throughput", "logprob_throughput", "train_throughput_demo",
+                                         "logprob_throughput_demo")]
     docs = [(n, d) for n, d in docs if d]
     if not docs:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(docs), figsize=(4.5 * len(docs), 3.6), squeeze=False)
-    for ax, (name, d) in zip(axes[0], docs):
+    cols = min(len(docs), 2)
+    rows = (len(docs) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(docs):]:
+        ax.set_visible(False)
+    for ax, (name, d) in zip(axes.flat, docs):
         tps = d["results"]["tokens_per_s"]
         keys = ["megatron", "plain"]
         med = [tps[k]["median"] for k in keys]

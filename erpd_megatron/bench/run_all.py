@@ -19,12 +19,14 @@ import time
 
 from erpd_megatron.bench.common import DEFAULT_OUT, Recorder
 
-# name -> extra CLI args; order: cheap first, so a broken environment fails fast
-BENCHMARKS: dict[str, list[str]] = {
-    "train_throughput": [],
-    "logprob_throughput": [],
-    "weight_sync": [],
-    "erpd_vs_onpolicy": [],
+# JSON name -> (module, extra CLI args); order: cheap first, so a broken environment fails fast
+BENCHMARKS: dict[str, tuple[str, list[str]]] = {
+    "train_throughput": ("train_throughput", []),
+    "logprob_throughput": ("logprob_throughput", []),
+    "train_throughput_demo": ("train_throughput", ["--model", "demo"]),
+    "logprob_throughput_demo": ("logprob_throughput", ["--model", "demo"]),
+    "weight_sync": ("weight_sync", []),
+    "erpd_vs_onpolicy": ("erpd_vs_onpolicy", []),
 }
 
 
@@ -43,7 +45,8 @@ def main(argv=None) -> int:
     env.setdefault("PYTHONWARNINGS", "ignore")
     status = {}
     for n in names:
-        cmd = [sys.executable, "-m", f"erpd_megatron.bench.{n}", "--out", a.out, *BENCHMARKS[n]]
+        module, extra = BENCHMARKS[n]
+        cmd = [sys.executable, "-m", f"erpd_megatron.bench.{module}", "--out", a.out, *extra]
         print(f"== {n}: {' '.join(cmd[1:])}", flush=True)
         t = time.perf_counter()
         rc = subprocess.call(cmd, env=env)

@@ -25,13 +25,13 @@ NAME = "train_throughput"
 
 def run(out_dir=None, *, model: BenchModel | None = None, batch_size: int = 16, seq_len: int = 256,
         warmup: int = 1, repeats: int = 5, steps: int = 2, threads: int | None = 1, lr: float = 1e-5,
-        log=print) -> dict:
+        log=print, suffix: str = "") -> dict:
     model = model or BenchModel()
     threads = set_threads(threads)
     config = dict(model=model.to_dict(), batch_size=batch_size, seq_len=seq_len, warmup=warmup, repeats=repeats,
                   steps_per_repeat=steps, threads=threads, dtype="float32", lr=lr, micro_batch_size=batch_size,
                   tp=1, params=model.num_params())
-    rec = Recorder(NAME, config)
+    rec = Recorder(NAME + suffix, config)
     hf = hf_model(model)
     state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
     eng = policy_engine(model, micro_batch_size=batch_size, lr=lr, hf_state=state)
@@ -52,12 +52,14 @@ def run(out_dir=None, *, model: BenchModel | None = None, batch_size: int = 16, 
     # correctness first: identical weights and loss -> identical first-step loss
     loss_plain, loss_meg = plain_step(), megatron_step()
     log(f"[{NAME}] first-step loss plain {loss_plain:.6f} megatron {loss_meg:.6f}")
+    cpu: dict[str, list[float]] = {}
     times = interleaved({"megatron": megatron_step, "plain": plain_step}, warmup=warmup, repeats=repeats,
-                        steps=steps, log=log)
+                        steps=steps, log=log, cpu=cpu)
     tokens = batch_size * seq_len
     flops_tok = 3 * model.matmul_flops_per_token(seq_len)  # fwd + bwd (2x fwd)
     first = {"plain": loss_plain, "megatron": loss_meg, "abs_diff": abs(loss_plain - loss_meg)}
-    return ratio_results(NAME, times, tokens, flops_tok, "step", rec, out_dir, log, first_step_loss=first)
+    return ratio_results(NAME + suffix, times, tokens, flops_tok, "step", rec, out_dir, log, cpu=cpu,
+                         first_step_loss=first)
 
 
 def main(argv=None):

@@ -23,6 +23,7 @@ full-batch loss for per-sequence means and for token means of equal-length micro
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -137,6 +138,10 @@ class PolicyEngine:
             raise ValueError(f"megatron parallel state is initialised with another layout than {par}")
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
             torch.device("cpu")
+        if self.device.type == "cpu":
+            from erpd_megatron.utils.cpu_malloc import keep_freed_memory
+
+            keep_freed_memory()  # freed activations stay in the heap: no page faults per step (cpu_malloc.py)
         self.seq_multiple = seq_multiple(par, bool(self.build_opts.fp8))
         self.modules = self._build_modules()  # bare GPTModels
         self.tcfg = self.modules[0].config  # shared by all chunks; the schedules read it
@@ -324,7 +329,8 @@ class PolicyEngine:
             if not need_logprobs:
                 out = model(input_ids=ids, position_ids=pos, attention_mask=None)
             else:  # logits stay [s, b, V/tp]: no [b, s, V] transpose copy (nor its transpose in backward)
-                out = model(input_ids=ids, position_ids=pos, attention_mask=None, output_processor=_seq_first_logits)
+                out = model(input_ids=ids, position_ids=pos, attention_mask=None,
+                            output_processor=functools.partial(_seq_first_logits, vocab_size=vocab))
 
             def loss_func(logits):
                 if not need_logprobs:
@@ -512,10 +518,31 @@ class PolicyEngine:
         return load_checkpoint(self, directory, model_only=model_only)
 
 
-def _seq_first_logits(*, hidden_states, output_layer, output_weight, runtime_gather_output, scale_logits, **_):
+def _seq_first_logits(*, hidden_states, output_layer, output_weight, runtime_gather_output, scale_logits,
+                      vocab_size: int | None = None, **_):
     """GPTModel ``output_processor``: the output layer's logits in megatron's own [s, b, V/tp] layout.
     GPTModel would return ``logits.transpose(0, 1).contiguous()``, a full copy of the logits (and
     one more of their gradient in backward); ``token_logprobs(seq_first=True)`` reads [s, b, V]
-    directly and transposes only its [s, b] results."""
+    directly and transposes only its [s, b] results.
+
+    With one TP rank the rows of the output weight past the true vocabulary (`vocab_size`; megatron pads it to a
+    multiple of 128) are never used by the log-prob function: the logits are computed over the true vocabulary
+    only (a row slice of the weight, no copy), which saves the padded columns' matmuls in forward and backward and
+    gives the log-prob function unpadded logits (its no-copy gradient path). The toy vocabulary of 24 is padded to
+    128: 5x the output-layer work otherwise. Same values for the real columns (tests/test_megatron_backend.py)."""
+    w = output_weight if output_weight is not None else output_layer.weight
+    if vocab_size is not None and w is not None and w.shape[0] > vocab_size and _plain_local_linear(output_layer):
+        return scale_logits(torch.nn.functional.linear(hidden_states, w[:vocab_size]))
     logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output)
     return scale_logits(logits)
+
+
+def _plain_local_linear(layer) -> bool:
+    """A megatron ColumnParallelLinear that is just ``x @ W.T`` here: one TP rank, no sequence parallelism, no bias,
+    no fused gradient accumulation (GPU: megatron's own kernel writes main_grad), no expert / deferred-wgrad
+    machinery."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+    return (type(layer) is ColumnParallelLinear and dist.get_world_size(layer.tp_group) == 1
+            and not layer.sequence_parallel and layer.bias is None and not layer.gradient_accumulation_fusion
+            and not layer.is_expert and layer.embedding_activation_buffer is None)
