@@ -39,6 +39,12 @@ def _after_training(e, batch):
     return lp0, _params(e), e.forward_logprobs(batch), lrs
 
 
+def _groups(e):
+    """The optimizer's param groups (all but the params) and config values an OptimConfig sets."""
+    return [({k: v for k, v in g.items() if k != "params"}, o.config.lr, o.config.min_lr, o.config.weight_decay)
+            for o in e.optimizer.chained_optimizers for g in o.optimizer.param_groups]
+
+
 def _same(a, b) -> bool:
     lp0a, pa, lpa, lra = a
     lp0b, pb, lpb, lrb = b
@@ -84,6 +90,22 @@ def _world(rank, tmp):
         fresh.load(ck, model_only=True)
         out[f"{name}_fresh_state"] = (fresh.step, fresh.trainer_state, fresh.temperature, fresh.generation, fresh.lr)
         out[f"{name}_equal"] = _same(reused, _after_training(fresh, batch))
+        out[f"{name}_groups_equal"] = _groups(used) == _groups(fresh)
+
+        # resume: a full checkpoint (optimizer state included) of the fresh engine loads into a reused one built with
+        # another LR (megatron pairs param groups by their max_lr / min_lr), and the next step is the same
+        fresh.save(f"{tmp}/{name}_trained")
+        used.reset(new)
+        used.load(f"{tmp}/{name}_trained")
+        out[f"{name}_resumed_step"] = used.step
+        used.train_step(batch, _loss)
+        fresh.train_step(batch, _loss)
+        out[f"{name}_resumed_equal"] = all(torch.equal(a, b) for a, b in zip(_params(used).values(),
+                                                                          _params(fresh).values()))
+        used.save(f"{tmp}/{name}_reused_saved")  # and the reused engine's checkpoint loads into a fresh build
+        back = build(new)
+        back.load(f"{tmp}/{name}_reused_saved")
+        out[f"{name}_loaded_back_step"] = back.step
 
         # control: the same reuse without clearing the optimizer -> stale Adam moments / step counts change the steps
         stale = build(OptimConfig(lr=5e-2, micro_batch_size=4), temperature=1.3)
@@ -156,7 +178,13 @@ def res(tmp_path_factory):
 def test_reused_engine_equals_a_fresh_build_bit_for_bit(res, dtype):
     assert res[f"{dtype}_state"][:3] == (0, {}, 0.7) and res[f"{dtype}_state"][3] == 1
     assert res[f"{dtype}_state"] == (*res[f"{dtype}_fresh_state"][:3], 1, res[f"{dtype}_fresh_state"][4])
-    assert res[f"{dtype}_equal"]
+    assert res[f"{dtype}_equal"] and res[f"{dtype}_groups_equal"]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_full_checkpoints_load_across_reused_and_fresh_engines(res, dtype):
+    assert res[f"{dtype}_resumed_step"] == STEPS and res[f"{dtype}_resumed_equal"]
+    assert res[f"{dtype}_loaded_back_step"] == STEPS + 1
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -235,8 +235,11 @@ class PolicyEngine:
 
         Cleared: Adam's moments and step counts (torch keeps them in `optimizer.state[param]`; a fresh megatron
         optimizer starts with that dict empty), the grad buffers, `step`, `trainer_state`. Set: the OptimConfig
-        (LR, warm-up, micro-batch size: read at each step) and the temperature. What differs from a build: the
-        global torch RNG is not advanced by a weight initialisation (dropout is 0, so no result reads it)."""
+        (LR, warm-up, micro-batch size: read at each step), the temperature, and what megatron copied from the
+        construction-time config into its param groups and config: `max_lr` / `min_lr` (also the keys that pair a
+        checkpoint's param groups with the engine's on a full load), betas, eps, lr, weight decay. What differs
+        from a build: the global torch RNG is not advanced by a weight initialisation (dropout is 0, so no result
+        reads it)."""
         mine = tuple(getattr(self.optim_cfg, f) for f in BAKED_OPTIM_FIELDS)
         theirs = tuple(getattr(optim_cfg, f) for f in BAKED_OPTIM_FIELDS)
         if mine != theirs:
@@ -244,8 +247,12 @@ class PolicyEngine:
                              f"({mine} != {theirs}); build a new engine")
         if not self.reusable:
             raise ValueError("PolicyEngine.reset: the optimizer has a dynamic loss scale (fp16); build a new engine")
+        o = optim_cfg
         for opt in self._optimizers():
             opt.optimizer.state.clear()  # torch Adam(W): exp_avg, exp_avg_sq and step of every main param
+            for g in opt.optimizer.param_groups:  # as megatron's _get_param_groups sets them (no overrides here)
+                g.update(max_lr=o.lr, min_lr=o.min_lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
+            opt.config.lr, opt.config.min_lr, opt.config.weight_decay = o.lr, o.min_lr, o.weight_decay
         for m in self.model:
             m.zero_grad_buffer()
         if self.optimizer is not None:
