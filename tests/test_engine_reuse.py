@@ -209,3 +209,15 @@ def test_pool_reuses_only_released_engines(res):
 def test_reuse_off_builds_every_time(res):
     r = res["pool"][False]
     assert not r["a_is_b"] and not r["c_is_a"] and r["built"] == 3 and r["generation"] == 0 and r["idle"] == 0
+
+
+def test_fp8_engines_are_not_reused():
+    """TE's FP8 scaling history survives a model-only load of a local-spec checkpoint: never handed out again."""
+    from types import SimpleNamespace
+
+    from erpd_megatron.megatron.engine import PolicyEngine
+    from erpd_megatron.megatron.model import BuildOptions
+
+    fake = SimpleNamespace(build_opts=BuildOptions(fp8="hybrid"), _optimizers=lambda: [])
+    assert not PolicyEngine.reusable.fget(fake)
+    assert PolicyEngine.reusable.fget(SimpleNamespace(build_opts=BuildOptions(), _optimizers=lambda: []))

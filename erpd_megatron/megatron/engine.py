@@ -218,9 +218,12 @@ class PolicyEngine:
 
     @property
     def reusable(self) -> bool:
-        """False when the optimizer holds state `reset` cannot clear: fp16's dynamic loss scale."""
+        """False when the engine holds state `reset` cannot clear: fp16's dynamic loss scale, FP8's scaling history
+        (Transformer Engine `_extra_state`, which a local-spec checkpoint does not overwrite)."""
         from megatron.core.optimizer.grad_scaler import DynamicGradScaler
 
+        if self.build_opts.fp8:
+            return False
         return not any(isinstance(getattr(o, "grad_scaler", None), DynamicGradScaler) for o in self._optimizers())
 
     def _optimizers(self) -> list:
@@ -246,7 +249,8 @@ class PolicyEngine:
             raise ValueError(f"PolicyEngine.reset: {BAKED_OPTIM_FIELDS} are fixed at construction "
                              f"({mine} != {theirs}); build a new engine")
         if not self.reusable:
-            raise ValueError("PolicyEngine.reset: the optimizer has a dynamic loss scale (fp16); build a new engine")
+            raise ValueError("PolicyEngine.reset: fp16 loss scale or FP8 scaling state cannot be reset; build a new "
+                             "engine")
         o = optim_cfg
         for opt in self._optimizers():
             opt.optimizer.state.clear()  # torch Adam(W): exp_avg, exp_avg_sq and step of every main param
