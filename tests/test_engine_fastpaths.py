@@ -19,12 +19,13 @@ def _tiny_engine(tie: bool):
 
 
 def test_output_layer_fast_path_taken_and_equal_to_megatron_padded_layer():
-    from erpd_megatron.megatron.engine import _plain_local_linear, _seq_first_logits
+    from erpd_megatron.megatron.cpu_linear import plain_local_linear
+    from erpd_megatron.megatron.engine import _seq_first_logits
 
     for tie in (True, False):
         spec, eng = _tiny_engine(tie)
         gpt = eng.modules[0]
-        assert _plain_local_linear(gpt.output_layer)
+        assert plain_local_linear(gpt.output_layer)
         w = gpt.shared_embedding_or_output_weight() if tie else None
         h = torch.randn(5, 3, spec.hidden_size)
         kw = dict(hidden_states=h, output_layer=gpt.output_layer, output_weight=w, runtime_gather_output=None,
@@ -90,3 +91,58 @@ def test_keep_freed_memory_off_by_environment():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "ERPD_CPU_MALLOC": "0"})
     assert out.stdout.strip() == "False"
+
+
+def test_onednn_linear_values_and_gradients_match_float64():
+    """cpu_linear.linear against a float64 reference: forward and the three gradients (x, w, b), N-D input."""
+    from erpd_megatron.megatron import cpu_linear
+
+    assert cpu_linear.onednn_enabled()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 3, 48, generator=g, requires_grad=True)
+    w = torch.randn(40, 48, generator=g, requires_grad=True)
+    b = torch.randn(40, generator=g, requires_grad=True)
+    gy = torch.randn(7, 3, 40, generator=g)
+    y = cpu_linear.linear(x, w, b)
+    y.backward(gy)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    yd = xd @ wd.t() + bd
+    yd.backward(gy.double())
+    for got, ref in ((y, yd), (x.grad, xd.grad), (w.grad, wd.grad), (b.grad, bd.grad)):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_linear_falls_back_off_cpu_fp32_or_when_disabled(monkeypatch):
+    from erpd_megatron.megatron import cpu_linear
+
+    calls = []
+    monkeypatch.setattr(cpu_linear, "_onednn_linear", lambda *a: calls.append(1) or torch.ops.mkldnn._linear_pointwise(
+        a[0], a[1], a[2] if len(a) > 2 else None, "none", [], ""))
+    x, w = torch.randn(4, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    assert torch.equal(cpu_linear.linear(x, w), torch.nn.functional.linear(x, w)) and not calls  # fp64: F.linear
+    cpu_linear.linear(x.float(), w.float())
+    assert calls == [1]
+    monkeypatch.setenv("ERPD_CPU_ONEDNN", "0")
+    cpu_linear.linear(x.float(), w.float())
+    assert calls == [1]
+
+
+def test_engine_layers_take_the_onednn_path(monkeypatch):
+    """Every linear layer of the built model (QKV, attention output, fc1, fc2 per layer) and the output layer run
+    on oneDNN in a forward pass; the log-probs stay those of megatron's own path (ERPD_CPU_ONEDNN=0)."""
+    from erpd_megatron.megatron import cpu_linear
+
+    spec, eng = _tiny_engine(tie=True)
+    layers = [m for m in eng.modules[0].modules()
+              if isinstance(m, (cpu_linear.CPUColumnParallelLinear, cpu_linear.CPURowParallelLinear))]
+    assert len(layers) == 4 * spec.num_layers
+    batch = token_batch(4, 12, spec.vocab_size, ragged=True)
+    calls = []
+    real = cpu_linear._onednn_linear
+    monkeypatch.setattr(cpu_linear, "_onednn_linear", lambda *a: calls.append(1) or real(*a))
+    lp = eng.forward_logprobs(batch)
+    assert len(calls) == 4 * spec.num_layers + 1
+    monkeypatch.setenv("ERPD_CPU_ONEDNN", "0")
+    ref = eng.forward_logprobs(batch)
+    assert len(calls) == 4 * spec.num_layers + 1  # no oneDNN call with it off
+    torch.testing.assert_close(lp, ref, rtol=0, atol=1e-5)

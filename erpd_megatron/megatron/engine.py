@@ -541,19 +541,11 @@ def _seq_first_logits(*, hidden_states, output_layer, output_weight, runtime_gat
     only (a row slice of the weight, no copy), which saves the padded columns' matmuls in forward and backward and
     gives the log-prob function unpadded logits (its no-copy gradient path). The toy vocabulary of 24 is padded to
     128: 5x the output-layer work otherwise. Same values for the real columns (tests/test_megatron_backend.py)."""
+    from erpd_megatron.megatron.cpu_linear import linear, plain_local_linear
+
     w = output_weight if output_weight is not None else output_layer.weight
-    if vocab_size is not None and w is not None and w.shape[0] > vocab_size and _plain_local_linear(output_layer):
-        return scale_logits(torch.nn.functional.linear(hidden_states, w[:vocab_size]))
+    if w is not None and output_layer.bias is None and plain_local_linear(output_layer):
+        # CPU fp32: oneDNN's GEMM (cpu_linear.py); the padded rows skipped when the true vocabulary is known
+        return scale_logits(linear(hidden_states, w[:vocab_size] if vocab_size is not None else w))
     logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output)
     return scale_logits(logits)
-
-
-def _plain_local_linear(layer) -> bool:
-    """A megatron ColumnParallelLinear that is just ``x @ W.T`` here: one TP rank, no sequence parallelism, no bias,
-    no fused gradient accumulation (GPU: megatron's own kernel writes main_grad), no expert / deferred-wgrad
-    machinery."""
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
-
-    return (type(layer) is ColumnParallelLinear and dist.get_world_size(layer.tp_group) == 1
-            and not layer.sequence_parallel and layer.bias is None and not layer.gradient_accumulation_fusion
-            and not layer.is_expert and layer.embedding_activation_buffer is None)

@@ -379,12 +379,15 @@ def layer_spec(cfg: ModelConfig, tcfg, spec: str, vp_stage: int | None = None, a
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from erpd_megatron.megatron.attention import SDPACoreAttention
+    from erpd_megatron.megatron.cpu_linear import cpu_linear_spec
     from erpd_megatron.megatron.swiglu import swiglu_mlp_spec
 
     s = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_norm, normalization="RMSNorm")
     # same params / names; SwiGLU backward without megatron's chunk->cat copy (swiglu.py). The local spec's mlp is
     # a partial of MLP.as_mlp_submodule: rebind it to the subclass, keeping its submodules.
     s.submodules.mlp = swiglu_mlp_spec(s.submodules.mlp)
+    # CPU fp32: the four linear layers on oneDNN's GEMM (cpu_linear.py); elsewhere megatron's own forward
+    cpu_linear_spec(s)
     if attention == "sdpa":
         s.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     elif attention != "megatron":
