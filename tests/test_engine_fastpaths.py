@@ -95,7 +95,7 @@ def test_keep_freed_memory_off_by_environment():
 
 def test_onednn_linear_values_and_gradients_match_float64():
     """cpu_linear.linear against a float64 reference: forward and the three gradients (x, w, b), N-D input."""
-    from erpd_megatron.megatron import cpu_linear
+    from erpd_megatron.utils import cpu_gemm as cpu_linear
 
     assert cpu_linear.onednn_enabled()
     g = torch.Generator().manual_seed(0)
@@ -113,7 +113,7 @@ def test_onednn_linear_values_and_gradients_match_float64():
 
 
 def test_onednn_linear_falls_back_off_cpu_fp32_or_when_disabled(monkeypatch):
-    from erpd_megatron.megatron import cpu_linear
+    from erpd_megatron.utils import cpu_gemm as cpu_linear
 
     calls = []
     monkeypatch.setattr(cpu_linear, "_onednn_linear", lambda *a: calls.append(1) or torch.ops.mkldnn._linear_pointwise(
@@ -131,6 +131,7 @@ def test_engine_layers_take_the_onednn_path(monkeypatch):
     """Every linear layer of the built model (QKV, attention output, fc1, fc2 per layer) and the output layer run
     on oneDNN in a forward pass; the log-probs stay those of megatron's own path (ERPD_CPU_ONEDNN=0)."""
     from erpd_megatron.megatron import cpu_linear
+    from erpd_megatron.utils import cpu_gemm
 
     spec, eng = _tiny_engine(tie=True)
     layers = [m for m in eng.modules[0].modules()
@@ -138,11 +139,29 @@ def test_engine_layers_take_the_onednn_path(monkeypatch):
     assert len(layers) == 4 * spec.num_layers
     batch = token_batch(4, 12, spec.vocab_size, ragged=True)
     calls = []
-    real = cpu_linear._onednn_linear
-    monkeypatch.setattr(cpu_linear, "_onednn_linear", lambda *a: calls.append(1) or real(*a))
+    real = cpu_gemm._onednn_linear
+    monkeypatch.setattr(cpu_gemm, "_onednn_linear", lambda *a: calls.append(1) or real(*a))
     lp = eng.forward_logprobs(batch)
     assert len(calls) == 4 * spec.num_layers + 1
     monkeypatch.setenv("ERPD_CPU_ONEDNN", "0")
     ref = eng.forward_logprobs(batch)
     assert len(calls) == 4 * spec.num_layers + 1  # no oneDNN call with it off
     torch.testing.assert_close(lp, ref, rtol=0, atol=1e-5)
+
+
+def test_use_onednn_linears_routes_a_transformers_model():
+    """The rollout engine's transformers model: every nn.Linear goes through oneDNN, logits equal to fp32 rounding."""
+    from erpd_megatron.bench.models import hf_model
+    from erpd_megatron.utils import cpu_gemm
+
+    spec = BenchModel(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=16, ffn_hidden_size=64,
+                      vocab_size=40)
+    model = hf_model(spec).eval()
+    ids = token_batch(3, 10, spec.vocab_size)["input_ids"]
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        n = cpu_gemm.use_onednn_linears(model)
+        assert n == 7 * spec.num_layers + 1  # q, k, v, o, gate, up, down per layer + lm_head
+        assert cpu_gemm.use_onednn_linears(model) == 0  # idempotent
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -541,7 +541,8 @@ def _seq_first_logits(*, hidden_states, output_layer, output_weight, runtime_gat
     only (a row slice of the weight, no copy), which saves the padded columns' matmuls in forward and backward and
     gives the log-prob function unpadded logits (its no-copy gradient path). The toy vocabulary of 24 is padded to
     128: 5x the output-layer work otherwise. Same values for the real columns (tests/test_megatron_backend.py)."""
-    from erpd_megatron.megatron.cpu_linear import linear, plain_local_linear
+    from erpd_megatron.megatron.cpu_linear import plain_local_linear
+    from erpd_megatron.utils.cpu_gemm import linear
 
     w = output_weight if output_weight is not None else output_layer.weight
     if w is not None and output_layer.bias is None and plain_local_linear(output_layer):
