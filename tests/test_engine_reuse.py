@@ -129,6 +129,34 @@ def _world(rank, tmp):
     return out
 
 
+def _world_layout(rank, tmp, kw):
+    """The reuse comparison on several ranks (DP: the DistributedOptimizer shards the Adam state over the ranks):
+    a reused engine after reset + load vs a fresh build, log-probs and parameters after STEPS steps."""
+    from erpd_megatron.megatron.engine import OptimConfig, PolicyEngine
+    from erpd_megatron.megatron.model import ModelConfig
+    from erpd_megatron.megatron.parallel import ParallelConfig, init_parallel
+
+    par = ParallelConfig(**kw)
+    init_parallel(par, seed=0)
+    batch, other = _batch(0), _batch(1)
+    new = OptimConfig(lr=1e-3, min_lr=1e-3, warmup_steps=2, micro_batch_size=2)
+
+    def build(optim):
+        return PolicyEngine(ModelConfig(**CFG), par, optim, seed=0)
+
+    src = build(OptimConfig(lr=1e-2))
+    src.train_step(other, _loss)
+    src.save(f"{tmp}/ck")
+    used = build(OptimConfig(lr=5e-2, micro_batch_size=4))
+    for _ in range(3):
+        used.train_step(other, _loss)
+    used.reset(new)
+    used.load(f"{tmp}/ck", model_only=True)
+    fresh = build(new)
+    fresh.load(f"{tmp}/ck", model_only=True)
+    return _same(_after_training(used, batch), _after_training(fresh, batch))
+
+
 def _pool(tmp, par, batch):
     """Context.new_policy / release with reuse on and off."""
     from pathlib import Path
@@ -185,6 +213,11 @@ def test_reused_engine_equals_a_fresh_build_bit_for_bit(res, dtype):
 def test_full_checkpoints_load_across_reused_and_fresh_engines(res, dtype):
     assert res[f"{dtype}_resumed_step"] == STEPS and res[f"{dtype}_resumed_equal"]
     assert res[f"{dtype}_loaded_back_step"] == STEPS + 1
+
+
+@pytest.mark.parametrize("kw", [{"dp": 2}])  # DistributedOptimizer: each rank holds a shard of the Adam state
+def test_reused_engine_equals_a_fresh_build_on_two_ranks(tmp_path, kw):
+    assert run_distributed(_world_layout, 2, args=(str(tmp_path), kw), timeout=400) == [True, True]
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
