@@ -165,3 +165,14 @@ def test_use_onednn_linears_routes_a_transformers_model():
         assert cpu_gemm.use_onednn_linears(model) == 0  # idempotent
         got = model(input_ids=ids).logits
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_local_engine_on_cpu_routes_its_linears():
+    from erpd_megatron.bench.models import hf_model
+    from erpd_megatron.rollout.local_engine import LocalEngine
+
+    spec = BenchModel(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16, ffn_hidden_size=64,
+                      vocab_size=40)
+    eng = LocalEngine(hf_model(spec), eos_token_ids=[0])
+    linears = [m for m in eng.model.modules() if type(m) is torch.nn.Linear]
+    assert linears and all(getattr(m, "_erpd_onednn", False) for m in linears)

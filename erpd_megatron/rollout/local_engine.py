@@ -47,6 +47,12 @@ class LocalEngine(RolloutEngine):
         ``strict_complete``: ``update_weights`` raises if some parameter got no tensor."""
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
+        if self.device.type == "cpu":  # CPU: oneDNN GEMMs, freed memory kept (utils/cpu_gemm.py, cpu_malloc.py)
+            from erpd_megatron.utils.cpu_gemm import use_onednn_linears
+            from erpd_megatron.utils.cpu_malloc import keep_freed_memory
+
+            keep_freed_memory()
+            use_onednn_linears(self.model)
         self.tokenizer = tokenizer
         self.max_batch_size = int(max_batch_size)
         self.strict_complete = strict_complete
