@@ -104,3 +104,21 @@ def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 300,
         rank = min(errors)
         raise DistributedTestError(f"rank {rank} failed:\n{errors[rank]}")
     return [results[r] for r in range(world_size)]
+
+
+# ---------------------------------------------------------------------- shared tiny fixtures
+def toy_batch(seed: int = 0):
+    """4 rows x 12 tokens (ids 1..63), response = positions 4.. : the tiny engine tests' batch."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (4, 12), generator=g)
+    rm = torch.zeros_like(ids)
+    rm[:, 4:] = 1
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": rm}
+
+
+def response_loss(lp, mb, _ent=None):
+    """-mean log-prob over response tokens (an engine LossFn)."""
+    m = mb["response_mask"].float()
+    return -(lp * m).sum() / m.sum(), {}

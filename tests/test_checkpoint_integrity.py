@@ -10,23 +10,12 @@ import shutil
 
 import pytest
 import torch
+from dist_utils import response_loss as _loss
 from dist_utils import run_distributed
+from dist_utils import toy_batch as _batch
 
 CFG = dict(family="qwen3", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
            ffn_hidden_size=64, tie_embeddings=True, rope_theta=10000.0)
-
-
-def _batch():
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, 64, (4, 12), generator=g)
-    rm = torch.zeros_like(ids)
-    rm[:, 4:] = 1
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": rm}
-
-
-def _loss(lp, mb, _ent=None):
-    m = mb["response_mask"].float()
-    return -(lp * m).sum() / m.sum(), {}
 
 
 def _alter_in_place(path, n=64):
