@@ -65,7 +65,6 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return F.linear(x, w, b)
 
 
-
 def use_onednn_linears(model: torch.nn.Module) -> int:
     """Route every `torch.nn.Linear` of `model` through `linear` (per instance; the class is untouched).
     Returns how many were routed. Used for the CPU rollout engine's transformers model."""
