@@ -59,8 +59,10 @@ def test_train_throughput_minimal(tmp_path, megatron_world):
     assert doc["results"] == json.loads(json.dumps(res))
     # same weights, same batch, same loss -> same first-step loss
     assert res["first_step_loss"]["abs_diff"] < 1e-5
+    assert abs(res["first_step_loss"]["plain_onednn"] - res["first_step_loss"]["plain"]) < 1e-5  # kernel control
     _check_spread(res["ratio_megatron_over_plain"])
-    for k in ("megatron", "plain"):
+    _check_spread(res["ratio_megatron_over_plain_onednn"])
+    for k in ("megatron", "plain", "plain_onednn"):
         _check_spread(res["tokens_per_s"][k])
         assert len(res["seconds_per_step"][k]) == 2
 
@@ -72,6 +74,7 @@ def test_logprob_throughput_minimal(tmp_path, megatron_world):
     _check_schema(tmp_path / "logprob_throughput.json", "logprob_throughput")
     assert res["max_abs_logprob_diff"] < 1e-5
     _check_spread(res["ratio_megatron_over_plain"])
+    _check_spread(res["ratio_megatron_over_plain_onednn"])
 
 
 def test_weight_sync_minimal(tmp_path):

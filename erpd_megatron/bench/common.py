@@ -272,12 +272,17 @@ def ratio_results(name: str, times: dict[str, list[float]], tokens: int, flops_p
     if cpu:
         results[f"cpu_seconds_per_{unit}"] = dict(cpu)
         results["ratio_megatron_over_plain_cpu"] = spread([p / m for m, p in zip(cpu["megatron"], cpu["plain"])])
+    if "plain_onednn" in times:  # the plain loop on the backend's CPU GEMM: what the kernels alone explain
+        results["ratio_megatron_over_plain_onednn"] = spread(
+            [p / m for m, p in zip(times["megatron"], times["plain_onednn"])])
     path = rec.write(results, out_dir)
     r = results["ratio_megatron_over_plain"]
     rc = results.get("ratio_megatron_over_plain_cpu")
     log(f"[{name}] tokens/s megatron {results['tokens_per_s']['megatron']['median']:.0f} plain "
         f"{results['tokens_per_s']['plain']['median']:.0f}; ratio median {r['median']:.3f} "
-        f"[{r['min']:.3f}, {r['max']:.3f}]" + (f" (CPU time {rc['median']:.3f})" if rc else "") + f" -> {path}")
+        f"[{r['min']:.3f}, {r['max']:.3f}]" + (f" (CPU time {rc['median']:.3f})" if rc else "")
+        + (f"; vs plain+oneDNN {ro['median']:.3f} [{ro['min']:.3f}, {ro['max']:.3f}]"
+           if (ro := results.get("ratio_megatron_over_plain_onednn")) else "") + f" -> {path}")
     return results
 
 

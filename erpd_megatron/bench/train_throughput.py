@@ -6,6 +6,9 @@ same token-log-prob loss (policy-gradient surrogate, `models.pg_loss`), fp32 on 
   AdamW, grad clipping, megatron's forward_backward_func, vocab-parallel log-prob function);
 - "plain": `Qwen3ForCausalLM(ids).logits -> log_softmax -> gather -> loss.backward()`,
   `clip_grad_norm_`, `torch.optim.AdamW`, SDPA attention (transformers' default).
+- "plain_onednn": the same plain loop with its `nn.Linear`s on the backend's CPU GEMM (`utils/cpu_gemm.py`,
+  oneDNN): the kernel-equal control; `ratio_megatron_over_plain_onednn` says how much of the Megatron / plain
+  ratio the GEMM library alone explains (issue 15).
 One micro-batch = the whole batch on both sides. Timed A, B, A, B, ... after warm-up (see
 common.interleaved); each round gives one Megatron/plain throughput ratio, reported as median/min/max.
 Before timing, the first step's losses are compared (they must agree: same model, same loss).
@@ -19,6 +22,7 @@ import torch
 
 from erpd_megatron.bench.common import Recorder, interleaved, ratio_results, set_threads, throughput_main
 from erpd_megatron.bench.models import BenchModel, hf_model, hf_token_logprobs, pg_loss, policy_engine, token_batch
+from erpd_megatron.utils.cpu_gemm import use_onednn_linears
 
 NAME = "train_throughput"
 
@@ -35,29 +39,39 @@ def run(out_dir=None, *, model: BenchModel | None = None, batch_size: int = 16, 
     hf = hf_model(model)
     state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
     eng = policy_engine(model, micro_batch_size=batch_size, lr=lr, hf_state=state)
-    opt = torch.optim.AdamW(hf.parameters(), lr=lr, weight_decay=0.0)
+    hf_dnn = hf_model(model)  # the same loop with its Linears on the backend's CPU GEMM (the kernel-equal control)
+    hf_dnn.load_state_dict(state)
+    use_onednn_linears(hf_dnn)
     batch = token_batch(batch_size, seq_len, model.vocab_size)
 
-    def plain_step():
-        opt.zero_grad(set_to_none=True)
-        loss, _ = pg_loss(hf_token_logprobs(hf, batch), batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-        opt.step()
-        return float(loss.detach())
+    def plain_loop(m):
+        opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss, _ = pg_loss(hf_token_logprobs(m, batch), batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+            return float(loss.detach())
+
+        return step
+
+    plain_step, plain_onednn_step = plain_loop(hf), plain_loop(hf_dnn)
 
     def megatron_step():
         return eng.train_step(batch, pg_loss)["loss"]
 
     # correctness first: identical weights and loss -> identical first-step loss
-    loss_plain, loss_meg = plain_step(), megatron_step()
-    log(f"[{NAME}] first-step loss plain {loss_plain:.6f} megatron {loss_meg:.6f}")
+    loss_plain, loss_meg, loss_dnn = plain_step(), megatron_step(), plain_onednn_step()
+    log(f"[{NAME}] first-step loss plain {loss_plain:.6f} megatron {loss_meg:.6f} plain+oneDNN {loss_dnn:.6f}")
     cpu: dict[str, list[float]] = {}
-    times = interleaved({"megatron": megatron_step, "plain": plain_step}, warmup=warmup, repeats=repeats,
-                        steps=steps, log=log, cpu=cpu)
+    times = interleaved({"megatron": megatron_step, "plain": plain_step, "plain_onednn": plain_onednn_step},
+                        warmup=warmup, repeats=repeats, steps=steps, log=log, cpu=cpu)
     tokens = batch_size * seq_len
     flops_tok = 3 * model.matmul_flops_per_token(seq_len)  # fwd + bwd (2x fwd)
-    first = {"plain": loss_plain, "megatron": loss_meg, "abs_diff": abs(loss_plain - loss_meg)}
+    first = {"plain": loss_plain, "megatron": loss_meg, "plain_onednn": loss_dnn,
+             "abs_diff": abs(loss_plain - loss_meg)}
     return ratio_results(NAME + suffix, times, tokens, flops_tok, "step", rec, out_dir, log, cpu=cpu,
                          first_step_loss=first)
 
