@@ -30,19 +30,22 @@ def throughput(out: Path) -> Path | None:
     plt = _plt()
     cols = min(len(docs), 2)
     rows = (len(docs) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), squeeze=False)
     for ax in axes.flat[len(docs):]:
         ax.set_visible(False)
     for ax, (name, d) in zip(axes.flat, docs):
         tps = d["results"]["tokens_per_s"]
-        keys = ["megatron", "plain"]
+        labels = {"megatron": "Megatron\n(PolicyEngine)", "plain": "plain\ntransformers",
+                  "plain_onednn": "plain +\noneDNN GEMM"}
+        keys = [k for k in labels if k in tps]
         med = [tps[k]["median"] for k in keys]
         err = [[tps[k]["median"] - tps[k]["min"] for k in keys], [tps[k]["max"] - tps[k]["median"] for k in keys]]
-        ax.bar(["Megatron\n(PolicyEngine)", "plain\ntransformers"], med, yerr=err, capsize=6,
-               color=["#4c72b0", "#999999"])
+        ax.bar([labels[k] for k in keys], med, yerr=err, capsize=6, color=["#4c72b0", "#999999", "#c8c8c8"][:len(keys)])
         r = d["results"]["ratio_megatron_over_plain"]
-        ax.set_title(f"{name.replace('_', ' ')}\nratio {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]",
-                     fontsize=10)
+        title = f"{name.replace('_', ' ')}\nMegatron / plain {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]"
+        if (ro := d["results"].get("ratio_megatron_over_plain_onednn")):
+            title += f"\nMegatron / (plain + oneDNN) {ro['median']:.2f} [{ro['min']:.2f}, {ro['max']:.2f}]"
+        ax.set_title(title, fontsize=9)
         ax.set_ylabel("tokens / s (CPU, fp32): median, min-max")
     fig.tight_layout()
     path = out / "throughput.png"
