@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 
 from erpd_megatron.bench.common import Recorder, interleaved, ratio_results, set_threads, throughput_main
-from erpd_megatron.bench.models import BenchModel, hf_model, hf_token_logprobs, policy_engine, token_batch
-from erpd_megatron.utils.cpu_gemm import use_onednn_linears
+from erpd_megatron.bench.models import BenchModel, hf_model, hf_token_logprobs, onednn_twin, policy_engine, token_batch
 
 NAME = "logprob_throughput"
 
@@ -35,9 +34,7 @@ def run(out_dir=None, *, model: BenchModel | None = None, batch_size: int = 16, 
     hf = hf_model(model).eval()
     state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
     eng = policy_engine(model, micro_batch_size=batch_size, hf_state=state, trainable=False)
-    hf_dnn = hf_model(model).eval()  # the same pass with its Linears on the backend's CPU GEMM (kernel-equal control)
-    hf_dnn.load_state_dict(state)
-    use_onednn_linears(hf_dnn)
+    hf_dnn = onednn_twin(model, state).eval()  # the same pass with its Linears on the backend's CPU GEMM
     batch = token_batch(batch_size, seq_len, model.vocab_size)
 
     @torch.no_grad()
@@ -52,7 +49,7 @@ def run(out_dir=None, *, model: BenchModel | None = None, batch_size: int = 16, 
         return eng.forward_logprobs(batch)
 
     diff = float((plain_pass() - megatron_pass()).abs().max())
-    log(f"[{NAME}] max |logprob diff| megatron vs plain: {diff:.2e}")
+    log(f"[{NAME + suffix}] max |logprob diff| megatron vs plain: {diff:.2e}")
     cpu: dict[str, list[float]] = {}
     times = interleaved({"megatron": megatron_pass, "plain": plain_pass, "plain_onednn": plain_onednn_pass},
                         warmup=warmup, repeats=repeats, steps=steps, log=log, cpu=cpu)

@@ -99,6 +99,17 @@ def hf_model(spec: BenchModel, seed: int = 0, attn_implementation: str = "sdpa")
     return m.train()
 
 
+def onednn_twin(spec: BenchModel, state: dict[str, torch.Tensor]):
+    """`hf_model(spec)` holding the tensors `state`, its `nn.Linear`s on the backend's CPU GEMM
+    (`utils/cpu_gemm.py`): the throughput benchmarks' kernel-equal plain arm."""
+    from erpd_megatron.utils.cpu_gemm import use_onednn_linears
+
+    m = hf_model(spec)
+    m.load_state_dict(state)
+    use_onednn_linears(m)
+    return m
+
+
 def policy_engine(spec: BenchModel, par=None, *, micro_batch_size: int, lr: float = 1e-5, clip_grad: float = 1.0,
                   hf_state: dict[str, torch.Tensor] | None = None, seed: int = 1234, trainable: bool = True):
     """PolicyEngine for `spec` (fp32 on CPU); with `hf_state` its weights are exactly those HF tensors."""

@@ -21,8 +21,15 @@ from __future__ import annotations
 import torch
 
 from erpd_megatron.bench.common import Recorder, interleaved, ratio_results, set_threads, throughput_main
-from erpd_megatron.bench.models import BenchModel, hf_model, hf_token_logprobs, pg_loss, policy_engine, token_batch
-from erpd_megatron.utils.cpu_gemm import use_onednn_linears
+from erpd_megatron.bench.models import (
+    BenchModel,
+    hf_model,
+    hf_token_logprobs,
+    onednn_twin,
+    pg_loss,
+    policy_engine,
+    token_batch,
+)
 
 NAME = "train_throughput"
 
@@ -39,9 +46,7 @@ def run(out_dir=None, *, model: BenchModel | None = None, batch_size: int = 16, 
     hf = hf_model(model)
     state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
     eng = policy_engine(model, micro_batch_size=batch_size, lr=lr, hf_state=state)
-    hf_dnn = hf_model(model)  # the same loop with its Linears on the backend's CPU GEMM (the kernel-equal control)
-    hf_dnn.load_state_dict(state)
-    use_onednn_linears(hf_dnn)
+    hf_dnn = onednn_twin(model, state)  # the same loop with its Linears on the backend's CPU GEMM
     batch = token_batch(batch_size, seq_len, model.vocab_size)
 
     def plain_loop(m):
@@ -64,7 +69,7 @@ def run(out_dir=None, *, model: BenchModel | None = None, batch_size: int = 16, 
 
     # correctness first: identical weights and loss -> identical first-step loss
     loss_plain, loss_meg, loss_dnn = plain_step(), megatron_step(), plain_onednn_step()
-    log(f"[{NAME}] first-step loss plain {loss_plain:.6f} megatron {loss_meg:.6f} plain+oneDNN {loss_dnn:.6f}")
+    log(f"[{NAME + suffix}] first-step loss plain {loss_plain:.6f} megatron {loss_meg:.6f} plain+oneDNN {loss_dnn:.6f}")
     cpu: dict[str, list[float]] = {}
     times = interleaved({"megatron": megatron_step, "plain": plain_step, "plain_onednn": plain_onednn_step},
                         warmup=warmup, repeats=repeats, steps=steps, log=log, cpu=cpu)

@@ -3,18 +3,20 @@
 The GEMM itself and why it is faster on CPU: `erpd_megatron/utils/cpu_gemm.py` (`linear`).
 
 `CPUColumnParallelLinear` / `CPURowParallelLinear` are megatron's linear layers whose forward calls
-`linear` when the layer is just x @ W^T here (one TP rank, no sequence parallelism, no fused gradient
-accumulation, not an expert layer); anything else goes through megatron's own forward. Parameters,
+`onednn_linear` when oneDNN applies and the layer is just x @ W^T here (one TP rank, no sequence parallelism,
+no fused gradient accumulation, not an expert layer); anything else goes through megatron's own forward. Parameters,
 names and checkpoints are unchanged (same classes underneath). Gradients reach `param.grad` through autograd,
 which megatron's DDP hook adds into its `main_grad` buffer, as for any parameter on CPU.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch.distributed as dist
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-from erpd_megatron.utils.cpu_gemm import onednn_applies, linear
+from erpd_megatron.utils.cpu_gemm import onednn_applies, onednn_linear
 
 
 def plain_local_linear(layer) -> bool:
@@ -30,26 +32,26 @@ def plain_local_linear(layer) -> bool:
 
 
 class CPUColumnParallelLinear(ColumnParallelLinear):
-    """megatron's ColumnParallelLinear; `linear` on its plain path (module docstring)."""
+    """megatron's ColumnParallelLinear; `onednn_linear` on its plain path (module docstring)."""
 
     def forward(self, input_, weight=None, runtime_gather_output=None, **kwargs):
         w = self.weight if weight is None else weight
         if kwargs or w is None or not onednn_applies(input_, w) or not plain_local_linear(self):
             return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output, **kwargs)
         if self.skip_bias_add:
-            return linear(input_, w), self.bias
-        return linear(input_, w, self.bias), None
+            return onednn_linear(input_, w), self.bias
+        return onednn_linear(input_, w, self.bias), None
 
 
 class CPURowParallelLinear(RowParallelLinear):
-    """megatron's RowParallelLinear; `linear` on its plain path (module docstring)."""
+    """megatron's RowParallelLinear; `onednn_linear` on its plain path (module docstring)."""
 
     def forward(self, input_, **kwargs):
         if kwargs or not onednn_applies(input_, self.weight) or not plain_local_linear(self):
             return super().forward(input_, **kwargs)
         if self.skip_bias_add:
-            return linear(input_, self.weight), self.bias
-        return linear(input_, self.weight, self.bias), None
+            return onednn_linear(input_, self.weight), self.bias
+        return onednn_linear(input_, self.weight, self.bias), None
 
 
 def cpu_linear_spec(layer_spec):
@@ -62,8 +64,7 @@ def cpu_linear_spec(layer_spec):
     if attn.linear_proj is RowParallelLinear:
         attn.linear_proj = CPURowParallelLinear
     mlp = layer_spec.submodules.mlp
-    sub = getattr(mlp, "keywords", {}).get("submodules") if hasattr(mlp, "keywords") else getattr(mlp, "submodules",
-                                                                                                  None)
+    sub = mlp.keywords.get("submodules") if isinstance(mlp, functools.partial) else getattr(mlp, "submodules", None)
     if sub is not None:
         if getattr(sub, "linear_fc1", None) is ColumnParallelLinear:
             sub.linear_fc1 = CPUColumnParallelLinear

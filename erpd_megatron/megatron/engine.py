@@ -98,11 +98,15 @@ def seq_multiple(par: ParallelConfig, fp8: bool) -> int:
 BAKED_OPTIM_FIELDS = ("adam_beta1", "adam_beta2", "adam_eps", "clip_grad", "distributed_optimizer")
 
 
+def baked_optim(optim_cfg) -> tuple:
+    """The values of `BAKED_OPTIM_FIELDS` in `optim_cfg`."""
+    return tuple(getattr(optim_cfg, f) for f in BAKED_OPTIM_FIELDS)
+
+
 def reuse_key(model_cfg, par, optim_cfg, build_opts=None, trainable: bool = True) -> tuple:
     """What a reused engine must share with the one `PolicyEngine(model_cfg, par, optim_cfg, build_opts,
     trainable=...)` would build: model, layout, build options, trainability, construction-time optimizer settings."""
-    return (model_cfg, par, build_opts or BuildOptions(), trainable,
-            tuple(getattr(optim_cfg, f) for f in BAKED_OPTIM_FIELDS))
+    return (model_cfg, par, build_opts or BuildOptions(), trainable, baked_optim(optim_cfg))
 
 
 class PolicyEngine:
@@ -243,8 +247,7 @@ class PolicyEngine:
         checkpoint's param groups with the engine's on a full load), betas, eps, lr, weight decay. What differs
         from a build: the global torch RNG is not advanced by a weight initialisation (dropout is 0, so no result
         reads it)."""
-        mine = tuple(getattr(self.optim_cfg, f) for f in BAKED_OPTIM_FIELDS)
-        theirs = tuple(getattr(optim_cfg, f) for f in BAKED_OPTIM_FIELDS)
+        mine, theirs = baked_optim(self.optim_cfg), baked_optim(optim_cfg)
         if mine != theirs:
             raise ValueError(f"PolicyEngine.reset: {BAKED_OPTIM_FIELDS} are fixed at construction "
                              f"({mine} != {theirs}); build a new engine")
@@ -257,10 +260,7 @@ class PolicyEngine:
             for g in opt.optimizer.param_groups:  # as megatron's _get_param_groups sets them (no overrides here)
                 g.update(max_lr=o.lr, min_lr=o.min_lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
             opt.config.lr, opt.config.min_lr, opt.config.weight_decay = o.lr, o.min_lr, o.weight_decay
-        for m in self.model:
-            m.zero_grad_buffer()
-        if self.optimizer is not None:
-            self.optimizer.zero_grad()
+        self._zero_grads()
         self.optim_cfg = optim_cfg
         if temperature is not None:
             self.temperature = temperature
@@ -269,6 +269,13 @@ class PolicyEngine:
         self.generation += 1
         self.idle = False
         self._set_lr()
+
+    def _zero_grads(self) -> None:
+        """DDP grad buffers and the optimizer's grads to zero (before a backward, and on reset)."""
+        for m in self.model:
+            m.zero_grad_buffer()
+        if self.optimizer is not None:
+            self.optimizer.zero_grad()
 
     def _check_live(self) -> None:
         if self.idle:
@@ -444,10 +451,7 @@ class PolicyEngine:
         """Accumulate gradients of `loss_fn` over the batch (no optimizer step). Returns metrics."""
         temperature = self.temperature if temperature is None else temperature
         micro, mbs, t_run, *_ = self._prepare(batch, for_train=True)
-        for m in self.model:
-            m.zero_grad_buffer()
-        if self.optimizer is not None:
-            self.optimizer.zero_grad()
+        self._zero_grads()
 
         def builder(lp, mb, ent):
             loss, metrics = loss_fn(lp, mb, ent)
@@ -540,13 +544,13 @@ def _seq_first_logits(*, hidden_states, output_layer, output_weight, runtime_gat
     multiple of 128) are never used by the log-prob function: the logits are computed over the true vocabulary
     only (a row slice of the weight, no copy), which saves the padded columns' matmuls in forward and backward and
     gives the log-prob function unpadded logits (its no-copy gradient path). The toy vocabulary of 24 is padded to
-    128: 5x the output-layer work otherwise. Same values for the real columns (tests/test_megatron_backend.py)."""
+    128: 5x the output-layer work otherwise. Same values for the real columns (tests/test_engine_fastpaths.py)."""
     from erpd_megatron.megatron.cpu_linear import plain_local_linear
     from erpd_megatron.utils.cpu_gemm import linear
 
     w = output_weight if output_weight is not None else output_layer.weight
     if w is not None and output_layer.bias is None and plain_local_linear(output_layer):
-        # CPU fp32: oneDNN's GEMM (cpu_linear.py); the padded rows skipped when the true vocabulary is known
+        # CPU fp32: oneDNN's GEMM (utils/cpu_gemm.py); the padded rows skipped when the true vocabulary is known
         return scale_logits(linear(hidden_states, w[:vocab_size] if vocab_size is not None else w))
     logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output)
     return scale_logits(logits)

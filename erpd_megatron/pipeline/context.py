@@ -168,12 +168,9 @@ class Context:
                     import sys
 
                     from erpd_megatron.utils.console import header
-
-                    header("import the base policy", f"{self.base_hf} -> Megatron checkpoint {self.run.base}")
-
                     from erpd_megatron.utils.timing import stage
 
-                    m = self.cfg.model
+                    header("import the base policy", f"{self.base_hf} -> Megatron checkpoint {self.run.base}")
                     with stage("base_import"):
                         if m.tp * m.pp * m.dp == 1:
                             _import_in_process(self.base_hf, self.run.base)

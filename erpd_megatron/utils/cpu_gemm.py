@@ -58,10 +58,15 @@ class _OneDNNLinear(torch.autograd.Function):
         return gx, gw, gb
 
 
+def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w^T (+ b) on oneDNN, with autograd; the caller has checked `onednn_applies(x, w)`."""
+    return _OneDNNLinear.apply(x, w, b)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w^T (+ b): oneDNN GEMMs on CPU fp32 (see the module docstring), `F.linear` otherwise."""
     if onednn_applies(x, w):
-        return _OneDNNLinear.apply(x, w, b)
+        return onednn_linear(x, w, b)
     return F.linear(x, w, b)
 
 
