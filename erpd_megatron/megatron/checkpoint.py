@@ -293,9 +293,7 @@ def resolve_checkpoint_dir(path: str) -> str:
 
 
 def read_checkpoint_meta(path: str) -> dict:
-    path = resolve_checkpoint_dir(path)
-    with open(os.path.join(path, MARKER)) as f:
-        return json.load(f)
+    return verify_checkpoint_dir(resolve_checkpoint_dir(path))
 
 
 def verify_checkpoint_dir(path: str) -> dict:
@@ -310,14 +308,25 @@ def verify_checkpoint_dir(path: str) -> dict:
             f"checkpoint {path} is incomplete: no {MARKER} completion marker (the save was interrupted, "
             "or this is not an erpd checkpoint)"
         )
-    try:
-        with open(marker) as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {path}: {MARKER} is corrupt ({e})") from e
+    meta = _read_marker(marker, path)
     from erpd_megatron.utils.digest import check_files
 
     _raise_problems(path, check_files(path, meta.get("files", {}), content=False))
+    return meta
+
+
+def _read_marker(marker: str, path: str) -> dict:
+    """The marker's JSON; any damage (invalid UTF-8 or JSON, another shape: a flipped byte) is a CheckpointError
+    naming it, so `load_latest_intact` falls back as for a damaged shard."""
+    try:
+        with open(marker, "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+        files = meta["files"] if isinstance(meta, dict) else None
+        if not isinstance(files, dict) or not all(
+                isinstance(r, int) or (isinstance(r, dict) and isinstance(r.get("size"), int)) for r in files.values()):
+            raise ValueError("not an object with a 'files' map of sizes")
+    except (ValueError, RecursionError, KeyError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"checkpoint {path}: {MARKER} is corrupt ({type(e).__name__}: {str(e)[:200]})") from None
     return meta
 
 
