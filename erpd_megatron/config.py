@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from erpd_megatron.utils import strict_yaml
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, malformed or inconsistent; the message names the field."""
@@ -306,28 +308,33 @@ class RunConfig:
 # `validate` checks each value (NaN and +-inf never pass an open bound) and names the field and the interval.
 # tests/test_config.py walks all numeric fields and fails on one without an entry.
 _POS, _NONNEG, _ONE_UP, _LR = "(0, inf)", "[0, inf)", "[1, inf)", "(0, 1]"
+# Upper bounds where a value means nothing beyond them. Steps: eval files are step_%06d.json (a 7-digit step
+# would sort before a 6-digit one). Samples per prompt / problem: 65536 (a batch's memory is checked against the
+# machine by pipeline/checks.check_memory). Response length: 2^20 tokens (and below the model's positions,
+# pipeline/checks.check_prompt_lengths).
+_STEPS, _STEPS_ONE_UP, _SAMPLES, _TOKENS = "[0, 999999]", "[1, 999999]", "[1, 65536]", "[1, 1048576]"
 RANGES: dict[type, dict[str, str]] = {
     ModelConfig: {"tp": _ONE_UP, "pp": _ONE_UP, "dp": _ONE_UP, "micro_batch_size": _ONE_UP},
     DataConfig: {"prompts_per_batch": _ONE_UP, "eval_prompts": _ONE_UP},
-    RolloutConfig: {"n_samples": _ONE_UP, "temperature": _POS, "top_p": "(0, 1]", "max_new_tokens": _ONE_UP,
+    RolloutConfig: {"n_samples": _SAMPLES, "temperature": _POS, "top_p": "(0, 1]", "max_new_tokens": _TOKENS,
                     "sglang_tp": _ONE_UP, "sglang_num_servers": _ONE_UP, "sglang_base_gpu_id": _NONNEG,
                     "sglang_port": "[1, 65535]", "sglang_mem_fraction_static": "[0, 1)",
                     "sglang_dist_master_port": "[0, 65535]"},
     TeacherConfig: {
-        "steps": _NONNEG, "mini_batch_size": _ONE_UP, "lr": _LR, "warmup_steps": _NONNEG, "beta": _POS, "beta_ref_len": _NONNEG,
+        "steps": _STEPS, "mini_batch_size": _ONE_UP, "lr": _LR, "warmup_steps": _STEPS, "beta": _POS, "beta_ref_len": _NONNEG,
         "eps_low": "[0, 1)", "eps_high": _NONNEG, "tau_pos": _POS, "tau_neg": _POS, "kl_coef": _NONNEG,
-        "save_every": _ONE_UP, "negative_weight": _NONNEG, "critic_steps": _NONNEG, "critic_lr": _LR,
-        "gae_alpha": _POS, "early_stop_patience": _NONNEG,
+        "save_every": _STEPS_ONE_UP, "negative_weight": _NONNEG, "critic_steps": _STEPS, "critic_lr": _LR,
+        "gae_alpha": _POS, "early_stop_patience": _STEPS,
     },
     DistillConfig: {
-        "teacher_step": "[-1, inf)", "unlearned_step": "[-1, inf)", "steps": _NONNEG, "mini_batch_size": _NONNEG,
+        "teacher_step": "[-1, 999999]", "unlearned_step": "[-1, 999999]", "steps": _STEPS, "mini_batch_size": _NONNEG,
         "lr": _LR, "eps_low": "[0, 1)", "eps_high": _NONNEG, "kl_coef": _NONNEG, "entropy_coef": _NONNEG,
         "signal_clip": _NONNEG,
     },
-    OnPolicyConfig: {"steps": _NONNEG, "prompts_per_step": _ONE_UP, "lr": _LR},
-    EvalConfig: {"k": _ONE_UP, "temperature": _POS, "top_p": "(0, 1]", "every": _NONNEG},
-    IterateConfig: {"min_teacher_gain": "[-1, 1]", "online_steps": _NONNEG},
-    RunConfig: {"seed": "[0, 4294967295]", "iterations": _ONE_UP},
+    OnPolicyConfig: {"steps": _STEPS, "prompts_per_step": _ONE_UP, "lr": _LR},
+    EvalConfig: {"k": _SAMPLES, "temperature": _POS, "top_p": "(0, 1]", "every": _STEPS},
+    IterateConfig: {"min_teacher_gain": "[-1, 1]", "online_steps": _STEPS},
+    RunConfig: {"seed": "[0, 4294967295]", "iterations": _STEPS_ONE_UP},
     LoggingConfig: {"log_every": _ONE_UP},
     CheckpointConfig: {"keep_last": _NONNEG},
 }
@@ -354,6 +361,37 @@ def _check_ranges(obj, where: str) -> None:
             for name, sub in value.items():
                 if dataclasses.is_dataclass(sub):
                     _check_ranges(sub, f"{path}.{name}.")
+
+
+# Text and list fields are short (paths, names, an instruction, a few URLs or flags): anything larger is a mistake
+# and is refused naming the field before it is used (a 10 MB `data.instruction` would otherwise be tokenized with
+# every prompt, and an error quoting a 3-million-element list would be megabytes).
+MAX_TEXT_CHARS = 65_536
+MAX_LIST_ITEMS = 4_096
+
+
+def _check_sizes(obj, where: str) -> None:
+    """Every str / list field of `obj` and of the sections / named runs it holds against the caps above."""
+    for f in dataclasses.fields(obj):
+        value, path = getattr(obj, f.name), f"{where}{f.name}"
+        if isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
+            raise ConfigError(f"{path} is {len(value)} characters long: at most {MAX_TEXT_CHARS}")
+        if isinstance(value, list):
+            if len(value) > MAX_LIST_ITEMS:
+                raise ConfigError(f"{path} has {len(value)} items: at most {MAX_LIST_ITEMS}")
+            for i, v in enumerate(value):
+                if isinstance(v, str) and len(v) > MAX_TEXT_CHARS:
+                    raise ConfigError(f"{path}[{i}] is {len(v)} characters long: at most {MAX_TEXT_CHARS}")
+        if dataclasses.is_dataclass(value):
+            _check_sizes(value, path + ".")
+        elif isinstance(value, dict):
+            if len(value) > MAX_LIST_ITEMS:
+                raise ConfigError(f"{path} has {len(value)} entries: at most {MAX_LIST_ITEMS}")
+            for name, sub in value.items():
+                if len(name) > 256:
+                    raise ConfigError(f"{path}: a name of {len(name)} characters: at most 256")
+                if dataclasses.is_dataclass(sub):
+                    _check_sizes(sub, f"{path}.{name}.")
 
 
 # ----------------------------------------------------------------------------- (de)serialisation
@@ -425,10 +463,12 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: dict |
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        try:  # duplicate keys, aliases, oversized files refused (utils/strict_yaml.py)
+            loaded = strict_yaml.load(p.read_bytes()) or {}
+        except strict_yaml.StrictYAMLError as e:
+            raise ConfigError(f"{p}: {e}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
         data = _deep_merge(data, loaded)
@@ -436,7 +476,11 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: dict |
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. teachers.ce.lr=1e-5)")
         key, raw = item.split("=", 1)
-        _set_path(data, key.strip().split("."), yaml.safe_load(raw))
+        try:
+            value = strict_yaml.load(raw)
+        except (strict_yaml.StrictYAMLError, yaml.YAMLError) as e:
+            raise ConfigError(f"override {key.strip()}: {e}") from None
+        _set_path(data, key.strip().split("."), value)
     cfg = from_dict(RunConfig, data)
     validate(cfg)
     return cfg
@@ -476,6 +520,7 @@ def student_epochs(cfg: RunConfig, s: DistillConfig) -> float:
 
 def validate(cfg: RunConfig) -> None:
     """All checks that can run before any compute."""
+    _check_sizes(cfg, "")
     _check_ranges(cfg, "")
     if cfg.rollout.engine not in ("local", "sglang"):
         raise ConfigError(f"rollout.engine must be 'local' or 'sglang', got {cfg.rollout.engine!r}")

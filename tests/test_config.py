@@ -45,7 +45,7 @@ def test_save_and_reload_roundtrip(tmp_path):
         (["teachers.ce.lr=-1e-4"], "teachers.ce.lr=-0.0001 is out of range: allowed (0, 1]"),
         (["teachers.ce.lr=.nan"], "teachers.ce.lr=nan is out of range"),
         (["students.s1_ce.lr=.inf"], "students.s1_ce.lr=inf is out of range"),
-        (["eval.k=0"], "eval.k=0 is out of range: allowed [1, inf)"),
+        (["eval.k=0"], "eval.k=0 is out of range: allowed [1, 65536]"),
         (["rollout.max_new_tokens=0"], "rollout.max_new_tokens=0 is out of range"),
         (["rollout.top_p=1.5"], "rollout.top_p=1.5 is out of range: allowed (0, 1]"),
         (["data.prompts_per_batch=0"], "data.prompts_per_batch=0 is out of range"),

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,9 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, str, Any]]:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise PromptDataError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
+                except RecursionError:  # json's parser recurses once per nesting level
+                    raise PromptDataError(f"{where}: invalid JSON: nested too deeply (arrays / objects more than "
+                                          f"~{sys.getrecursionlimit()} levels deep)") from None
                 yield where, f"{path.stem}-{lineno}", rec
         except UnicodeDecodeError as e:
             raise PromptDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a line)") from None

@@ -7,8 +7,10 @@ resharding path, `rollout/weight_sync.py`). On one CPU process everything lives 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,6 +221,14 @@ def _import_in_process(hf: Path, out: Path) -> None:
         import_hf(str(hf), str(out), tp=1, pp=1, overwrite=True)
     except ConversionError as e:
         raise RuntimeError(f"importing the base policy failed: {e}") from e
+    except Exception as e:  # the partial output is gone already (import_hf writes a temp dir, renamed at the end)
+        from erpd_megatron.utils.io import disk_full_error
+
+        need = sum(f.stat().st_size for f in Path(hf).iterdir() if f.suffix in (".safetensors", ".bin"))
+        full = disk_full_error(e, out, need_bytes=need, doing="importing the base policy")
+        if full is None:
+            raise
+        raise full from e
 
 
 def resolve_base(cfg: RunConfig, run: RunDir) -> Path:
@@ -262,7 +272,9 @@ def load_prompts(cfg: RunConfig, run: RunDir):
             if not path.exists():
                 draw = task.train_problems if which == "train" else \
                     task.validation_problems if spec == "toy_val" else task.eval_problems
-                task.write_jsonl(draw(n, seed=cfg.seed), path)
+                split = "train" if which == "train" else "validation" if spec == "toy_val" else "eval"
+                # at most the whole task: check_dataset_sizes then refuses too few, as for a JSONL file
+                task.write_jsonl(draw(min(n, task.pool_size(split)), seed=cfg.seed), path)
             spec = str(path)
         paths.append(spec)
     train, evals = (loaded[w] if w in loaded else _load(p) for w, p in zip(("train", "eval"), paths))
@@ -273,21 +285,49 @@ def build_context(cfg: RunConfig) -> Context:
     from transformers import AutoTokenizer
 
     from erpd_megatron.megatron.model import ModelConfig
-    from erpd_megatron.pipeline.checks import check_dataset_sizes, check_prompt_lengths
+    from erpd_megatron.pipeline.checks import check_dataset_sizes, check_memory, check_prompt_lengths
 
     run = RunDir(Path(cfg.run_dir))
-    if cfg.model.base != "toy":  # a wrong path fails before the toy data files are written
-        resolve_base(cfg, run)
-    train, evals = load_prompts(cfg, run)  # bad data fails here, before the warm-up or any training
-    check_dataset_sizes(cfg, train, evals)
-    run.root.mkdir(parents=True, exist_ok=True)
-    base = resolve_base(cfg, run)
-    tok = AutoTokenizer.from_pretrained(base)
-    model_cfg = ModelConfig.from_hf(json.loads((base / "config.json").read_text()))
-    used = train[: cfg.data.prompts_per_batch * cfg.iterations] + evals
-    check_prompt_lengths(cfg, tok, used, model_cfg.max_position_embeddings)
+    with _undo_if_refused(run.root):  # a refused run leaves nothing behind (the lock removes the empty dir)
+        if cfg.model.base != "toy":  # a wrong path fails before the toy data files are written
+            resolve_base(cfg, run)
+        train, evals = load_prompts(cfg, run)  # bad data fails here, before the warm-up or any training
+        check_dataset_sizes(cfg, train, evals)
+        run.root.mkdir(parents=True, exist_ok=True)
+        base = resolve_base(cfg, run)
+        tok = AutoTokenizer.from_pretrained(base)
+        model_cfg = ModelConfig.from_hf(json.loads((base / "config.json").read_text()))
+        used = train[: cfg.data.prompts_per_batch * cfg.iterations] + evals
+        longest = check_prompt_lengths(cfg, tok, used, model_cfg.max_position_embeddings)
+        check_memory(cfg, min(model_cfg.max_position_embeddings, longest + cfg.rollout.max_new_tokens), len(evals))
     return Context(cfg=cfg, run=run, base_hf=base, tokenizer=tok, model_cfg=model_cfg,
                    train_prompts=train, eval_prompts=evals)
+
+
+#: what `build_context` writes before the run is accepted (toy data files, the toy base's warm-up)
+_PRE_ACCEPT = ("data", "hf_base")
+
+
+@contextlib.contextmanager
+def _undo_if_refused(root: Path):
+    """On a user error (utils/cli.py: bad config or data, a full disk) remove what the block added under
+    `_PRE_ACCEPT`, so the refused run leaves the run dir as it found it; an earlier run's files stay."""
+    from erpd_megatron.utils.cli import is_user_error
+
+    def entries() -> set[Path]:
+        return {p for d in _PRE_ACCEPT if (root / d).is_dir() for p in [root / d, *(root / d).iterdir()]}
+
+    before = entries()
+    try:
+        yield
+    except Exception as e:
+        if is_user_error(e):
+            for p in sorted(entries() - before, key=lambda p: -len(p.parts)):  # files before their directory
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        raise
 
 
 class Timer:

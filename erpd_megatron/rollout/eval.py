@@ -204,14 +204,15 @@ def _check_args(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from erpd_megatron.data.prompts import PromptDataError
+    from erpd_megatron.utils.cli import error_exit, is_user_error
 
     try:
         _check_args(args)
         return _run(args)
-    except (UsageError, PromptDataError) as e:
-        print(f"erpd eval: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # a flag, a data file, a damaged file, a full disk: one line (utils/cli.py)
+        if not (isinstance(e, UsageError) or is_user_error(e)):
+            raise
+        return error_exit("erpd eval", e)
 
 
 def _run(args) -> int:
