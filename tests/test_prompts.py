@@ -168,3 +168,12 @@ def test_no_template_falls_back_to_raw_text(caplog, monkeypatch):
     notes = [r.getMessage() for r in caplog.records if "no chat template" in r.getMessage()]
     assert len(notes) == 1  # said once per tokenizer class
     assert encode_prompts(tok, ["1+1?"], instruction="Box it.") == [hand_encode("1+1?\nBox it.", vocab)]
+
+
+def test_deeply_nested_row_is_a_one_line_error(tmp_path):
+    """Issue 25 row 6: a 2,000-deep array in an extra field made json raise RecursionError (a traceback)."""
+    path = write_jsonl(tmp_path / "deep.jsonl", [{"problem": "p", "answer": "1"},
+                                                 '{"problem": "x", "answer": "1", "extra": ' + "[" * 2000 + "]" * 2000
+                                                 + "}"])
+    with pytest.raises(PromptDataError, match=re.escape(f"{path}:2 (line 2): invalid JSON: nested too deeply")):
+        load_prompts(path)

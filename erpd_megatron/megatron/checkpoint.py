@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from erpd_megatron.utils.io import atomic_write_text
+from erpd_megatron.utils.io import atomic_write_text, follow_umask
 
 if TYPE_CHECKING:
     from erpd_megatron.megatron.engine import PolicyEngine
@@ -246,6 +246,7 @@ def _write_rng(path: str) -> None:
 
     try:
         save_file(_rng_state(), path)
+        follow_umask(path)  # safetensors creates its files 0600
     except OSError as e:
         from erpd_megatron.utils.io import named_os_error
 

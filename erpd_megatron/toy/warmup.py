@@ -35,6 +35,7 @@ import torch
 from erpd_megatron.toy import task as toy_task
 from erpd_megatron.toy.sampling import generate, quiet_math_verify, score
 from erpd_megatron.toy.tokenizer import VOCAB, build_tokenizer
+from erpd_megatron.utils.io import copy_file, follow_umask
 
 WARMUP_JSON = "warmup.json"
 # Bumped when the recipe changes in a way the config dict does not capture (invalidates caches).
@@ -283,6 +284,9 @@ def _save(model, tokenizer, out: Path) -> None:
         do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=40)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+    for f in out.iterdir():  # safetensors writes 0600: the umask's mode, as every other file of a run dir
+        if f.is_file():
+            follow_umask(f)
 
 
 def cache_root() -> Path | None:
@@ -315,13 +319,13 @@ def ensure_base_model(out_dir: str | Path, cfg: WarmupConfig = DEMO_BASE, log=_p
         out.mkdir(parents=True, exist_ok=True)
         for f in sorted(shared.iterdir(), key=lambda f: f.name == WARMUP_JSON):  # warmup.json last
             if f.is_file():
-                shutil.copy2(f, out / f.name)
+                copy_file(f, out / f.name)  # this process's umask, not the cache's modes
         log(f"[toy.warmup] copied cached base {shared} -> {out}")
     warmup(out, cfg, log=log)
     if shared is not None and _cached(shared, cfg) is None:
         try:
             tmp = shared.with_name(shared.name + f".tmp{os.getpid()}")
-            shutil.copytree(out, tmp, dirs_exist_ok=True)
+            shutil.copytree(out, tmp, dirs_exist_ok=True, copy_function=copy_file)
             os.replace(tmp, shared)
         except OSError as e:  # a read-only home or a concurrent writer: the run dir copy is enough
             log(f"[toy.warmup] could not fill the shared cache {shared}: {e}")

@@ -58,6 +58,31 @@ def _existing_parent(p: Path) -> Path:
     return p
 
 
+def umask() -> int:
+    """The process umask (Linux: read from /proc, elsewhere set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a file written by a library that picks its own mode (safetensors writes 0600) or copied with its
+    source's mode the mode open() gives new files: 0666 & ~umask."""
+    os.chmod(path, 0o666 & ~umask())
+
+
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy the bytes (not the mode: shutil.copy2 would carry a 0600 cache file's mode into a shared run dir)."""
+    shutil.copyfile(src, dst)
+    follow_umask(dst)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
