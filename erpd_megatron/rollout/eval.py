@@ -46,6 +46,21 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def _reply_text(data) -> str:
+    """The message text of an OpenAI chat-completions reply; ValueError naming what is off when the JSON has
+    another shape (`{"choices": null}`, `[]`, a number as content): counted as a failed call, like an outage."""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise ValueError(f"reply without choices[0]: {json.dumps(data)[:200]}")
+    message = choices[0].get("message")
+    if not isinstance(message, dict):
+        raise ValueError(f"reply without choices[0].message: {json.dumps(choices[0])[:200]}")
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        raise ValueError(f"reply whose choices[0].message.content is {type(content).__name__}, not text")
+    return content or ""
+
+
 class LLMJudge:
     """Asks an OpenAI-compatible chat endpoint whether a response's final answer equals the reference."""
 
@@ -74,9 +89,8 @@ class LLMJudge:
         req = urllib.request.Request(self.endpoint, data=json.dumps(body).encode(), headers=headers, method="POST")
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                data = json.loads(resp.read())
-            text = data["choices"][0]["message"]["content"] or ""
-        except (OSError, ValueError, KeyError, IndexError) as e:
+                text = _reply_text(json.loads(resp.read()))
+        except (OSError, ValueError, RecursionError) as e:  # an outage, or a reply of another shape
             self.errors += 1
             self.last_error = f"{type(e).__name__}: {e}"
             if self.errors <= 3:  # one refused connection per sample would flood the log
