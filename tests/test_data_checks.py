@@ -67,3 +67,54 @@ def test_bad_train_file_writes_nothing_even_with_toy_eval(tmp_path):
     train, evals = load_prompts(_cfg(f"run_dir={run}", f"data.train={good}", "data.eval=toy", "data.eval_prompts=3"),
                                 RunDir(run))
     assert len(train) == 4 and len(evals) == 3 and (run / "data" / "toy_eval.jsonl").exists()
+
+
+def test_batch_larger_than_memory_is_refused_naming_the_field():
+    """Issue 25 row 7: the rows a stage holds at once x their tokens against the memory available, before any
+    compute (n_samples=1e9 was accepted and killed by the OOM killer after a minute)."""
+    from erpd_megatron.pipeline.checks import BYTES_PER_TOKEN, available_memory, check_memory
+
+    cfg = _cfg("data.prompts_per_batch=16", "rollout.n_samples=4", "eval.k=2")
+    need = 16 * 4 * 64 * BYTES_PER_TOKEN  # the fixed batch: 64 rows of up to 64 tokens
+    check_memory(cfg, seq_len=64, eval_problems=16, available=need)
+    with pytest.raises(ConfigError, match=r"^rollout.n_samples=4: a batch of data.prompts_per_batch x rollout.n_samples"
+                                          r" = 16 x 4 = 64 sequences of up to 64 tokens needs .* GiB is available; "
+                                          r"lower rollout.n_samples$"):
+        check_memory(cfg, seq_len=64, eval_problems=16, available=need - 1)
+    big_eval = _cfg("data.prompts_per_batch=16", "rollout.n_samples=4", "eval.k=8")  # 40 x 8 = 320 rows > 64
+    with pytest.raises(ConfigError, match=r"^eval.k=8: a batch of eval problems x eval.k = 40 x 8 = 320 sequences"):
+        check_memory(big_eval, seq_len=64, eval_problems=40, available=need)
+    huge = _cfg("data.prompts_per_batch=1024", "rollout.n_samples=65536", "teachers.ce.mini_batch_size=8")
+    with pytest.raises(ConfigError, match="^rollout.n_samples=65536: .* lower rollout.n_samples$"):
+        check_memory(huge, seq_len=4096, eval_problems=16)  # 64M rows x 4096 tokens: more than any machine
+    assert available_memory() > 0
+
+
+def test_long_instruction_is_named_before_the_prompts_are_tokenized():
+    """Issue 25 row 11: an instruction longer than the model's positions is refused naming data.instruction (a
+    1 MB one was tokenized with every prompt for 44 s, then refused naming a prompt)."""
+    from erpd_megatron.toy.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    cfg = _cfg("rollout.max_new_tokens=40", "data.instruction=" + "1+" * 15)
+    calls = []
+    with pytest.raises(ConfigError, match=r"^data.instruction takes \d+ tokens with a one-character problem: with "
+                                          r"rollout.max_new_tokens=40 it exceeds the model's 64 positions"):
+        check_prompt_lengths(cfg, _Counting(tok, calls), _prompts(100), max_positions=64)
+    assert len(calls) == 1  # the instruction alone, not 100 prompts
+    assert check_prompt_lengths(_cfg("rollout.max_new_tokens=40"), tok, _prompts(3), max_positions=64) == 7
+
+
+class _Counting:
+    """A tokenizer that counts its calls."""
+
+    def __init__(self, tok, calls):
+        self.tok, self.calls = tok, calls
+        self.chat_template = tok.chat_template
+
+    def apply_chat_template(self, *a, **k):
+        return self.tok.apply_chat_template(*a, **k)
+
+    def __call__(self, *a, **k):
+        self.calls.append(a)
+        return self.tok(*a, **k)
