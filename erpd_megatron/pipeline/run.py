@@ -100,7 +100,8 @@ def print_config(cfg: RunConfig) -> None:
 # function of (seed, step), so the finished steps are the ones an uninterrupted longer run would have made.
 GROWABLE = ("iterations", "teachers.*.steps", "students.*.steps", "onpolicy.steps")
 FREE = ("eval.every", "rollout.sglang_urls", "checkpoint.keep_last",  # what is evaluated / served / kept
-        "model.reuse_engines")  # how policies are built (same results)
+        "model.reuse_engines",  # how policies are built (same results)
+        "rollout.verify_weights", "rollout.verify_weights_seqs", "rollout.verify_weights_tol")  # a check only
 
 
 def _leaf_changes(old, new, path: str = "") -> list[tuple[str, object, object]]:
@@ -275,6 +276,7 @@ def _main(argv, sub: str, stages: tuple[str, ...]) -> int:
         return 0
     from erpd_megatron.data.prompts import PromptDataError
     from erpd_megatron.rollout.sglang_http import SGLangError
+    from erpd_megatron.rollout.weight_check import WeightSyncMismatch
 
     try:
         from erpd_megatron.pipeline.context import setup_logging
@@ -288,7 +290,8 @@ def _main(argv, sub: str, stages: tuple[str, ...]) -> int:
                 return rc
             check_resumable(cfg)
             _pipeline(cfg, stages)
-    except (ConfigError, PromptDataError, FileNotFoundError, SGLangError) as e:  # bad input, unreachable server
+    except (ConfigError, PromptDataError, FileNotFoundError, SGLangError,  # bad input, unreachable server,
+            WeightSyncMismatch) as e:  # weights that did not arrive intact
         print(f"erpd {sub}: error: {e}", file=sys.stderr)
         return 2
     return 0
