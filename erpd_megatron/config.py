@@ -109,6 +109,14 @@ class RolloutConfig:
     """More sglang.launch_server arguments."""
     reward_mode: str = "strict"
     """math-verify mode: "strict" (last \\boxed{} only) or "loose"."""
+    verify_weights: bool = True
+    """After every weight sync, score `verify_weights_seqs` training prompts on the rollout engine and stop the run if
+    its log-probs differ from the trainer's beyond a dtype-aware tolerance (the weights did not arrive intact)."""
+    verify_weights_seqs: int = 4
+    """Prompts (at most 64 tokens each) the weight check scores; at least one per SGLang server is used."""
+    verify_weights_tol: float = 0.0
+    """Mean |log-prob difference| per token the weight check allows (the max scales alike); 0 = by dtype (fp32 1e-3,
+    bf16 / fp16 0.05)."""
 
 
 @dataclass
@@ -319,7 +327,8 @@ RANGES: dict[type, dict[str, str]] = {
     RolloutConfig: {"n_samples": _SAMPLES, "temperature": _POS, "top_p": "(0, 1]", "max_new_tokens": _TOKENS,
                     "sglang_tp": _ONE_UP, "sglang_num_servers": _ONE_UP, "sglang_base_gpu_id": _NONNEG,
                     "sglang_port": "[1, 65535]", "sglang_mem_fraction_static": "[0, 1)",
-                    "sglang_dist_master_port": "[0, 65535]"},
+                    "sglang_dist_master_port": "[0, 65535]", "verify_weights_seqs": _ONE_UP,
+                    "verify_weights_tol": _NONNEG},
     TeacherConfig: {
         "steps": _STEPS, "mini_batch_size": _ONE_UP, "lr": _LR, "warmup_steps": _STEPS, "beta": _POS, "beta_ref_len": _NONNEG,
         "eps_low": "[0, 1)", "eps_high": _NONNEG, "tau_pos": _POS, "tau_neg": _POS, "kl_coef": _NONNEG,

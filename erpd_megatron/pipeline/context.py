@@ -42,6 +42,9 @@ class Context:
     """Released PolicyEngines `new_policy` may hand out again (model.reuse_engines)."""
     engines_built: int = 0
     """PolicyEngines `new_policy` built (not reused) in this process."""
+    syncs: int = 0
+    """Weight syncs to the rollout engine in this process (the weight check names them)."""
+    _probe: object = None
 
     # ------------------------------------------------------------------ parallel / ranks
     @property
@@ -192,7 +195,8 @@ class Context:
         return Path(json.loads(marker.read_text())["checkpoint"])
 
     def push_weights(self, policy, version) -> None:
-        """Megatron -> rollout engine through the resharding path (TP gather, PP broadcast, HF names)."""
+        """Megatron -> rollout engine through the resharding path (TP gather, PP broadcast, HF names); then, with
+        `rollout.verify_weights`, the check that the weights arrived (`verify_sync`). Every rank calls it."""
         from erpd_megatron.rollout.weight_sync import iter_hf_buckets
         from erpd_megatron.utils.timing import stage
 
@@ -203,6 +207,31 @@ class Context:
             else:  # non-zero ranks still take part in the collectives
                 for _ in buckets:
                     pass
+        self.syncs += 1
+        if self.cfg.rollout.verify_weights:
+            self.verify_sync(policy, version)
+
+    def verify_sync(self, policy, version) -> dict:
+        """The weights-arrived guard (rollout/weight_check.py): the engine's log-probs on the first
+        `rollout.verify_weights_seqs` training prompts (at least one per SGLang server) against the trainer's;
+        raises WeightSyncMismatch on every rank on a mismatch. Timed as the "weight_verify" stage."""
+        from erpd_megatron.rollout.weight_check import check_sync
+        from erpd_megatron.utils.timing import stage
+
+        r = self.cfg.rollout
+        with stage("weight_verify"):
+            if self._probe is None:
+                from erpd_megatron.data.prompts import encode_prompts
+                from erpd_megatron.rollout.weight_check import make_probe
+
+                servers = (len(r.sglang_urls) or r.sglang_num_servers) if r.engine == "sglang" else 1
+                n = max(r.verify_weights_seqs, servers)
+                ids = encode_prompts(self.tokenizer, self.train_prompts[:n], instruction=self.cfg.data.instruction or None)
+                self._probe = make_probe(ids, n)
+            engine = self.engine if self.is_main else None
+            return check_sync(policy, engine, self._probe, sync=self.syncs, version=version,
+                              engine_dtype=getattr(engine, "dtype", None), mean_tol=r.verify_weights_tol,
+                              is_main=self.is_main)
 
 
 #: set by torchrun for its workers; a child process that inherits them joins (and hangs) the parent's world

@@ -100,7 +100,8 @@ def print_config(cfg: RunConfig) -> None:
 # function of (seed, step), so the finished steps are the ones an uninterrupted longer run would have made.
 GROWABLE = ("iterations", "teachers.*.steps", "students.*.steps", "onpolicy.steps")
 FREE = ("eval.every", "rollout.sglang_urls", "checkpoint.keep_last",  # what is evaluated / served / kept
-        "model.reuse_engines")  # how policies are built (same results)
+        "model.reuse_engines",  # how policies are built (same results)
+        "rollout.verify_weights", "rollout.verify_weights_seqs", "rollout.verify_weights_tol")  # a check only
 
 
 def _leaf_changes(old, new, path: str = "") -> list[tuple[str, object, object]]:

@@ -34,6 +34,7 @@ USER_ERRORS = (
     ("erpd_megatron.megatron.checkpoint", "CheckpointError"),  # damaged / incomplete checkpoint (names the file)
     ("erpd_megatron.data.rollout_store", "RolloutStoreError"),  # damaged rollout store (names the file)
     ("erpd_megatron.rollout.sglang_http", "SGLangError"),     # unreachable server
+    ("erpd_megatron.rollout.weight_check", "WeightSyncMismatch"),  # weights that did not arrive intact
     ("checkpoints_conv.config", "ConversionError"),
 )
 # OSErrors of the machine or the paths given: a full disk or quota, permissions, a missing file
