@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 TEACHER_LOSSES = ("grpo", "ppo", "sapo", "cispo", "ce", "mse", "sft")
 ONPOLICY_LOSSES = ("grpo", "sapo", "ppo", "cispo")
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 @dataclass
@@ -133,8 +133,11 @@ class TeacherConfig:
     [-1, 1] lets the negatives' gradients dominate early, as the paper describes (Sec. 3.4)."""
     agg: str = "auto"
     """Policy-loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum, or "auto" = the loss's
-    own default (sapo: seq-mean-token-mean; grpo / ppo / cispo: token-mean). CE / MSE reduce per sequence
-    (`ce_reduce`) and ignore it."""
+    own default (sapo: seq-mean-token-mean; grpo / ppo / cispo: token-mean), or seq-mean-token-sum-norm (Dr. GRPO's
+    constant normaliser, verl's name: each response's token sum / `agg_norm_len`, mean over responses). CE / MSE
+    reduce per sequence (`ce_reduce`) and ignore it."""
+    agg_norm_len: int = 0
+    """seq-mean-token-sum-norm's constant divisor C (Dr. GRPO's MAX_TOKENS); 0 = rollout.max_new_tokens."""
     ce_reduce: str = "sum"
     """CE: aggregate the log-ratio over tokens by "sum" (paper eq. 3) or "mean"."""
     eps_low: float = 0.2
@@ -316,7 +319,7 @@ RANGES: dict[type, dict[str, str]] = {
     TeacherConfig: {
         "steps": _NONNEG, "mini_batch_size": _ONE_UP, "lr": _LR, "warmup_steps": _NONNEG, "beta": _POS, "beta_ref_len": _NONNEG,
         "eps_low": "[0, 1)", "eps_high": _NONNEG, "tau_pos": _POS, "tau_neg": _POS, "kl_coef": _NONNEG,
-        "save_every": _ONE_UP, "negative_weight": _NONNEG, "critic_steps": _NONNEG, "critic_lr": _LR,
+        "save_every": _ONE_UP, "negative_weight": _NONNEG, "critic_steps": _NONNEG, "critic_lr": _LR, "agg_norm_len": _NONNEG,
         "gae_alpha": _POS, "early_stop_patience": _NONNEG,
     },
     DistillConfig: {

@@ -112,9 +112,9 @@ def train_teachers(ctx, iteration: int = 0, only: str | None = None) -> None:
             b["advantages"] = grpo_advantages(batch["rewards"], batch["group_ids"])
         elif t.loss == "ppo":
             b["advantages"] = critic_advantages(ctx, method, t, batch, iteration)
-        policy = train_loop(ctx, method, batch=b, loss_fn=objectives.teacher_objective(t), steps=t.steps,
-                            mini_batch_size=t.mini_batch_size, lr=t.lr, warmup_steps=t.warmup_steps,
-                            save_every=t.save_every, init=init, eval_fn=_eval_fn(ctx, method, iteration,
+        loss_fn = objectives.teacher_objective(t, ctx.cfg.rollout.max_new_tokens)
+        policy = train_loop(ctx, method, batch=b, loss_fn=loss_fn, steps=t.steps, mini_batch_size=t.mini_batch_size,
+                            lr=t.lr, warmup_steps=t.warmup_steps, save_every=t.save_every, init=init, eval_fn=_eval_fn(ctx, method, iteration,
                                                                                  t.init == "base"),
                             step_metrics=_teacher_metrics, early_stop_patience=t.early_stop_patience,
                             keep_steps=teacher_keep_steps(ctx.cfg, name))
@@ -408,7 +408,8 @@ def train_onpolicy(ctx, iteration: int = 0, init=None, steps: int | None = None,
     from erpd_megatron.config import TeacherConfig
 
     t = TeacherConfig(loss=o.loss)  # agg "auto": sapo seq-mean-token-mean, grpo / ppo / cispo token-mean
-    policy = train_loop(ctx, method, batch=None, next_batch=next_batch, loss_fn=objectives.onpolicy_objective(o, t),
+    loss_fn = objectives.onpolicy_objective(o, t, ctx.cfg.rollout.max_new_tokens)
+    policy = train_loop(ctx, method, batch=None, next_batch=next_batch, loss_fn=loss_fn,
                         steps=steps, mini_batch_size=o.prompts_per_step * ctx.cfg.rollout.n_samples, lr=o.lr,
                         save_every=1, eval_every=max(1, steps // 4), init=init or ctx.base_ckpt(iteration),
                         eval_fn=_eval_fn(ctx, method, iteration, True))
