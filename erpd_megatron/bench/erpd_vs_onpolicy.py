@@ -20,7 +20,8 @@ What is reported (the paper's Table 4 comparison, at toy scale):
   ERPD - RFT.
 Noise: +-1 to 3 points at this eval size; a difference within the seed spread is not a result.
 
-    python -m erpd_megatron.bench.erpd_vs_onpolicy [--seeds 1 2 3] [--out docs/benchmarks] [overrides ...]
+    python -m erpd_megatron.bench.erpd_vs_onpolicy [--seeds 1 2 3] [--out docs/benchmarks] [--preset bench_long]
+        [overrides ...]
 """
 
 from __future__ import annotations
@@ -226,15 +227,24 @@ def analyse_seed(cfg, run_root: Path, stages: list[dict]) -> dict:
             "curves": curves}
 
 
-def run_seed(seed: int, work: Path, base_dir: Path, overrides: list[str], log=print) -> dict:
+def preset_path(preset: str | Path | None) -> Path:
+    """A preset name of erpd_megatron/presets ("bench", "bench_long") or a YAML path; None = bench.yaml."""
+    if preset is None:
+        return PRESET
+    p = Path(preset)
+    return p if p.suffix in (".yaml", ".yml") else PRESET.with_name(f"{preset}.yaml")
+
+
+def run_seed(seed: int, work: Path, base_dir: Path, overrides: list[str], log=print, preset: Path = PRESET) -> dict:
     from erpd_megatron.config import load_config, save_config
+    from erpd_megatron.pipeline.context import TOY_BASES
     from erpd_megatron.pipeline.run import ALL, _pipeline
 
     run_dir = work / f"seed_{seed}"
     if run_dir.exists():
         shutil.rmtree(run_dir)  # the pipeline resumes finished work: a stale dir would skip the measurement
-    cfg = load_config(str(PRESET), [*overrides, f"seed={seed}", f"run_dir={run_dir}"])
-    if cfg.model.base == "toy":
+    cfg = load_config(str(preset), [*overrides, f"seed={seed}", f"run_dir={run_dir}"])
+    if cfg.model.base in TOY_BASES:
         shutil.copytree(base_dir, run_dir / "hf_base")
     save_config(cfg, run_dir / "config.yaml")
     clock = _ComputeClock()
@@ -297,27 +307,31 @@ def aggregate(per_seed: list[dict]) -> dict:
 
 
 def run(out_dir=None, *, seeds=(1, 2, 3), overrides: list[str] = (), work_dir: str | Path | None = None,
-        log=print) -> dict:
+        log=print, preset: str | Path | None = None) -> dict:
     import torch
 
     from erpd_megatron.config import load_config
+    from erpd_megatron.pipeline.context import TOY_BASES
 
     torch.set_num_threads(1)
-    work = Path(work_dir) if work_dir is not None else DEFAULT_WORK
+    preset = preset_path(preset)
+    name = NAME if preset == PRESET else f"{NAME}_{preset.stem}"  # bench_long writes its own JSON
+    work = Path(work_dir) if work_dir is not None else DEFAULT_WORK.with_name(name)
     work.mkdir(parents=True, exist_ok=True)
-    cfg0 = load_config(str(PRESET), list(overrides))
-    rec = Recorder(NAME, {"preset": str(PRESET.relative_to(REPO_ROOT)), "overrides": list(overrides),
+    cfg0 = load_config(str(preset), list(overrides))
+    rec = Recorder(name, {"preset": str(preset.relative_to(REPO_ROOT)) if preset.is_relative_to(REPO_ROOT)
+                          else str(preset), "overrides": list(overrides),
                           "seeds": list(seeds), "work_dir": str(work),
                           "rollouts_per_fixed_batch": cfg0.data.prompts_per_batch * cfg0.rollout.n_samples,
                           "eval": {"prompts": cfg0.data.eval_prompts, "k": cfg0.eval.k, "every": cfg0.eval.every}})
     base_dir = work / "hf_base"
     t = time.perf_counter()
-    if cfg0.model.base == "toy":  # one warm-up shared by all seeds (copied into each run dir)
-        from erpd_megatron.toy.warmup import ensure_base_model
+    if cfg0.model.base in TOY_BASES:  # one warm-up shared by all seeds (copied into each run dir)
+        from erpd_megatron.toy import warmup
 
-        ensure_base_model(base_dir, log=lambda m: None)
+        warmup.ensure_base_model(base_dir, getattr(warmup, TOY_BASES[cfg0.model.base]), log=lambda m: None)
     warmup_s = time.perf_counter() - t
-    per_seed = [run_seed(s, work, base_dir, list(overrides), log=log) for s in seeds]
+    per_seed = [run_seed(s, work, base_dir, list(overrides), log=log, preset=preset) for s in seeds]
     results = {"seeds": list(seeds), "base_warmup_s": warmup_s, **aggregate(per_seed),
                "per_seed": [{k: v for k, v in s.items() if k != "curves"} for s in per_seed],
                "curves": [{"seed": s["seed"], "method": n, "kind": c["kind"], "points": c["points"]}
@@ -336,10 +350,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--work", default=None, help=f"run dirs (default {DEFAULT_WORK})")
-    ap.add_argument("overrides", nargs="*", help="section.field=value on top of presets/bench.yaml")
+    ap.add_argument("--work", default=None, help=f"run dirs (default {DEFAULT_WORK}[_<preset>])")
+    ap.add_argument("--preset", default=None, help="bench (default: the toy task) | bench_long (the long task) | a "
+                                                   "YAML path")
+    ap.add_argument("overrides", nargs="*", help="section.field=value on top of the preset")
     a = ap.parse_args(argv)
-    run(a.out, seeds=a.seeds, overrides=a.overrides, work_dir=a.work)
+    run(a.out, seeds=a.seeds, overrides=a.overrides, work_dir=a.work, preset=a.preset)
 
 
 if __name__ == "__main__":
