@@ -174,13 +174,19 @@ class DistillConfig:
     ensemble: str = "sum"
     """How several strategies combine: "sum" of whitened signals or "sequential" (steps split evenly)."""
     teacher: str = "ce"
-    """Name of the stage-1 teacher run (a key of `teachers`) whose last checkpoint is pi_T."""
+    """Name of the stage-1 teacher run (a key of `teachers`) whose last checkpoint is pi_T; "<name>@<step>" names
+    one of its checkpoints (the same as `teacher_step`; the config is stored resolved: name and teacher_step)."""
     teacher_step: int = -1
     """Teacher checkpoint step (-1 = last)."""
     unlearned_step: int = -1
     """Strategy 2: step of the teacher's early checkpoint used as pi_U; -1 = the bottom of the unlearning dip:
     the saved step before the teacher's own at which the positives' mean token log-prob on the fixed batch is
     lowest (paper Sec. 3.4 / Fig. 5; chosen on the training batch, not the eval set)."""
+    unlearned: str = ""
+    """Strategy 2: pi_U as "<teacher>@<step>" (or "<teacher>" = its last checkpoint): a checkpoint of ANY configured
+    teacher run, typically a short unlearning run from the same base with its own lr / negative_weight / steps (the
+    paper's tuning, Sec. 4.5 / Tab. 9 / Tab. 11: one recovered policy at a fixed lr, plus several ~10-step unlearned
+    runs at other lrs). "" = a checkpoint of `teacher`'s own run, chosen by `unlearned_step`."""
     weak: str = ""
     """Strategy 3: checkpoint directory of the weaker earlier policy."""
     sign_mask: str = "none"
@@ -477,8 +483,35 @@ def student_epochs(cfg: RunConfig, s: DistillConfig) -> float:
     return s.steps * student_mini_batch(cfg, s) / (cfg.data.prompts_per_batch * cfg.rollout.n_samples)
 
 
+def checkpoint_ref(ref: str) -> tuple[str, int]:
+    """"<run>@<step>" -> (run, step); "<run>" -> (run, -1), -1 meaning the run's last checkpoint."""
+    name, sep, step = ref.partition("@")
+    if not sep:
+        return name, -1
+    if not step.lstrip("-").isdigit():
+        raise ConfigError(f"{ref!r}: expected '<run>@<step>' with an integer step")
+    return name, int(step)
+
+
+def _saved_step(t: TeacherConfig, step: int) -> bool:
+    """`step` is a checkpoint a teacher run writes (every save_every, and its last step), or -1 = the last."""
+    return step == -1 or (0 < step <= t.steps and (step % t.save_every == 0 or step == t.steps))
+
+
+def _resolve_student_refs(cfg: RunConfig) -> None:
+    """students.*.teacher "<name>@<step>" -> teacher <name> + teacher_step <step> (stored resolved, so a saved
+    config reloads to the same thing)."""
+    for name, s in cfg.students.items():
+        if "@" in s.teacher:
+            t, step = checkpoint_ref(s.teacher)
+            if s.teacher_step not in (-1, step):
+                raise ConfigError(f"students.{name}: teacher {s.teacher!r} and teacher_step={s.teacher_step} disagree")
+            s.teacher, s.teacher_step = t, step
+
+
 def validate(cfg: RunConfig) -> None:
-    """All checks that can run before any compute."""
+    """All checks that can run before any compute (and `teacher: "<name>@<step>"` resolved, see above)."""
+    _resolve_student_refs(cfg)
     _check_ranges(cfg, "")
     if cfg.rollout.engine not in ("local", "sglang"):
         raise ConfigError(f"rollout.engine must be 'local' or 'sglang', got {cfg.rollout.engine!r}")
@@ -524,7 +557,21 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{where}.mini_batch_size={s.mini_batch_size} {too_big.format(batch_rows)}")
         if (1 in s.strategies or 2 in s.strategies) and s.teacher not in cfg.teachers:
             raise ConfigError(f"{where}.teacher: {s.teacher!r} is not a configured teacher {sorted(cfg.teachers)}")
-        if 2 in s.strategies:
+        if s.teacher_step > 0 and s.teacher in cfg.teachers and not _saved_step(cfg.teachers[s.teacher], s.teacher_step):
+            t = cfg.teachers[s.teacher]
+            raise ConfigError(f"{where}.teacher_step={s.teacher_step} is not a saved step of teacher {s.teacher!r} "
+                              f"(saves every {t.save_every} up to {t.steps})")
+        if s.unlearned:
+            u, ustep = checkpoint_ref(s.unlearned)
+            if 2 not in s.strategies:
+                raise ConfigError(f"{where}.unlearned is set but strategy 2 is not in strategies {s.strategies}")
+            if u not in cfg.teachers:
+                raise ConfigError(f"{where}.unlearned: {u!r} is not a configured teacher {sorted(cfg.teachers)}")
+            if not _saved_step(cfg.teachers[u], ustep):
+                t = cfg.teachers[u]
+                raise ConfigError(f"{where}.unlearned: step {ustep} is not a saved step of teacher {u!r} (saves every "
+                                  f"{t.save_every} up to {t.steps})")
+        elif 2 in s.strategies:
             t = cfg.teachers[s.teacher]
             if s.unlearned_step == -1:
                 if t.steps <= t.save_every:

@@ -125,11 +125,15 @@ def teacher_keep_steps(cfg, name: str) -> set[int] | None:
     """Checkpoint steps of teacher `name` that later stages read, which `checkpoint.keep_last` must keep: the
     unlearned step and an explicit teacher_step of its students, `init: name@step` of other teachers. None (keep
     all) when a strategy-2 student picks its unlearned checkpoint from the dip among every saved one."""
+    from erpd_megatron.config import checkpoint_ref
+
     keep = set()
     for s in cfg.students.values():
+        if s.unlearned and checkpoint_ref(s.unlearned)[0] == name and checkpoint_ref(s.unlearned)[1] > 0:
+            keep.add(checkpoint_ref(s.unlearned)[1])  # a named unlearned checkpoint (-1, the last, is kept anyway)
         if s.teacher != name or not {1, 2} & set(s.strategies):
             continue
-        if 2 in s.strategies:
+        if 2 in s.strategies and not s.unlearned:
             if s.unlearned_step <= 0:
                 return None
             keep.add(s.unlearned_step)
@@ -208,6 +212,18 @@ def dip_step(pos_logprob: dict[int, float]) -> int:
     return min(sorted(pos_logprob), key=lambda s: pos_logprob[s])
 
 
+def unlearned_ref(ctx, student, iteration: int) -> tuple[str, int]:
+    """Strategy 2's pi_U as (method, step): the checkpoint `student.unlearned` names ("<teacher>@<step>", a run of its
+    own; no step = that run's last), or else `unlearned_step` of the student's own teacher run."""
+    if student.unlearned:
+        from erpd_megatron.config import checkpoint_ref
+
+        name, step = checkpoint_ref(student.unlearned)
+        um = method_name(name, iteration)
+        return um, step if step > 0 else final_step(ctx.run.ckpt(um), ctx.cfg.teachers[name].steps)
+    return method_name(student.teacher, iteration), unlearned_step(ctx, student, iteration)
+
+
 def unlearned_step(ctx, student, iteration: int) -> int:
     """pi_U's step: `student.unlearned_step`, or for -1 the dip (`dip_step`) over the teacher's saved checkpoints
     before its own step, measured on the fixed batch's positive samples. The curve and the choice are written to
@@ -262,9 +278,8 @@ def signal_columns(ctx, student, iteration: int) -> dict[str, tuple]:
         step = _teacher_step(ctx, student, iteration)
         cols[_lp_column(tm, step)] = ("teacher", ckpt_at(ctx, tm, step))
     if 2 in student.strategies:
-        tm = method_name(student.teacher, iteration)
-        u = unlearned_step(ctx, student, iteration)
-        cols[_lp_column(tm, u)] = ("unlearned", ckpt_at(ctx, tm, u))
+        um, u = unlearned_ref(ctx, student, iteration)
+        cols[_lp_column(um, u)] = ("unlearned", ckpt_at(ctx, um, u))
     if 3 in student.strategies:
         import hashlib
 
@@ -273,7 +288,8 @@ def signal_columns(ctx, student, iteration: int) -> dict[str, tuple]:
 
 
 def compute_signals(ctx, iteration: int = 0) -> None:
-    """Precompute every needed log-prob column once (stage 2 never loads a teacher)."""
+    """Precompute every needed log-prob column once (stage 2 never loads a teacher), and for strategy 2 the
+    positives' / negatives' log-prob at every checkpoint of both ends' runs (`logprob_curves`)."""
     store = RolloutStore(ctx.run.rollouts)
     for student in ctx.cfg.students.values():
         for col, (_, path) in signal_columns(ctx, student, iteration).items():
@@ -281,6 +297,50 @@ def compute_signals(ctx, iteration: int = 0) -> None:
                 policy = ctx.new_policy(init=path)
                 add_policy_logprobs(ctx, store, iteration, col, policy)
                 ctx.release(policy)
+    from erpd_megatron.config import checkpoint_ref
+
+    runs = {}  # method -> teacher config name, for every run at either end of a strategy-2 ratio
+    for student in ctx.cfg.students.values():
+        if 2 in student.strategies:
+            runs[method_name(student.teacher, iteration)] = student.teacher
+            u = checkpoint_ref(student.unlearned)[0] if student.unlearned else student.teacher
+            runs[method_name(u, iteration)] = u
+    for method, teacher in runs.items():
+        logprob_curve(ctx, method, teacher, iteration)
+
+
+def logprob_curve(ctx, method: str, teacher: str, iteration: int) -> dict:
+    """Paper Fig. 5 / Fig. 9 view of a stage-1 run: the mean token log-prob of the fixed batch's positive and
+    negative samples at each saved checkpoint (step 0 = the base), computed on the whole batch (not a training
+    mini-batch) and written to iter_<i>/logprobs_<method>.json once. The columns stay in the store."""
+    import json
+
+    from erpd_megatron.algorithms.metrics import logprob_by_outcome
+    from erpd_megatron.utils.io import atomic_write_json
+
+    record = ctx.run.root / f"iter_{iteration}" / f"logprobs_{method}.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    t = ctx.cfg.teachers[teacher]
+    top = final_step(ctx.run.ckpt(method), t.steps)
+    steps = sorted({*range(t.save_every, top + 1, t.save_every), top})
+    store = RolloutStore(ctx.run.rollouts)
+    for step in steps:
+        if _lp_column(method, step) not in store.per_token_columns(iteration):
+            policy = ctx.new_policy(init=ckpt_at(ctx, method, step))
+            add_policy_logprobs(ctx, store, iteration, _lp_column(method, step), policy)
+            ctx.release(policy)
+    batch = load_batch(ctx, store, iteration, [_lp_column(method, s) for s in steps])
+    cols = {0: batch["old_logprobs"], **{s: batch[_lp_column(method, s)] for s in steps}}
+    curve = {}
+    for s, lp in cols.items():
+        by = logprob_by_outcome(lp, batch["response_mask"], batch["rewards"])
+        curve[str(s)] = {"pos": by["pos_logprob"], "neg": by["neg_logprob"]}
+    out = {"method": method, "loss": t.loss, "lr": t.lr, "negative_weight": t.negative_weight, "curve": curve}
+    if ctx.is_main:
+        atomic_write_json(record, out)
+    ctx.barrier()
+    return out
 
 
 def build_signals(ctx, student, batch: dict, iteration: int) -> list[torch.Tensor]:
