@@ -241,7 +241,9 @@ class EvalConfig:
 @dataclass
 class IterateConfig:
     promote: str = ""
-    """Student whose final checkpoint becomes the next iteration's base ("" = the first configured student)."""
+    """Student whose final checkpoint becomes the next iteration's base ("" = the first configured student), or a
+    teacher "<name>[@<step>]" (its last / that checkpoint): iterating the teacher itself, without distillation, the
+    control of the paper's Table 2 (a) / (b)."""
     fallback: str = ""
     """Student promoted instead when the teacher of `promote` gained less than `min_teacher_gain` accuracy over the
     base on the eval set (the paper's switch from strategy 1 to strategies 2/3 when no strong teacher emerges)."""
@@ -597,8 +599,16 @@ def validate(cfg: RunConfig) -> None:
                         "(0 = one epoch)", where, epochs, s.steps, student_mini_batch(cfg, s), batch_rows)
     for key in ("promote", "fallback"):
         name = getattr(cfg.iterate, key)
-        if name and name not in cfg.students:
-            raise ConfigError(f"iterate.{key}: {name!r} is not a configured student {sorted(cfg.students)}")
+        if not name or name in cfg.students:
+            continue
+        run, step = checkpoint_ref(name)  # a teacher itself (no distillation: the paper's Table 2 (a) / (b) control)
+        if run not in cfg.teachers:
+            raise ConfigError(f"iterate.{key}: {name!r} is neither a configured student {sorted(cfg.students)} nor a "
+                              f"teacher '<name>[@<step>]' of {sorted(cfg.teachers)}")
+        if not _saved_step(cfg.teachers[run], step):
+            raise ConfigError(f"iterate.{key}: step {step} is not a saved step of teacher {run!r}")
+    if cfg.iterations > 1 and not cfg.iterate.promote and not cfg.students:
+        raise ConfigError("iterations > 1 needs a policy to promote: iterate.promote (a student or a teacher) or a student")
     if cfg.iterate.online_steps and cfg.onpolicy is None:
         raise ConfigError("iterate.online_steps needs an `onpolicy` section (its loss, lr, prompts_per_step)")
     lg = cfg.logging

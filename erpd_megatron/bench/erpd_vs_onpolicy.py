@@ -135,7 +135,47 @@ def _promoted(cfg) -> str:
     return cfg.iterate.promote or next(iter(cfg.students))
 
 
-def analyse_seed(cfg, run_root: Path, stages: list[dict]) -> dict:
+def teacher_chain(cfg, run_root: Path, stages: list[dict], teacher: str) -> dict:
+    """The curve of a teacher promoted ITSELF over the iterations (no distillation; the paper's Table 2 (a) / (b)
+    control), from its own run: iteration i's points count (i + 1) fixed batches; compute seconds = the collects and
+    teacher runs so far (the step-0 point of a later iteration, the promoted teacher itself, is left out)."""
+    from erpd_megatron.pipeline.stages import method_name
+
+    per_batch = cfg.data.prompts_per_batch * cfg.rollout.n_samples
+    steps = cfg.teachers[teacher].steps
+    pts = []
+    for i in range(cfg.iterations):
+        before = sum(_stage_s(stages, "collect", iteration=j) + _stage_s(stages, "train_teachers", teacher, j)
+                     for j in range(i)) + _stage_s(stages, "collect", iteration=i)
+        start = _stage_start(stages, "train_teachers", teacher, i)
+        for p in _eval_points(run_root, method_name(teacher, i)):
+            if i > 0 and p["step"] == 0:
+                continue
+            pts.append({**p, "iteration": i, "step": i * steps + p["step"], "rollouts": per_batch * (i + 1),
+                        "compute_s": before + _since(p, start)})
+    for p in pts:
+        p.pop("clock_s", None)
+    return {"kind": "teacher_only", "points": pts}
+
+
+def teacher_only_config(cfg, run_dir: Path):
+    """The same preset reduced to the teacher of the promoted ERPD student, promoted itself each iteration (no
+    student, no on-policy baseline, no RFT control): same base, same seed, so the same fixed batches as long as the
+    chains agree (batch 0 is identical; later batches are sampled by each chain's own base)."""
+    import copy
+
+    from erpd_megatron.config import validate
+
+    t = copy.deepcopy(cfg)
+    teacher = cfg.students[_promoted(cfg)].teacher
+    t.teachers = {teacher: t.teachers[teacher]}
+    t.students, t.onpolicy, t.run_dir = {}, None, str(run_dir)
+    t.iterate.promote, t.iterate.fallback, t.iterate.online_steps = teacher, "", 0
+    validate(t)
+    return t, teacher
+
+
+def analyse_seed(cfg, run_root: Path, stages: list[dict], extra_curves: dict | None = None) -> dict:
     """Per-seed curves (rollouts, compute seconds) and the Table-4 style numbers.
 
     With `iterations` > 1 a method's curve chains its runs over the batches: iteration i's points count
@@ -191,6 +231,7 @@ def analyse_seed(cfg, run_root: Path, stages: list[dict]) -> dict:
         for p in c["points"]:
             p.pop("clock_s", None)
 
+    curves.update(extra_curves or {})
     op_pts = curves[op_name]["points"]
     target = op_pts[-1]["accuracy"]
 
@@ -235,10 +276,23 @@ def preset_path(preset: str | Path | None) -> Path:
     return p if p.suffix in (".yaml", ".yml") else PRESET.with_name(f"{preset}.yaml")
 
 
-def run_seed(seed: int, work: Path, base_dir: Path, overrides: list[str], log=print, preset: Path = PRESET) -> dict:
+def _run_pipeline(cfg) -> tuple[float, _ComputeClock]:
+    from erpd_megatron.pipeline.run import ALL, _pipeline
+
+    clock = _ComputeClock()
+    undo = _instrument(clock)
+    t = time.perf_counter()
+    try:
+        _pipeline(cfg, ALL)
+    finally:
+        undo()
+    return time.perf_counter() - t, clock
+
+
+def run_seed(seed: int, work: Path, base_dir: Path, overrides: list[str], log=print, preset: Path = PRESET,
+             teacher_only: bool = True) -> dict:
     from erpd_megatron.config import load_config, save_config
     from erpd_megatron.pipeline.context import TOY_BASES
-    from erpd_megatron.pipeline.run import ALL, _pipeline
 
     run_dir = work / f"seed_{seed}"
     if run_dir.exists():
@@ -247,16 +301,21 @@ def run_seed(seed: int, work: Path, base_dir: Path, overrides: list[str], log=pr
     if cfg.model.base in TOY_BASES:
         shutil.copytree(base_dir, run_dir / "hf_base")
     save_config(cfg, run_dir / "config.yaml")
-    clock = _ComputeClock()
-    undo = _instrument(clock)
-    t = time.perf_counter()
-    try:
-        _pipeline(cfg, ALL)
-    finally:
-        undo()
-    wall = time.perf_counter() - t
-    res = analyse_seed(cfg, run_dir, clock.stages)
-    res.update(seed=seed, wall_s=wall, eval_s=clock.eval_s, run_dir=str(run_dir))
+    wall, clock = _run_pipeline(cfg)
+    extra, eval_s = {}, clock.eval_s
+    if teacher_only and cfg.iterations > 1:  # the teacher promoted itself: its own run dir beside
+        tdir = work / f"seed_{seed}_teacher_only"
+        if tdir.exists():
+            shutil.rmtree(tdir)
+        tcfg, teacher = teacher_only_config(cfg, tdir)
+        if tcfg.model.base in TOY_BASES:
+            shutil.copytree(base_dir, tdir / "hf_base")
+        save_config(tcfg, tdir / "config.yaml")
+        twall, tclock = _run_pipeline(tcfg)
+        wall, eval_s = wall + twall, eval_s + tclock.eval_s
+        extra[f"{teacher}_promoted"] = teacher_chain(tcfg, tdir, tclock.stages, teacher)
+    res = analyse_seed(cfg, run_dir, clock.stages, extra)
+    res.update(seed=seed, wall_s=wall, eval_s=eval_s, run_dir=str(run_dir))
     m = res["methods"]
     log(f"[{NAME}] seed {seed}: base {res['base_accuracy']:.3f}; " + "; ".join(
         f"{n} {v['final_accuracy']:.3f} (KL/seq {v['final_kl'] or 0:.4f}, KL/token {v['final_kl_token'] or 0:.5f}, "
@@ -303,11 +362,20 @@ def aggregate(per_seed: list[dict]) -> dict:
         f"{n} - {r}": {"accuracy_diff": spread([s["methods"][n]["final_accuracy"] - s["methods"][r]["final_accuracy"]
                                                 for s in per_seed])}
         for n in paired for r in rfts}
+    # ERPD against iterating its teacher itself (no distillation; paper Table 2 (a) / (b)): accuracy and KL
+    solo = [n for n in methods if per_seed[0]["methods"][n]["kind"] == "teacher_only"]
+    out["paired_erpd_minus_teacher_only"] = {
+        f"{n} - {t}": {
+            "accuracy_diff": spread([s["methods"][n]["final_accuracy"] - s["methods"][t]["final_accuracy"]
+                                     for s in per_seed]),
+            "kl_ratio": spread([s["methods"][n]["final_kl"] / s["methods"][t]["final_kl"]
+                                for s in per_seed if s["methods"][t]["final_kl"]])}
+        for n in paired for t in solo}
     return out
 
 
 def run(out_dir=None, *, seeds=(1, 2, 3), overrides: list[str] = (), work_dir: str | Path | None = None,
-        log=print, preset: str | Path | None = None) -> dict:
+        log=print, preset: str | Path | None = None, teacher_only: bool = True) -> dict:
     import torch
 
     from erpd_megatron.config import load_config
@@ -331,7 +399,8 @@ def run(out_dir=None, *, seeds=(1, 2, 3), overrides: list[str] = (), work_dir: s
 
         warmup.ensure_base_model(base_dir, getattr(warmup, TOY_BASES[cfg0.model.base]), log=lambda m: None)
     warmup_s = time.perf_counter() - t
-    per_seed = [run_seed(s, work, base_dir, list(overrides), log=log, preset=preset) for s in seeds]
+    per_seed = [run_seed(s, work, base_dir, list(overrides), log=log, preset=preset, teacher_only=teacher_only)
+                for s in seeds]
     results = {"seeds": list(seeds), "base_warmup_s": warmup_s, **aggregate(per_seed),
                "per_seed": [{k: v for k, v in s.items() if k != "curves"} for s in per_seed],
                "curves": [{"seed": s["seed"], "method": n, "kind": c["kind"], "points": c["points"]}
@@ -353,9 +422,12 @@ def main(argv=None):
     ap.add_argument("--work", default=None, help=f"run dirs (default {DEFAULT_WORK}[_<preset>])")
     ap.add_argument("--preset", default=None, help="bench (default: the toy task) | bench_long (the long task) | a "
                                                    "YAML path")
+    ap.add_argument("--no-teacher-only", action="store_true",
+                    help="skip the control that promotes the teacher itself (no distillation; Table 2 (a) / (b))")
     ap.add_argument("overrides", nargs="*", help="section.field=value on top of the preset")
     a = ap.parse_args(argv)
-    run(a.out, seeds=a.seeds, overrides=a.overrides, work_dir=a.work, preset=a.preset)
+    run(a.out, seeds=a.seeds, overrides=a.overrides, work_dir=a.work, preset=a.preset,
+        teacher_only=not a.no_teacher_only)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ in eval/<method>/. Iteration i > 0 prefixes methods with "it<i>_".
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
@@ -142,6 +143,9 @@ def teacher_keep_steps(cfg, name: str) -> set[int] | None:
     for t in cfg.teachers.values():
         if t.init != "base" and t.init.split("@")[0] == name:
             keep.add(int(t.init.split("@")[1]))
+    promoted, step = checkpoint_ref(cfg.iterate.promote) if cfg.iterate.promote else ("", -1)
+    if promoted == name and step > 0:  # a promoted teacher checkpoint is the next iteration's base
+        keep.add(step)
     return keep
 
 
@@ -400,23 +404,38 @@ def train_students(ctx, iteration: int = 0, only: str | None = None) -> None:
 
 
 def promote_student(ctx, iteration: int) -> dict:
-    """Choose the next iteration's base: `iterate.promote` (default: the first student), or `iterate.fallback`
-    when that student's teacher gained less than `iterate.min_teacher_gain` over the base; then optionally
-    `iterate.online_steps` on-policy steps from it (online / offline switching). Returns the bookkeeping."""
-    from erpd_megatron.utils.io import atomic_write_json
-
+    """Choose the next iteration's base: `iterate.promote` (default: the first student; a teacher "<name>[@<step>]"
+    promotes the teacher itself, without distillation, the paper's Table 2 (a) / (b) control), or
+    `iterate.fallback` when that student's teacher gained less than `iterate.min_teacher_gain` over the base; then
+    optionally `iterate.online_steps` on-policy steps from it (online / offline switching). Returns the bookkeeping."""
     it = ctx.cfg.iterate
     name = it.promote or next(iter(ctx.cfg.students))
     reason = "configured"
-    if it.fallback and it.min_teacher_gain > 0:
+    if name in ctx.cfg.students and it.fallback and it.min_teacher_gain > 0:
         base = ctx.run.eval_results(method_name("base", iteration))[0]["avg_at_k"]
         teacher = ctx.run.eval_results(method_name(ctx.cfg.students[name].teacher, iteration))
         gain = max(r["avg_at_k"] for r in teacher.values()) - base
         if gain < it.min_teacher_gain:
             name, reason = it.fallback, f"teacher gain {gain:+.3f} < {it.min_teacher_gain}: fallback"
-    method = method_name(name, iteration)
-    path = ckpt_at(ctx, method, final_step(ctx.run.ckpt(method), ctx.cfg.students[name].steps))
-    info = {"student": method, "reason": reason, "checkpoint": str(path)}
+    if name in ctx.cfg.students:
+        method = method_name(name, iteration)
+        path = ckpt_at(ctx, method, final_step(ctx.run.ckpt(method), ctx.cfg.students[name].steps))
+        return _promote(ctx, iteration, {"student": method, "reason": reason, "checkpoint": str(path)})
+    from erpd_megatron.config import checkpoint_ref
+
+    run, step = checkpoint_ref(name)  # the teacher itself (validated: a configured teacher, a saved step)
+    method = method_name(run, iteration)
+    step = step if step > 0 else final_step(ctx.run.ckpt(method), ctx.cfg.teachers[run].steps)
+    return _promote(ctx, iteration, {"teacher": method, "step": step, "reason": reason + " (teacher itself)",
+                                     "checkpoint": str(ckpt_at(ctx, method, step))})
+
+
+def _promote(ctx, iteration: int, info: dict) -> dict:
+    """Record the next base (`info["checkpoint"]`), after the optional online phase from it."""
+    from erpd_megatron.utils.io import atomic_write_json
+
+    it = ctx.cfg.iterate
+    path = Path(info["checkpoint"])
     if it.online_steps:
         online = method_name(f"online_{iteration}", iteration)
         train_onpolicy(ctx, iteration, init=path, steps=it.online_steps, method=online)
