@@ -32,3 +32,17 @@ def test_teacher_only_config_keeps_only_the_promoted_teacher(tmp_path):
     assert (t.seed, t.iterations, t.data, t.rollout, t.eval) == (cfg.seed, cfg.iterations, cfg.data, cfg.rollout,
                                                                  cfg.eval)
     assert t.run_dir == str(tmp_path / "solo") and cfg.students  # the original is untouched
+
+
+def test_rft_lr_grid_adds_one_control_per_lr():
+    """--rft-lrs: one RFT control per lr, the preset's rft teacher otherwise unchanged (each is kind "rft" in the
+    benchmark, so every one is paired against ERPD)."""
+    from erpd_megatron.bench.erpd_vs_onpolicy import PRESET, rft_lr_overrides
+
+    cfg = load_config(str(PRESET))
+    grid = load_config(str(PRESET), rft_lr_overrides(cfg, [3e-5, 1.5e-4]))
+    for name, lr in (("rft_lr3e-5", 3e-5), ("rft_lr1p5e-4", 1.5e-4)):
+        t = grid.teachers[name]
+        assert t.loss == "sft" and t.lr == lr
+        assert (t.steps, t.mini_batch_size, t.save_every) == (cfg.teachers["rft"].steps, cfg.teachers["rft"].mini_batch_size,
+                                                              cfg.teachers["rft"].save_every)

@@ -268,6 +268,21 @@ def analyse_seed(cfg, run_root: Path, stages: list[dict], extra_curves: dict | N
             "curves": curves}
 
 
+def rft_name(lr: float) -> str:
+    """rft_lr3e-4, rft_lr1p5e-4: no dot (a dot would split the override key)."""
+    m, e = f"{lr:e}".split("e")
+    return f"rft_lr{float(m):g}e{int(e)}".replace(".", "p")
+
+
+def rft_lr_overrides(cfg, lrs) -> list[str]:
+    """Overrides adding one RFT control per learning rate (`rft_lr<lr>`: the preset's `rft` teacher at that lr), so
+    a run on the validation split (data.eval=toy_val / long_val) can choose the RFT lr (issue 22, C4)."""
+    r = cfg.teachers["rft"]
+    return [f"teachers.{rft_name(lr)}.{k}={v}" for lr in lrs
+            for k, v in (("loss", "sft"), ("steps", r.steps), ("mini_batch_size", r.mini_batch_size),
+                         ("save_every", r.save_every), ("lr", lr))]
+
+
 def preset_path(preset: str | Path | None) -> Path:
     """A preset name of erpd_megatron/presets ("bench", "bench_long") or a YAML path; None = bench.yaml."""
     if preset is None:
@@ -375,7 +390,7 @@ def aggregate(per_seed: list[dict]) -> dict:
 
 
 def run(out_dir=None, *, seeds=(1, 2, 3), overrides: list[str] = (), work_dir: str | Path | None = None,
-        log=print, preset: str | Path | None = None, teacher_only: bool = True) -> dict:
+        log=print, preset: str | Path | None = None, teacher_only: bool = True, rft_lrs=()) -> dict:
     import torch
 
     from erpd_megatron.config import load_config
@@ -387,6 +402,9 @@ def run(out_dir=None, *, seeds=(1, 2, 3), overrides: list[str] = (), work_dir: s
     work = Path(work_dir) if work_dir is not None else DEFAULT_WORK.with_name(name)
     work.mkdir(parents=True, exist_ok=True)
     cfg0 = load_config(str(preset), list(overrides))
+    if rft_lrs:
+        overrides = [*overrides, *rft_lr_overrides(cfg0, rft_lrs)]
+        cfg0 = load_config(str(preset), overrides)
     rec = Recorder(name, {"preset": str(preset.relative_to(REPO_ROOT)) if preset.is_relative_to(REPO_ROOT)
                           else str(preset), "overrides": list(overrides),
                           "seeds": list(seeds), "work_dir": str(work),
@@ -424,10 +442,12 @@ def main(argv=None):
                                                    "YAML path")
     ap.add_argument("--no-teacher-only", action="store_true",
                     help="skip the control that promotes the teacher itself (no distillation; Table 2 (a) / (b))")
+    ap.add_argument("--rft-lrs", type=float, nargs="*", default=(),
+                    help="add one RFT control per lr (choose the RFT lr on the validation split: data.eval=toy_val)")
     ap.add_argument("overrides", nargs="*", help="section.field=value on top of the preset")
     a = ap.parse_args(argv)
     run(a.out, seeds=a.seeds, overrides=a.overrides, work_dir=a.work, preset=a.preset,
-        teacher_only=not a.no_teacher_only)
+        teacher_only=not a.no_teacher_only, rft_lrs=a.rft_lrs)
 
 
 if __name__ == "__main__":
