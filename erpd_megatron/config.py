@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 TEACHER_LOSSES = ("grpo", "ppo", "sapo", "cispo", "ce", "mse", "sft")
 ONPOLICY_LOSSES = ("grpo", "sapo", "ppo", "cispo")
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 @dataclass
@@ -143,8 +143,11 @@ class TeacherConfig:
     [-1, 1] lets the negatives' gradients dominate early, as the paper describes (Sec. 3.4)."""
     agg: str = "auto"
     """Policy-loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum, or "auto" = the loss's
-    own default (sapo: seq-mean-token-mean; grpo / ppo / cispo: token-mean). CE / MSE reduce per sequence
-    (`ce_reduce`) and ignore it."""
+    own default (sapo: seq-mean-token-mean; grpo / ppo / cispo: token-mean), or seq-mean-token-sum-norm (Dr. GRPO's
+    constant normaliser, verl's name: each response's token sum / `agg_norm_len`, mean over responses). CE / MSE
+    reduce per sequence (`ce_reduce`) and ignore it."""
+    agg_norm_len: int = 0
+    """seq-mean-token-sum-norm's constant divisor C (Dr. GRPO's MAX_TOKENS); 0 = rollout.max_new_tokens."""
     ce_reduce: str = "sum"
     """CE: aggregate the log-ratio over tokens by "sum" (paper eq. 3) or "mean"."""
     eps_low: float = 0.2
@@ -181,13 +184,19 @@ class DistillConfig:
     ensemble: str = "sum"
     """How several strategies combine: "sum" of whitened signals or "sequential" (steps split evenly)."""
     teacher: str = "ce"
-    """Name of the stage-1 teacher run (a key of `teachers`) whose last checkpoint is pi_T."""
+    """Name of the stage-1 teacher run (a key of `teachers`) whose last checkpoint is pi_T; "<name>@<step>" names
+    one of its checkpoints (the same as `teacher_step`; the config is stored resolved: name and teacher_step)."""
     teacher_step: int = -1
     """Teacher checkpoint step (-1 = last)."""
     unlearned_step: int = -1
     """Strategy 2: step of the teacher's early checkpoint used as pi_U; -1 = the bottom of the unlearning dip:
     the saved step before the teacher's own at which the positives' mean token log-prob on the fixed batch is
     lowest (paper Sec. 3.4 / Fig. 5; chosen on the training batch, not the eval set)."""
+    unlearned: str = ""
+    """Strategy 2: pi_U as "<teacher>@<step>" (or "<teacher>" = its last checkpoint): a checkpoint of ANY configured
+    teacher run, typically a short unlearning run from the same base with its own lr / negative_weight / steps (the
+    paper's tuning, Sec. 4.5 / Tab. 9 / Tab. 11: one recovered policy at a fixed lr, plus several ~10-step unlearned
+    runs at other lrs). "" = a checkpoint of `teacher`'s own run, chosen by `unlearned_step`."""
     weak: str = ""
     """Strategy 3: checkpoint directory of the weaker earlier policy."""
     sign_mask: str = "none"
@@ -242,7 +251,9 @@ class EvalConfig:
 @dataclass
 class IterateConfig:
     promote: str = ""
-    """Student whose final checkpoint becomes the next iteration's base ("" = the first configured student)."""
+    """Student whose final checkpoint becomes the next iteration's base ("" = the first configured student), or a
+    teacher "<name>[@<step>]" (its last / that checkpoint): iterating the teacher itself, without distillation, the
+    control of the paper's Table 2 (a) / (b)."""
     fallback: str = ""
     """Student promoted instead when the teacher of `promote` gained less than `min_teacher_gain` accuracy over the
     base on the eval set (the paper's switch from strategy 1 to strategies 2/3 when no strong teacher emerges)."""
@@ -333,7 +344,7 @@ RANGES: dict[type, dict[str, str]] = {
         "steps": _STEPS, "mini_batch_size": _ONE_UP, "lr": _LR, "warmup_steps": _STEPS, "beta": _POS, "beta_ref_len": _NONNEG,
         "eps_low": "[0, 1)", "eps_high": _NONNEG, "tau_pos": _POS, "tau_neg": _POS, "kl_coef": _NONNEG,
         "save_every": _STEPS_ONE_UP, "negative_weight": _NONNEG, "critic_steps": _STEPS, "critic_lr": _LR,
-        "gae_alpha": _POS, "early_stop_patience": _STEPS,
+        "agg_norm_len": _NONNEG, "gae_alpha": _POS, "early_stop_patience": _STEPS,
     },
     DistillConfig: {
         "teacher_step": "[-1, 999999]", "unlearned_step": "[-1, 999999]", "steps": _STEPS, "mini_batch_size": _NONNEG,
@@ -527,9 +538,36 @@ def student_epochs(cfg: RunConfig, s: DistillConfig) -> float:
     return s.steps * student_mini_batch(cfg, s) / (cfg.data.prompts_per_batch * cfg.rollout.n_samples)
 
 
+def checkpoint_ref(ref: str) -> tuple[str, int]:
+    """"<run>@<step>" -> (run, step); "<run>" -> (run, -1), -1 meaning the run's last checkpoint."""
+    name, sep, step = ref.partition("@")
+    if not sep:
+        return name, -1
+    if not step.lstrip("-").isdigit():
+        raise ConfigError(f"{ref!r}: expected '<run>@<step>' with an integer step")
+    return name, int(step)
+
+
+def _saved_step(t: TeacherConfig, step: int) -> bool:
+    """`step` is a checkpoint a teacher run writes (every save_every, and its last step), or -1 = the last."""
+    return step == -1 or (0 < step <= t.steps and (step % t.save_every == 0 or step == t.steps))
+
+
+def _resolve_student_refs(cfg: RunConfig) -> None:
+    """students.*.teacher "<name>@<step>" -> teacher <name> + teacher_step <step> (stored resolved, so a saved
+    config reloads to the same thing)."""
+    for name, s in cfg.students.items():
+        if "@" in s.teacher:
+            t, step = checkpoint_ref(s.teacher)
+            if s.teacher_step not in (-1, step):
+                raise ConfigError(f"students.{name}: teacher {s.teacher!r} and teacher_step={s.teacher_step} disagree")
+            s.teacher, s.teacher_step = t, step
+
+
 def validate(cfg: RunConfig) -> None:
-    """All checks that can run before any compute."""
+    """All checks that can run before any compute (and `teacher: "<name>@<step>"` resolved, see above)."""
     _check_sizes(cfg, "")
+    _resolve_student_refs(cfg)
     _check_ranges(cfg, "")
     if cfg.rollout.engine not in ("local", "sglang"):
         raise ConfigError(f"rollout.engine must be 'local' or 'sglang', got {cfg.rollout.engine!r}")
@@ -575,7 +613,21 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{where}.mini_batch_size={s.mini_batch_size} {too_big.format(batch_rows)}")
         if (1 in s.strategies or 2 in s.strategies) and s.teacher not in cfg.teachers:
             raise ConfigError(f"{where}.teacher: {s.teacher!r} is not a configured teacher {sorted(cfg.teachers)}")
-        if 2 in s.strategies:
+        if s.teacher_step > 0 and s.teacher in cfg.teachers and not _saved_step(cfg.teachers[s.teacher], s.teacher_step):
+            t = cfg.teachers[s.teacher]
+            raise ConfigError(f"{where}.teacher_step={s.teacher_step} is not a saved step of teacher {s.teacher!r} "
+                              f"(saves every {t.save_every} up to {t.steps})")
+        if s.unlearned:
+            u, ustep = checkpoint_ref(s.unlearned)
+            if 2 not in s.strategies:
+                raise ConfigError(f"{where}.unlearned is set but strategy 2 is not in strategies {s.strategies}")
+            if u not in cfg.teachers:
+                raise ConfigError(f"{where}.unlearned: {u!r} is not a configured teacher {sorted(cfg.teachers)}")
+            if not _saved_step(cfg.teachers[u], ustep):
+                t = cfg.teachers[u]
+                raise ConfigError(f"{where}.unlearned: step {ustep} is not a saved step of teacher {u!r} (saves every "
+                                  f"{t.save_every} up to {t.steps})")
+        elif 2 in s.strategies:
             t = cfg.teachers[s.teacher]
             if s.unlearned_step == -1:
                 if t.steps <= t.save_every:
@@ -601,8 +653,16 @@ def validate(cfg: RunConfig) -> None:
                         "(0 = one epoch)", where, epochs, s.steps, student_mini_batch(cfg, s), batch_rows)
     for key in ("promote", "fallback"):
         name = getattr(cfg.iterate, key)
-        if name and name not in cfg.students:
-            raise ConfigError(f"iterate.{key}: {name!r} is not a configured student {sorted(cfg.students)}")
+        if not name or name in cfg.students:
+            continue
+        run, step = checkpoint_ref(name)  # a teacher itself (no distillation: the paper's Table 2 (a) / (b) control)
+        if run not in cfg.teachers:
+            raise ConfigError(f"iterate.{key}: {name!r} is neither a configured student {sorted(cfg.students)} nor a "
+                              f"teacher '<name>[@<step>]' of {sorted(cfg.teachers)}")
+        if not _saved_step(cfg.teachers[run], step):
+            raise ConfigError(f"iterate.{key}: step {step} is not a saved step of teacher {run!r}")
+    if cfg.iterations > 1 and not cfg.iterate.promote and not cfg.students:
+        raise ConfigError("iterations > 1 needs a policy to promote: iterate.promote (a student or a teacher) or a student")
     if cfg.iterate.online_steps and cfg.onpolicy is None:
         raise ConfigError("iterate.online_steps needs an `onpolicy` section (its loss, lr, prompts_per_step)")
     lg = cfg.logging

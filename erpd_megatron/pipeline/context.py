@@ -260,14 +260,23 @@ def _import_in_process(hf: Path, out: Path) -> None:
         raise full from e
 
 
+# model.base names of the locally warmed bases -> their WarmupConfig in toy/warmup.py
+TOY_BASES = {"toy": "DEMO_BASE", "toy_long": "LONG_BASE"}
+# data.train / data.eval names of the synthetic tasks -> their module in erpd_megatron/toy/ (train draws come from
+# the training partition whichever name; "*_val" evaluates on the validation split, the plain name on the test split)
+TOY_DATA = {"toy": "task", "toy_val": "task", "long": "chain", "long_val": "chain"}
+
+
 def resolve_base(cfg: RunConfig, run: RunDir) -> Path:
-    """HF directory of the base policy; "toy" warms up the tiny Qwen3 model (cached in the run dir)."""
-    if cfg.model.base == "toy":
-        from erpd_megatron.toy.warmup import ensure_base_model
+    """HF directory of the base policy; "toy" / "toy_long" warm up the tiny Qwen3 model on the toy / long task
+    (cached in the run dir and in the shared cache)."""
+    if cfg.model.base in TOY_BASES:
+        from erpd_megatron.toy import warmup
         from erpd_megatron.utils.console import header
 
-        header("toy base policy", "supervised warm-up on first use, cached after")
-        return ensure_base_model(run.root / "hf_base", log=logging.getLogger("erpd.warmup").info)  # above the bar
+        header(f"{cfg.model.base} base policy", "supervised warm-up on first use, cached after")
+        return warmup.ensure_base_model(run.root / "hf_base", getattr(warmup, TOY_BASES[cfg.model.base]),
+                                        log=logging.getLogger("erpd.warmup").info)  # above the bar
     p = Path(cfg.model.base)
     if not (p / "config.json").exists():
         raise FileNotFoundError(f"model.base: {p} is not a Hugging Face checkpoint directory (no config.json)")
@@ -290,18 +299,19 @@ def load_prompts(cfg: RunConfig, run: RunDir):
     from erpd_megatron.data.prompts import load_prompts as _load
 
     loaded = {w: _load_field(f"data.{w}", s) for w, s in (("train", cfg.data.train), ("eval", cfg.data.eval))
-              if s not in ("toy", "toy_val")}
+              if s not in TOY_DATA}
     paths = []
     for which, spec, n in (("train", cfg.data.train, cfg.data.prompts_per_batch * max(cfg.iterations, 1) * 4),
                            ("eval", cfg.data.eval, cfg.data.eval_prompts)):
-        if spec in ("toy", "toy_val"):  # toy_val: the toy's validation split (tuning), disjoint from "toy"
-            from erpd_megatron.toy import task
+        if spec in TOY_DATA:  # *_val: the task's validation split (tuning), disjoint from its test split
+            import importlib
 
+            task = importlib.import_module(f"erpd_megatron.toy.{TOY_DATA[spec]}")
             path = run.root / "data" / f"{spec}_{which}.jsonl"
             if not path.exists():
                 draw = task.train_problems if which == "train" else \
-                    task.validation_problems if spec == "toy_val" else task.eval_problems
-                split = "train" if which == "train" else "validation" if spec == "toy_val" else "eval"
+                    task.validation_problems if spec.endswith("_val") else task.eval_problems
+                split = "train" if which == "train" else "validation" if spec.endswith("_val") else "eval"
                 # at most the whole task: check_dataset_sizes then refuses too few, as for a JSONL file
                 task.write_jsonl(draw(min(n, task.pool_size(split)), seed=cfg.seed), path)
             spec = str(path)
@@ -318,7 +328,7 @@ def build_context(cfg: RunConfig) -> Context:
 
     run = RunDir(Path(cfg.run_dir))
     with _undo_if_refused(run.root):  # a refused run leaves nothing behind (the lock removes the empty dir)
-        if cfg.model.base != "toy":  # a wrong path fails before the toy data files are written
+        if cfg.model.base not in TOY_BASES:  # a wrong path fails before the toy data files are written
             resolve_base(cfg, run)
         train, evals = load_prompts(cfg, run)  # bad data fails here, before the warm-up or any training
         check_dataset_sizes(cfg, train, evals)

@@ -79,8 +79,48 @@ def methods_from_run(run: RunDir, cfg) -> dict[str, dict]:
     return out
 
 
-def build_summary(run: RunDir, methods: dict[str, dict]) -> dict:
-    """methods: name -> {"kind", "rollouts", "rollouts_per_step", "wall_s"} (see `methods_from_run`)."""
+def strategy2_summary(run: RunDir, cfg) -> dict | None:
+    """Strategy-2 students (both ends of their ratio, the unlearned run's lr and negative weight, their last
+    accuracy), the sweep's choice, and the positives' / negatives' mean log-prob per checkpoint of every run at
+    either end (iter_<i>/logprobs_<run>.json, written by stages.logprob_curve; paper Fig. 9). The choice is the
+    student with the best last-step accuracy on this run's eval split: a selection only when that split is a
+    validation split (data.eval ends in "_val"), and the report says which split it was."""
+    from erpd_megatron.config import checkpoint_ref
+    from erpd_megatron.pipeline.stages import method_name
+
+    students = {}
+    for it in range(cfg.iterations):
+        for name, s in cfg.students.items():
+            if 2 not in s.strategies:
+                continue
+            m = method_name(name, it)
+            res = run.eval_results(m)
+            rec_path = run.root / f"iter_{it}" / f"unlearned_{method_name(s.teacher, it)}.json"
+            if s.unlearned:
+                u, ustep = checkpoint_ref(s.unlearned)
+                ut = cfg.teachers[u]
+                ustep = ustep if ustep > 0 else ut.steps
+            else:
+                u, ut = s.teacher, cfg.teachers[s.teacher]
+                ustep = s.unlearned_step if s.unlearned_step > 0 else \
+                    (json.loads(rec_path.read_text())["step"] if rec_path.exists() else None)
+            students[m] = {"teacher": f"{s.teacher}@{s.teacher_step if s.teacher_step > 0 else cfg.teachers[s.teacher].steps}",
+                           "unlearned": f"{u}@{ustep}", "unlearned_lr": ut.lr,
+                           "unlearned_negative_weight": ut.negative_weight,
+                           "accuracy": res[max(res)]["avg_at_k"] if res else None}
+    if not students:
+        return None
+    curves = {p.name[len("logprobs_"):-len(".json")]: json.loads(p.read_text())
+              for p in sorted(run.root.glob("iter_*/logprobs_*.json"))}
+    scored = {k: v["accuracy"] for k, v in students.items() if v["accuracy"] is not None}
+    return {"eval_split": cfg.data.eval, "is_validation": cfg.data.eval.endswith("_val"),
+            "chosen": max(scored, key=scored.get) if scored else None, "students": students,
+            "logprob_curves": curves}
+
+
+def build_summary(run: RunDir, methods: dict[str, dict], cfg=None) -> dict:
+    """methods: name -> {"kind", "rollouts", "rollouts_per_step", "wall_s"} (see `methods_from_run`); with `cfg`,
+    also the strategy-2 section (`strategy2_summary`)."""
     base_eval = run.eval_results("base").get(0, {})
     summary = {"base": {"accuracy": base_eval.get("avg_at_k"), "pass_at_k": base_eval.get("pass_at_k"), "kl": 0.0,
                         "kl_token": 0.0, "mean_length": base_eval.get("mean_length")},
@@ -113,6 +153,8 @@ def build_summary(run: RunDir, methods: dict[str, dict]) -> dict:
             "best": {"step": best["step"], "accuracy": best["accuracy"], "kl": best["kl"], "kl_token": best["kl_token"]},
             "curve": curve,
         }
+    if cfg is not None and (s2 := strategy2_summary(run, cfg)) is not None:
+        summary["strategy2"] = s2
     return summary
 
 
@@ -155,6 +197,8 @@ def write_report(run: RunDir, summary: dict, title: str = "ERPD run", kl: str = 
     if _has_negative_kl(summary):
         lines += ["", "Some KL values are negative: the k1 estimator is unbiased but not >= 0, so a policy close to "
                       "the base can show a small negative estimate (sampling noise around 0, not a real KL < 0)."]
+    if summary.get("strategy2"):
+        lines += strategy2_lines(summary["strategy2"])
     if summary.get("stage_times"):
         from erpd_megatron.utils.timing import format_line
 
@@ -162,6 +206,25 @@ def write_report(run: RunDir, summary: dict, title: str = "ERPD run", kl: str = 
     path = run.root / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def strategy2_lines(s2: dict) -> list[str]:
+    split = f"`{s2['eval_split']}`" + ("" if s2["is_validation"] else
+                                       " (NOT a validation split: this is a report, not a selection)")
+    lines = ["", "## Strategy 2: pi_T / pi_U", "",
+             f"Signal log pi_T - log pi_U per student; accuracy = AVG@K at the last step on {split}.", "",
+             "| student | pi_T | pi_U | pi_U's lr | pi_U's negative weight | AVG@K (last) |", "|---|---|---|---|---|---|"]
+    for name, st in s2["students"].items():
+        mark = " (chosen)" if name == s2["chosen"] else ""
+        lines.append(f"| {name}{mark} | {st['teacher']} | {st['unlearned']} | {st['unlearned_lr']:g} | "
+                     f"{st['unlearned_negative_weight']:g} | {_pct(st['accuracy'])} |")
+    if s2["logprob_curves"]:
+        lines += ["", "Mean token log-prob of the fixed batch's positive / negative samples per checkpoint (paper "
+                      "Fig. 9; step 0 = the base):", ""]
+        for run, c in s2["logprob_curves"].items():
+            pts = ", ".join(f"{k}: {_f(v['pos'])} / {_f(v['neg'])}" for k, v in c["curve"].items())
+            lines.append(f"- **{run}** ({c['loss']}, lr {c['lr']:g}, negative weight {c['negative_weight']:g}): {pts}")
+    return lines
 
 
 def _has_negative_kl(summary: dict) -> bool:
@@ -281,7 +344,7 @@ def write_run_report(run_dir: str | Path, kl: str | None = None) -> tuple[Path, 
     run_dir = Path(run_dir)
     cfg = _load_run_config(run_dir)
     run = RunDir(run_dir)
-    summary = build_summary(run, methods_from_run(run, cfg))
+    summary = build_summary(run, methods_from_run(run, cfg), cfg)
     path = write_report(run, summary, title=f"ERPD run `{cfg.run_dir}`", kl=kl or cfg.logging.report_kl)
     return path, summary
 
