@@ -140,9 +140,9 @@ def run_stdio(test_input, lim, timeout, cap):
                 continue
             buf = open_fds[fd]
             buf += chunk
-            if fd == proc.stdout.fileno() and len(buf) > cap:
+            if buf is out and len(buf) > cap:
                 status = "output_limit"
-            elif len(buf) > 65536:
+            elif buf is err and len(buf) > 65536:
                 del buf[:-4096]  # keep the stderr tail only
         if status:
             break
@@ -204,6 +204,12 @@ class Runner:
             raise BadValue(f"the returned value is not plain data (repr: {text[:100]})") from None
 
     def stderr_tail(self):
+        """After EOF on its reply pipe: let the process finish exiting (killing it now would turn a plain exit into
+        SIGKILL), then kill whatever is left and read its stderr."""
+        try:
+            self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            pass
         try:
             self.proc.kill()
             self.proc.wait(timeout=5)
@@ -241,9 +247,8 @@ def _runner_failure(runner, e):
     err = runner.stderr_tail()
     if b"MemoryError" in err:
         return "memory"
-    rc = runner.proc.returncode
-    if rc in (-signal.SIGXCPU, -signal.SIGKILL):
-        return "timeout"
+    if runner.proc.returncode == -signal.SIGXCPU:
+        return "timeout"  # RLIMIT_CPU
     return "exited"  # sys.exit / os._exit / a crash of the program's process before it answered
 
 
