@@ -38,6 +38,9 @@ from erpd_megatron.rewards.sandbox import Sandbox, SandboxLimits
 log = logging.getLogger(__name__)
 
 SCORES = ("binary", "fraction")
+# `erpd eval`'s default instruction for code records (math records keep the \boxed{} one)
+CODE_INSTRUCTION = ("Write a complete Python 3 solution. Put the whole program in one ```python code block at the "
+                    "end of your answer.")
 LANGUAGE_TAGS = {"python": ("python", "py", "python3")}  # tag aliases per language (the sandbox runs Python)
 MAX_RESPONSE_CHARS = 200_000
 _FENCE_RE = re.compile(r"^[ \t]*```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)^[ \t]*```[ \t]*$", re.M | re.S)
