@@ -120,6 +120,32 @@ class RolloutConfig:
 
 
 @dataclass
+class RewardConfig:
+    """Which reward scores a record (rewards/router.py) and the code reward's settings (rewards/code.py)."""
+
+    default: str = "math"
+    """Reward of a record that neither its data_source nor its test cases route: math | code | custom."""
+    routes: dict[str, str] = field(default_factory=dict)
+    """data_source -> math | code | custom, before the built-in verl names (rewards/router.DATA_SOURCE_ROUTES)."""
+    code_score: str = "binary"
+    """binary (1 when every test passes, pass@1) | fraction (tests passed / tests)."""
+    code_language: str = "python"
+    """Fence tag of the program taken from a response (the last such block; else the last untagged one)."""
+    code_workers: int = 2
+    """Sandboxes running at once."""
+    code_timeout_per_test_s: float = 6.0
+    """Wall limit of one test (the CPU-seconds rlimit is this + 1)."""
+    code_timeout_per_sample_s: float = 60.0
+    """Wall limit of all tests of one response; past it the whole sandbox is killed."""
+    code_memory_mb: int = 1024
+    """Address-space rlimit of each test process (MiB)."""
+    sandbox: str = "bwrap"
+    """bwrap (bubblewrap; refuses to run where it cannot start) | none (UNSANDBOXED, warned on every batch)."""
+    sandbox_python: str = "/usr/bin/python3"
+    """Interpreter that runs the programs inside the sandbox (Debian's python3; standard library only)."""
+
+
+@dataclass
 class TeacherConfig:
     loss: str = "ce"
     """Stage-1 loss: grpo | ppo | sapo | cispo | ce | mse | sft (SFT on positives, the Tab. 9 recovery)."""
@@ -309,6 +335,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     teachers: dict[str, TeacherConfig] = field(default_factory=lambda: {"ce": TeacherConfig()})
     """Named stage-1 runs over the same fixed batch (e.g. {"ce": ..., "mse": ...})."""
     students: dict[str, DistillConfig] = field(default_factory=lambda: {"s1_ce": DistillConfig()})
@@ -340,6 +367,8 @@ RANGES: dict[type, dict[str, str]] = {
                     "sglang_port": "[1, 65535]", "sglang_mem_fraction_static": "[0, 1)",
                     "sglang_dist_master_port": "[0, 65535]", "verify_weights_seqs": _ONE_UP,
                     "verify_weights_tol": _NONNEG},
+    RewardConfig: {"code_workers": _ONE_UP, "code_timeout_per_test_s": _POS, "code_timeout_per_sample_s": _POS,
+                   "code_memory_mb": "[64, inf)"},
     TeacherConfig: {
         "steps": _STEPS, "mini_batch_size": _ONE_UP, "lr": _LR, "warmup_steps": _STEPS, "beta": _POS, "beta_ref_len": _NONNEG,
         "eps_low": "[0, 1)", "eps_high": _NONNEG, "tau_pos": _POS, "tau_neg": _POS, "kl_coef": _NONNEG,
@@ -579,6 +608,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"rollout.sglang_offload_tags: unknown tag(s) {bad_tags}; allowed weights, kv_cache, cuda_graph")
     if cfg.rollout.reward_mode not in ("strict", "loose"):
         raise ConfigError(f"rollout.reward_mode must be 'strict' or 'loose', got {cfg.rollout.reward_mode!r}")
+    rw = cfg.reward
+    for where, value, allowed in (("reward.code_score", rw.code_score, ("binary", "fraction")),
+                                  ("reward.sandbox", rw.sandbox, ("bwrap", "none")),
+                                  ("reward.default", rw.default, ("math", "code", "custom")),
+                                  *((f"reward.routes.{k}", v, ("math", "code", "custom")) for k, v in rw.routes.items())):
+        if value not in allowed:
+            raise ConfigError(f"{where} must be one of {list(allowed)}, got {value!r}")
     # one fixed batch holds prompts_per_batch * n_samples sequences; a larger mini-batch would silently be clamped
     batch_rows = cfg.data.prompts_per_batch * cfg.rollout.n_samples
     too_big = "exceeds the fixed batch (data.prompts_per_batch * rollout.n_samples = {})"

@@ -41,9 +41,30 @@ class Prompt:
     meta: dict = field(default_factory=dict, compare=False)
 
 
+def _code_record(rec: dict, where: str) -> tuple[dict, bool]:
+    """A record carrying test cases (rewards/code_tests.py) is a code record: its prompt may sit in its format's
+    field (LiveCodeBench question_content, APPS question, HumanEval prompt, MBPP text), it needs no answer, and its
+    tests must parse. Other records are returned as they are."""
+    from erpd_megatron.rewards.code_tests import CODE_PROMPT_KEYS, CodeTestError, has_tests, parse_tests
+
+    if not has_tests(rec):
+        return rec, False
+    try:
+        parse_tests(rec)
+    except CodeTestError as e:
+        raise PromptDataError(f"{where}: {e}") from None
+    if rec.get("problem") is None:
+        key = next((k for k in CODE_PROMPT_KEYS if isinstance(rec.get(k), str) and rec[k].strip()), None)
+        if key is None:
+            raise PromptDataError(f"{where}: code record without a prompt (one of 'problem', {CODE_PROMPT_KEYS})")
+        rec = {**rec, "problem": rec[key]}
+    return {**rec, "answer": "" if rec.get("answer") is None else rec["answer"]}, True
+
+
 def _check_record(rec: Any, where: str, auto_id: str) -> Prompt:
     if not isinstance(rec, dict):
         raise PromptDataError(f"{where}: expected an object with 'problem' and 'answer', got {type(rec).__name__}")
+    rec, is_code = _code_record(rec, where)
     for key in ("problem", "answer"):
         if key not in rec or rec[key] is None:
             raise PromptDataError(f"{where}: missing field {key!r}")
@@ -59,7 +80,7 @@ def _check_record(rec: Any, where: str, auto_id: str) -> Prompt:
     answer = str(answer)
     if not problem.strip():
         raise PromptDataError(f"{where}: field 'problem' is empty")
-    if not answer.strip():
+    if not answer.strip() and not is_code:
         raise PromptDataError(f"{where}: field 'answer' is empty")
     pid = rec.get("id")
     if pid is None:
@@ -99,7 +120,10 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, str, Any]]:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
         raise PromptDataError(f"{path}: not a readable Parquet file: {e}") from None
-    for key in ("problem", "answer"):
+    from erpd_megatron.rewards.code_tests import CODE_TEST_KEYS
+
+    code_columns = set(CODE_TEST_KEYS) | {"reward_model"}  # code data: each row is checked as a code record
+    for key in ("problem", "answer") if not code_columns & set(table.column_names) else ():
         if key not in table.column_names:
             raise PromptDataError(f"{path}: missing column {key!r} (columns: {table.column_names})")
     for i, rec in enumerate(table.to_pylist(), start=1):

@@ -97,10 +97,12 @@ class Context:
 
     @property
     def reward(self):
+        """RewardRouter: each record's reward (math-verify, sandboxed code, custom) by its data_source / tests;
+        `score_batch(texts, prompts)`."""
         if self._reward is None:
-            from erpd_megatron.rewards.math import MathReward
+            from erpd_megatron.rewards.router import make_router
 
-            self._reward = MathReward(num_workers=2, timeout_s=5.0, mode=self.cfg.rollout.reward_mode)
+            self._reward = make_router(self.cfg)
         return self._reward
 
     def close(self) -> None:

@@ -2,7 +2,9 @@
 
 Benchmark file: JSONL (or Parquet), one problem per line, ``{"problem": str, "answer": str | number}``
 and optionally ``"id"``; other fields are ignored (see ``erpd_megatron/data/prompts.py``). AIME /
-HMMT / BeyondAIME exports you have can be pointed at directly; nothing is downloaded.
+HMMT / BeyondAIME exports you have can be pointed at directly; nothing is downloaded. Code benchmarks
+(LiveCodeBench, APPS / TACO, HumanEval, MBPP records with their test cases) are scored by running each
+sample's program against the tests in the bubblewrap sandbox (``rewards/code.py``); one file may mix both.
 
 Per problem, K samples (seeded) are scored by math-verify (``MathReward``). Optional fallback: an
 LLM judge (OpenAI-compatible ``/v1/chat/completions``, e.g. an SGLang server) is asked only about
@@ -24,6 +26,7 @@ import os
 import re
 import sys
 import urllib.request
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -108,36 +111,48 @@ def evaluate(engine, tokenizer, problems: Sequence, sampling: SamplingParams, k:
              judge=None, instruction: str | None = "default") -> dict:
     """Evaluate ``engine`` on ``problems`` (``data.prompts.Prompt`` objects or dicts with problem/answer).
 
-    ``sampling.n`` is replaced by ``k``. ``reward``: object with ``score_batch(texts, golds)``
-    (``MathReward``). ``judge``: callable (problem, answer, response) -> bool | None, or None.
-    ``instruction``: prompt suffix; "default" = data.prompts.DEFAULT_INSTRUCTION, None = none.
+    ``sampling.n`` is replaced by ``k``. ``reward``: a ``RewardRouter`` (each record scored by the reward it
+    routes to: math-verify or sandboxed code), or any object with ``score_batch(texts, golds)`` (``MathReward``).
+    ``judge``: callable (problem, answer, response) -> bool | None, or None; asked about math samples only.
+    ``instruction``: prompt suffix; "default" = data.prompts.DEFAULT_INSTRUCTION (math) and
+    rewards.code.CODE_INSTRUCTION (code records), None = none.
     Returns {"total": {...}, "per_problem": [...]} (JSON-serialisable)."""
     from erpd_megatron.data.prompts import DEFAULT_INSTRUCTION, Prompt, encode_prompts
+    from erpd_megatron.rewards.code import CODE_INSTRUCTION
 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     items = [p if isinstance(p, Prompt) else Prompt(id=str(p.get("id", i)), problem=str(p["problem"]),
                                                     answer=str(p["answer"]))
              for i, p in enumerate(problems)]
-    instr = DEFAULT_INSTRUCTION if instruction == "default" else instruction
-    prompt_ids = encode_prompts(tokenizer, items, instruction=instr)
+    routed = hasattr(reward, "route")  # a RewardRouter scores by record; a MathReward by gold answer
+    kinds = [reward.route(p) if routed else "math" for p in items]
+    if instruction == "default":
+        prompt_ids = [encode_prompts(tokenizer, [p], instruction=CODE_INSTRUCTION if kind == "code"
+                                     else DEFAULT_INSTRUCTION)[0] for p, kind in zip(items, kinds)]
+    else:
+        prompt_ids = encode_prompts(tokenizer, items, instruction=instruction)
     samples = engine.generate(prompt_ids, replace(sampling, n=k))
     texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-    mv = [float(r) for r in reward.score_batch(texts, [items[s.prompt_index].answer for s in samples])]
+    targets = [items[s.prompt_index] if routed else items[s.prompt_index].answer for s in samples]
+    mv = [float(r) for r in reward.score_batch(texts, targets)]
+    reasons = list(reward.last_reasons) if routed else ["passed" if m > 0 else "wrong_answer" for m in mv]
     verdicts: list[bool | None] = [None] * len(samples)
     if judge is not None:
         for j, s in enumerate(samples):
-            if mv[j] == 0.0:
+            if mv[j] == 0.0 and kinds[s.prompt_index] == "math":
                 p = items[s.prompt_index]
                 verdicts[j] = judge(p.problem, p.answer, texts[j])
-    correct = [1.0 if (m > 0 or v is True) else 0.0 for m, v in zip(mv, verdicts)]
+    # a sample counts as correct when its reward is 1 (code with score=fraction: every test passed)
+    correct = [1.0 if (m >= 1.0 or v is True) else 0.0 for m, v in zip(mv, verdicts)]
 
     per: list[dict] = []
     for i, p in enumerate(items):
         idx = [j for j, s in enumerate(samples) if s.prompt_index == i]
         c = int(sum(correct[j] for j in idx))
         per.append({
-            "id": p.id, "answer": p.answer, "k": len(idx), "correct": c,
+            "id": p.id, "answer": p.answer, "kind": kinds[i], "k": len(idx), "correct": c,
+            "reasons": [reasons[j] for j in idx],
             "avg": c / len(idx), "pass_at_k": pass_at_k(len(idx), c, len(idx)),
             "math_verify": [mv[j] for j in idx],
             "judge": [verdicts[j] for j in idx] if judge is not None else None,
@@ -157,8 +172,11 @@ def evaluate(engine, tokenizer, problems: Sequence, sampling: SamplingParams, k:
         "truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples) if samples else 0.0,
         "avg_at_k_math_verify": sum(mv) / len(mv) if mv else 0.0,
         # calls: samples the judge was asked about; failures: calls without a verdict (error or other reply)
-        "judge_calls": sum(m == 0.0 for m in mv) if judge is not None else 0,
-        "judge_failures": sum(m == 0.0 and v is None for m, v in zip(mv, verdicts)) if judge is not None else 0,
+        "reasons": dict(sorted(Counter(reasons).items())),  # every sample's reward reason, counted
+        "judge_calls": sum(m == 0.0 and kinds[s.prompt_index] == "math"
+                           for m, s in zip(mv, samples)) if judge is not None else 0,
+        "judge_failures": sum(m == 0.0 and v is None and kinds[s.prompt_index] == "math"
+                              for m, v, s in zip(mv, verdicts, samples)) if judge is not None else 0,
         "judge_last_error": getattr(judge, "last_error", "") if judge is not None else "",
         "judge_flips": sum(1 for m, v in zip(mv, verdicts) if m == 0 and v is True),
         "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
@@ -185,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
                     'instruction, "" for none)')
     ap.add_argument("--reward-mode", default="strict", choices=("strict", "loose"),
                     help="math-verify: last \\boxed{} only (strict) or any final answer (loose)")
+    ap.add_argument("--code-score", default="binary", choices=("binary", "fraction"),
+                    help="code records: reward 1 only when every test passes, or the fraction passed")
+    ap.add_argument("--sandbox", default="bwrap", choices=("bwrap", "none"),
+                    help="code records: bubblewrap sandbox, or none (UNSANDBOXED, warned on every batch)")
+    ap.add_argument("--code-timeout", type=float, default=6.0, help="code records: wall limit per test (s)")
     ap.add_argument("--judge-url", help="OpenAI-compatible endpoint for the LLM-judge fallback (off by default)")
     ap.add_argument("--judge-model", default="default", help="model name sent to the judge")
     ap.add_argument("--batch-size", type=int, default=256, help="LocalEngine rows per forward, >= 1")
@@ -233,12 +256,20 @@ def _run(args) -> int:
     from transformers import AutoTokenizer
 
     from erpd_megatron.data.prompts import load_prompts
+    from erpd_megatron.rewards.code import CodeReward
     from erpd_megatron.rewards.math import MathReward
+    from erpd_megatron.rewards.router import RewardRouter
     from erpd_megatron.rollout.engine import SamplingParams
 
     problems = load_prompts(args.benchmark)
     if args.limit:
         problems = problems[: args.limit]
+    router = RewardRouter(
+        math_factory=lambda: MathReward(num_workers=2, mode=args.reward_mode),
+        code_factory=lambda: CodeReward(num_workers=2, score=args.code_score, timeout_per_test_s=args.code_timeout,
+                                        sandbox=args.sandbox))
+    if any(router.route(p) == "code" for p in problems):
+        router.backend("code")  # a missing sandbox fails here, before the model is loaded
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     if args.sglang_url:
         from erpd_megatron.rollout.sglang_engine import SGLangEngine, SGLangError
@@ -254,7 +285,7 @@ def _run(args) -> int:
     sampling = SamplingParams(n=args.k, temperature=args.temperature, top_p=args.top_p,
                               max_new_tokens=args.max_new_tokens, seed=args.seed)
     judge = LLMJudge(args.judge_url, model=args.judge_model) if args.judge_url else None
-    with MathReward(num_workers=2, mode=args.reward_mode) as reward:
+    with router as reward:
         result = evaluate(engine, tokenizer, problems, sampling, args.k, reward, judge=judge,
                           instruction=args.instruction or None)
     result["total"].update(benchmark=os.path.abspath(args.benchmark), model=args.model or args.sglang_url)

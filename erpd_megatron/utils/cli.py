@@ -36,6 +36,7 @@ USER_ERRORS = (
     ("erpd_megatron.rollout.sglang_http", "SGLangError"),     # unreachable server
     ("erpd_megatron.rollout.weight_check", "WeightSyncMismatch"),  # weights that did not arrive intact
     ("checkpoints_conv.config", "ConversionError"),
+    ("erpd_megatron.rewards.sandbox", "SandboxUnavailable"),  # the code sandbox cannot start here (says why)
 )
 # OSErrors of the machine or the paths given: a full disk or quota, permissions, a missing file
 USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT,
