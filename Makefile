@@ -5,8 +5,14 @@ PY := $(VENV)/bin/python
 # First Python >= 3.12 found: python3.12 on PATH, else pyenv's 3.12.x.
 PYTHON312 := $(shell bash scripts/find_python312.sh)
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup sglang-env test lint demo bench clean
 setup: $(VENV)/.installed
+
+# sglang 0.5.23 on CPU in its own environment, for the real-server tests (pins: scripts/sglang_cpu/requirements.txt;
+# cached by a stamp keyed on them, so this is a no-op once built). Location: $(SGLANG_VENV), read by the tests.
+SGLANG_VENV := .venv-sglang
+sglang-env:
+	@bash scripts/sglang_cpu/build_env.sh $(SGLANG_VENV)
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON312)" || { echo "error: need Python >= 3.12 (python3.12 on PATH or pyenv 3.12.x); megatron-core 0.19 requires it" >&2; exit 1; }
@@ -15,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,launch]'
 	@touch $@
 
-test: setup
+test: setup sglang-env
 	$(PY) -m pytest
 
 lint: setup
@@ -28,4 +34,4 @@ bench: setup
 	$(PY) -m erpd_megatron.bench.run_all
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(SGLANG_VENV) runs build *.egg-info
