@@ -237,13 +237,13 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
             self.launch.log_dir = str(log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         s.log_path = str(log_dir / f"sglang_server{s.index}.log")
-        s.proc = start_server(s.argv, s.log_path, self.launch.env, f"start (epoch {s.epoch})",
+        s.proc = start_server(s.argv, s.log_path, self.launch.child_env(), f"start (epoch {s.epoch})",
                               secret=self.launch.api_key)
         s.alive = True
 
     def _stop(self, s: _Server, grace: float = 15.0) -> None:
         proc, s.proc = s.proc, None
-        stop_server(proc, grace)
+        stop_server(proc, grace, log_path=s.log_path)
 
     def _wait_healthy(self, s: _Server, timeout: float) -> None:
         def once():

@@ -3,6 +3,17 @@
 The server runs from its own Python environment (``LaunchSpec.python``): sglang pins exact torch /
 transformers versions that cannot be installed beside this project's (see docs/rollout.md for the
 pinned sglang version). Flags are sglang 0.5.23's ``ServerArgs`` spelling.
+
+On a host without CUDA (``device="cpu"``, the default there) the server runs sglang's CPU path:
+``SGLANG_USE_CPU_ENGINE=1`` and ``--device cpu --attention-backend torch_native --disable-cuda-graph`` with a
+small KV pool (``--max-total-tokens``); ``--enable-memory-saver`` is dropped there (it needs libcuda), so
+release / resume are API calls that free nothing, and so is ``--enable-deterministic-inference`` (0.5.23
+refuses it with torch_native attention), so ``sampling_seed`` is accepted but has no effect on CPU. ``make sglang-env`` builds such an environment.
+
+The child's environment is the trainer's minus what belongs to the trainer's own process world
+(``TRAINER_ONLY_VARS``: torchrun's rank / rendezvous variables, ``CUDA_DEVICE_MAX_CONNECTIONS``): a server
+that inherits ``RANK`` / ``MASTER_PORT`` can join (and hang) the trainer's rendezvous, and
+``CUDA_DEVICE_MAX_CONNECTIONS=1`` (Megatron's overlap setting) serializes the server's kernel launches.
 """
 
 from __future__ import annotations
@@ -14,6 +25,14 @@ import sys
 from dataclasses import dataclass
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+#: Trainer-process settings a server must not inherit (torchrun's world, Megatron's CUDA stream setting).
+TRAINER_ONLY_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                     "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
+                     "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID",
+                     "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+                     "CUDA_DEVICE_MAX_CONNECTIONS")
+CPU_FLAGS = ("--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph")
 
 
 def is_loopback(host: str) -> bool:
@@ -52,7 +71,14 @@ class LaunchSpec:
     env: dict[str, str] | None = None
     log_dir: str | None = None
     """Where ``sglang_server{k}.log`` goes (the run directory's ``logs/``). Required to launch."""
-    startup_timeout: float = 900.0
+    startup_timeout: float = 1800.0
+    """Seconds to wait for a started server's ``/health`` (load + CUDA-graph capture of a large model)."""
+    device: str | None = None
+    """"cuda" | "cpu"; None = "cpu" when this process sees no CUDA device, else "cuda"."""
+    cpu_max_total_tokens: int = 16384
+    """``--max-total-tokens`` on CPU (KV-cache slots; sglang would otherwise size the pool from host memory)."""
+    cpu_mem_fraction_static: float = 0.3
+    """``--mem-fraction-static`` on CPU when ``mem_fraction_static`` is not given."""
 
     def __post_init__(self):
         if not is_loopback(self.host) and not self.api_key:
@@ -60,6 +86,12 @@ class LaunchSpec:
                              "(rollout.sglang_api_key or ERPD_SGLANG_API_KEY), or bind 127.0.0.1")
         if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
+        if self.device is None:
+            import torch
+
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
 
     def port(self, index: int) -> int:
         return self.base_port + index
@@ -75,15 +107,27 @@ class LaunchSpec:
         argv = [self.python or sys.executable, "-m", "sglang.launch_server", "--model-path", self.model_path,
                 "--tp-size", str(self.tp), "--host", self.host, "--port", str(fill["port"]),
                 "--base-gpu-id", str(self.base_gpu_id + index * (self.gpus_per_server or self.tp))]
-        if self.mem_fraction_static is not None:
-            argv += ["--mem-fraction-static", str(self.mem_fraction_static)]
-        if self.enable_memory_saver:
+        mem = self.mem_fraction_static
+        if self.device == "cpu":
+            argv += [*CPU_FLAGS, "--max-total-tokens", str(self.cpu_max_total_tokens)]
+            mem = mem if mem is not None else self.cpu_mem_fraction_static
+        if mem is not None:
+            argv += ["--mem-fraction-static", str(mem)]
+        if self.enable_memory_saver and self.device != "cpu":  # torch_memory_saver needs libcuda
             argv.append("--enable-memory-saver")
-        if self.deterministic_inference:
+        if self.deterministic_inference and self.device != "cpu":  # refused with torch_native attention
             argv.append("--enable-deterministic-inference")
         if self.api_key:
             argv += ["--api-key", self.api_key]
         return argv + list(self.extra_args)
+
+    def child_env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """The server's environment: ``base`` (default ``os.environ``) without ``TRAINER_ONLY_VARS``, plus
+        ``SGLANG_USE_CPU_ENGINE=1`` on CPU, plus ``env``."""
+        out = {k: v for k, v in (os.environ if base is None else base).items() if k not in TRAINER_ONLY_VARS}
+        if self.device == "cpu":
+            out["SGLANG_USE_CPU_ENGINE"] = "1"
+        return {**out, **(self.env or {})}
 
 
 def redact(argv: list[str], secret: str | None) -> str:
@@ -91,21 +135,68 @@ def redact(argv: list[str], secret: str | None) -> str:
     return " ".join("***" if secret and a == secret else a for a in argv)
 
 
-def start_server(argv: list[str], log_path: str, env: dict[str, str] | None, banner: str,
+def start_server(argv: list[str], log_path: str, env: dict[str, str], banner: str,
                  secret: str | None = None) -> subprocess.Popen:
-    """Start one server in its own session (= process group), output appended to ``log_path``."""
+    """Start one server in its own session (= process group) with exactly ``env``, output appended to
+    ``log_path``. A ``<log_path>.pid`` file names the group, so that the next start from the same run
+    directory stops a server that a killed trainer left behind (``stop_leftover``)."""
+    stop_leftover(log_path)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o644)
     with os.fdopen(fd, "ab") as fh:
         fh.write(f"\n=== {banner}: {redact(argv, secret)}\n".encode())
         fh.flush()
         # Own session = own process group, so the whole tree (scheduler, detokenizer, TP workers)
         # can be stopped by the group id without touching anything else.
-        return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
+    with open(log_path + ".pid", "w") as fh:  # the command line only as a hash: it may hold the API key
+        fh.write(f"{proc.pid} {_argv_hash(argv)}\n")
+    return proc
 
 
-def stop_server(proc: subprocess.Popen | None, grace: float = 15.0) -> None:
+def _argv_hash(argv: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\0".join(argv).encode()).hexdigest()[:32]
+
+
+def stop_leftover(log_path: str) -> bool:
+    """Kill the process group named in ``<log_path>.pid`` when it is still a server of ours: an SGLang server
+    runs in its own session, so a SIGKILLed trainer leaves it running (holding its port and memory) and the
+    resumed run would find the port taken. Only a group leader whose command line is the one we started
+    (same hash) is killed, never a process that reused the pid. True if one was killed."""
+    pid_file = log_path + ".pid"
+    try:
+        pid_text, digest = open(pid_file).read().split()
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return False
+    os.unlink(pid_file)
+    try:
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace").rstrip("\0").split("\0")
+        if os.getpgid(pid) != pid or _argv_hash(argv) != digest:
+            return False
+    except OSError:  # gone (or no /proc to check it by)
+        return False
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    import time
+
+    for _ in range(100):  # the port is free once the group is gone (it is not our child: poll, not wait)
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    return True
+
+
+def stop_server(proc: subprocess.Popen | None, grace: float = 15.0, log_path: str | None = None) -> None:
     """SIGTERM the server's process group, SIGKILL after ``grace`` seconds."""
+    if log_path and os.path.exists(log_path + ".pid"):
+        os.unlink(log_path + ".pid")
     if proc is None or proc.poll() is not None:
         return
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
