@@ -118,3 +118,19 @@ class _Counting:
     def __call__(self, *a, **k):
         self.calls.append(a)
         return self.tok(*a, **k)
+
+
+@pytest.mark.parametrize("overrides, need", [(["iterations=4000", "data.prompts_per_batch=64"], r"64 \* 4000 = 256000"),
+                                             (["data.prompts_per_batch=100000"], r"100000 \* 1 = 100000")])
+def test_toy_data_larger_than_the_task_is_refused_like_a_jsonl(tmp_path, overrides, need):
+    """Issue 25 row 8: asking the toy task for more prompts than it has was a ValueError traceback from the toy
+    task; now at most the whole task is drawn and the size check refuses, as for a JSONL file."""
+    from erpd_megatron.pipeline.context import load_prompts
+    from erpd_megatron.pipeline.rundir import RunDir
+
+    cfg = _cfg(f"run_dir={tmp_path}", *overrides)
+    train, evals = load_prompts(cfg, RunDir(tmp_path))
+    assert len(train) == 56704  # the whole toy training task
+    with pytest.raises(ConfigError, match=rf"^data.train: toy has 56704 prompts, fewer than data.prompts_per_batch "
+                                          rf"\* iterations = {need}"):
+        check_dataset_sizes(cfg, train, evals)
