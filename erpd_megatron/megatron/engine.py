@@ -240,8 +240,9 @@ class PolicyEngine:
         """Make this engine what a fresh `PolicyEngine(..., optim_cfg)` is, apart from its weights (load them next,
         `load(path, model_only=True)`, which also refreshes the optimizer's main params from them).
 
-        Cleared: Adam's moments and step counts (torch keeps them in `optimizer.state[param]`; a fresh megatron
-        optimizer starts with that dict empty), the grad buffers, `step`, `trainer_state`. Set: the OptimConfig
+        Cleared: Adam's moments and step counts (torch keeps them in `optimizer.state[param]`, TE's / apex's FusedAdam
+        its step count in each param group, `group["step"]`; a fresh megatron optimizer has neither), the grad buffers,
+        `step`, `trainer_state`. Set: the OptimConfig
         (LR, warm-up, micro-batch size: read at each step), the temperature, and what megatron copied from the
         construction-time config into its param groups and config: `max_lr` / `min_lr` (also the keys that pair a
         checkpoint's param groups with the engine's on a full load), betas, eps, lr, weight decay. What differs
@@ -258,6 +259,9 @@ class PolicyEngine:
         for opt in self._optimizers():
             opt.optimizer.state.clear()  # torch Adam(W): exp_avg, exp_avg_sq and step of every main param
             for g in opt.optimizer.param_groups:  # as megatron's _get_param_groups sets them (no overrides here)
+                # FusedAdam's step count (bias correction), set by its first step; a torch Adam group carries one
+                # only after a checkpoint load (megatron writes it there) and never reads it
+                g.pop("step", None)
                 g.update(max_lr=o.lr, min_lr=o.min_lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
             opt.config.lr, opt.config.min_lr, opt.config.weight_decay = o.lr, o.min_lr, o.weight_decay
         self._zero_grads()
