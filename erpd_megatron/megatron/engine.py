@@ -81,17 +81,28 @@ class OptimConfig:
 
 
 def seq_multiple(par: ParallelConfig, fp8: bool) -> int:
-    """Multiple the (trimmed) sequence length of every micro-batch is padded to.
+    """Multiple the (trimmed) sequence length of every micro-batch is padded to (`padded_length`).
 
     Sequence parallelism splits the sequence dimension over the TP ranks (megatron's scatter_to_sequence_parallel
-    _region needs s % tp == 0); Transformer Engine's FP8 GEMMs need the token dimension divisible by 8 / 16
-    (16 covers both). lcm of what applies; 1 when neither is on."""
+    _region needs s % tp == 0). Transformer Engine's FP8 GEMMs need the product of an input's leading dims divisible
+    by 8 (`assert_dim_for_fp8_exec`): without SP that is s * b, padded to 16 (covers 8, as before); with SP the TE
+    linears check their *local* input before the sequence all-gather, (s / tp) * b rows, so s is padded to a
+    multiple of 8 * tp: then (s / tp) % 8 == 0 for any micro-batch size b (lcm(16, tp) left tp = 4, b = 1 at 4 rows
+    per 16 tokens). lcm of what applies; 1 when neither is on. MXFP8 / blockwise recipes (32 / 128 blocks) are not
+    covered."""
     m = 1
     if par.sp:
         m = math.lcm(m, par.tp)
     if fp8:
         m = math.lcm(m, 16)
+        if par.sp:
+            m = math.lcm(m, 8 * par.tp)
     return m
+
+
+def padded_length(t: int, multiple: int) -> int:
+    """`t` tokens rounded up to `multiple` (`seq_multiple`): the sequence length every micro-batch runs at."""
+    return math.ceil(t / multiple) * multiple
 
 
 #: OptimConfig fields baked into megatron's optimizer at construction; `PolicyEngine.reset` cannot change them
@@ -303,7 +314,7 @@ class PolicyEngine:
         t_used = int(am.sum(1).max().item()) if B else 1
         t_used = max(t_used, 2)
         t_used = min(T, t_used)
-        t_run = math.ceil(t_used / self.seq_multiple) * self.seq_multiple
+        t_run = padded_length(t_used, self.seq_multiple)
         dp, mbs = self.par.dp, self.optim_cfg.micro_batch_size
         if for_train:
             if B % dp:
