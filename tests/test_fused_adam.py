@@ -8,7 +8,8 @@ master_param, and it keeps the step count in the param group. tests/fused_adam_s
   the uninterrupted engine's bit for bit; the group step survives a second save / load round trip;
 - reuse: an engine used for 3 steps at a 50x LR, reset and reloaded, then trained, equals a fresh build loaded from the
   same checkpoint bit for bit, param groups included (before PolicyEngine.reset cleared `group["step"]`, the reused
-  engine's first update used the old engine's bias correction).
+  engine's first update used the old engine's bias correction);
+- gpu_smoke.sh's checks of the same two (bench/gpu_smoke_te.py) pass, and the reuse check's control fires.
 """
 
 import pytest
@@ -105,6 +106,19 @@ def _world(rank, tmp):
         fresh.train_step(batch, _loss)
     out["reuse_equal"] = _equal(_params(used), _params(fresh))
     out["reuse_steps"] = (_group_steps(used), _group_steps(fresh))
+    del used, fresh
+
+    # ---------------------------------------------------------------- gpu_smoke.sh's checks 5 and 6 on the stand-in
+    from erpd_megatron.bench import gpu_smoke_te as smoke_te
+    from erpd_megatron.bench.gpu_smoke import _batch as smoke_batch
+
+    def sbuild(lr):
+        return build(OptimConfig(lr=lr, min_lr=lr, micro_batch_size=4))
+
+    sb, so = smoke_batch(ModelConfig(**CFG), torch.device("cpu"), T=13), smoke_batch(ModelConfig(**CFG),
+                                                                                   torch.device("cpu"), T=13, seed=2)
+    out["smoke_resume"] = smoke_te.check_optimizer_resume(sbuild, sb, so, tmp)
+    out["smoke_reuse"] = smoke_te.check_reuse_vs_fresh(sbuild, sb, so, tmp)
     return out
 
 
@@ -146,3 +160,12 @@ def test_standin_refuses_a_per_parameter_step_like_te():
     opt.state[p]["step"] = torch.zeros(())
     with pytest.raises(KeyError, match="step"):
         opt.state_dict()
+
+
+def test_gpu_smoke_te_checks_pass_and_their_control_fires(res):
+    """scripts/gpu_smoke.sh's optimizer_resume / reuse_vs_fresh (bench/gpu_smoke_te.py) with FusedAdam's behaviour:
+    both pass, and the reuse check's control (the group step left behind, as before the fix) is caught."""
+    r, u = res["smoke_resume"], res["smoke_reuse"]
+    assert r["pass"] and r["optimizer"] == ["FusedAdamStandIn"] and r["update_rel_err"] == 0.0, r
+    assert u["pass"] and u["optimizer_keeps_group_step"] and u["update_rel_err"] == 0.0, u
+    assert u["control_rel_err"] > 2 * u["tolerance"], u
