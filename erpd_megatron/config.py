@@ -45,7 +45,8 @@ class ModelConfig:
     micro_batch_size: int = 64
     """Sequences per micro-batch in Megatron forward/backward (gradient accumulation fills a mini-batch)."""
     fp8: bool = False
-    """Transformer Engine FP8 (hybrid recipe) on GPU; refused on CPU."""
+    """Transformer Engine FP8 (hybrid format, delayed scaling) for every Megatron model of the run; needs CUDA and
+    Transformer Engine, refused otherwise (on CPU) before anything starts."""
     reuse_engines: bool = True
     """Between stages of one process, reset and reload a built policy (model, DDP, optimizer) in place instead
     of building another; results are the same either way (false: build every time, to rule reuse out)."""

@@ -417,21 +417,27 @@ def load_checkpoint(engine: PolicyEngine, path: str, model_only: bool = False) -
 
 
 def _init_empty_optimizer_state(optimizer) -> None:
-    """Give a never-stepped Adam its state tensors (zeros, step 0) so megatron can build the loading
-    state dict: DistributedOptimizer.state_dict() reads every param's 'step' when neither TE nor apex
-    is installed (distrib_optimizer.py:837-839) and fails on an empty state. The loaded values
-    replace these in place."""
-    inner = [getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [optimizer])]
-    for opt in inner:
-        if opt is None:
+    """Give a never-stepped Adam the state tensors megatron builds its loading state dict from (the loaded values
+    replace them in place), as megatron-core 0.19.2 does itself: its Adam `init_state_fn` (optimizer/__init__.py:
+    588-594) creates `exp_avg` and `exp_avg_sq` only. TE's FusedAdam (what megatron uses whenever Transformer Engine
+    is importable; apex's alike) keeps the step count in the param group, and its state_dict() looks up a dtype for
+    every per-parameter state key (`name_to_dtype_map`: exp_avg, exp_avg_sq, master_param), so a per-parameter
+    `step` there is a KeyError on every resume that loads the optimizer. Only torch's Adam(W), megatron's fallback
+    without TE and apex, gets a per-parameter `step` (zero) too: DistributedOptimizer.state_dict() then reads every
+    param's 'step' (distrib_optimizer.py:837-839) and fails on a state without one."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
             continue
-        for group in opt.param_groups:
+        torch_adam = isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+        for group in inner.param_groups:
             for p in group["params"]:
-                st = opt.state[p]
+                st = inner.state[p]
                 if len(st) == 0:
-                    st["step"] = torch.zeros((), dtype=torch.float32)
                     st["exp_avg"] = torch.zeros_like(p.data)
                     st["exp_avg_sq"] = torch.zeros_like(p.data)
+                    if torch_adam:
+                        st["step"] = torch.zeros((), dtype=torch.float32)
 
 
 def _load_sharded(sd: dict, path: str) -> dict:

@@ -1,7 +1,8 @@
-"""Checks of the data against the config and the model, run by `build_context` before any training.
+"""Checks of the config against the machine and the data, run before any training.
 
-The config alone is validated in `config.validate`; these need the loaded prompt files, the tokenizer and the
-base model's positions. Each raises `ConfigError` naming the config field (and the prompt) at fault.
+The config alone is validated in `config.validate`; `check_environment` needs this machine (the CLI runs it right
+after parsing), the others the loaded prompt files, the tokenizer and the base model's positions (`build_context`).
+Each raises `ConfigError` naming the config field (and the prompt) at fault.
 """
 
 from __future__ import annotations
@@ -12,6 +13,21 @@ from pathlib import Path
 from erpd_megatron.config import ConfigError, RunConfig
 
 log = logging.getLogger("erpd")
+
+
+def check_environment(cfg: RunConfig) -> None:
+    """What the config asks of this machine: `model.fp8` needs a CUDA device and Transformer Engine (refused on CPU,
+    as its help says; without this the model build would fail after the data and the base were prepared)."""
+    if cfg.model.fp8:
+        import torch
+
+        from erpd_megatron.megatron.model import have_te
+
+        missing = [what for what, ok in (("a CUDA device", torch.cuda.is_available()),
+                                         ("Transformer Engine (transformer_engine.pytorch)", have_te())) if not ok]
+        if missing:
+            raise ConfigError(f"model.fp8=true needs {' and '.join(missing)}, which this machine lacks (FP8 runs on "
+                              "GPUs with Transformer Engine only); set model.fp8=false")
 
 
 def check_dataset_sizes(cfg: RunConfig, train: list, evals: list) -> None:

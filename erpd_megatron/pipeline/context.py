@@ -124,7 +124,7 @@ class Context:
         engine = self._take_idle(optim) if self.cfg.model.reuse_engines else None
         if engine is None:
             with stage("model_build"):
-                engine = PolicyEngine(self.model_cfg, par, optim, seed=self.cfg.seed,
+                engine = PolicyEngine(self.model_cfg, par, optim, self.build_opts(), seed=self.cfg.seed,
                                       temperature=self.cfg.rollout.temperature)
             self.engines_built += 1
         else:
@@ -134,11 +134,19 @@ class Context:
             engine.load(path, model_only=True)
         return engine
 
+    def build_opts(self):
+        """BuildOptions of every Megatron model of the run (policies and critic): `model.fp8` selects Transformer
+        Engine's FP8 (hybrid format, delayed scaling), which needs the TE spec (CUDA + TE; the CLI refuses it
+        otherwise, `checks.check_environment`)."""
+        from erpd_megatron.megatron.model import BuildOptions
+
+        return BuildOptions(fp8="hybrid" if self.cfg.model.fp8 else None)
+
     def _take_idle(self, optim):
         """An idle engine whose model, layout and construction-time optimizer settings fit, or None."""
         from erpd_megatron.megatron.engine import PolicyEngine, reuse_key
 
-        want = reuse_key(self.model_cfg, self.par, optim)  # what new_policy would build
+        want = reuse_key(self.model_cfg, self.par, optim, self.build_opts())  # what new_policy would build
         for i, e in enumerate(self._idle):
             if type(e) is PolicyEngine and e.reuse_key() == want:
                 return self._idle.pop(i)

@@ -287,6 +287,9 @@ def _main(argv, sub: str, stages: tuple[str, ...]) -> int:
     from erpd_megatron.pipeline.stop import Stopped, stop_on_signals
 
     try:
+        from erpd_megatron.pipeline.checks import check_environment
+
+        check_environment(cfg)  # model.fp8 on a machine without CUDA / TE: refused before anything starts
         from erpd_megatron.pipeline.context import setup_logging
 
         setup_logging()

@@ -160,7 +160,7 @@ def critic_advantages(ctx, method: str, t, batch: dict, iteration: int):
     ck = ctx.run.ckpt(method + "_critic")
     ctx.drop_idle()  # peak memory: the critic alone, as without engine reuse (the pool keeps idle policies)
     critic = ValueEngine(ctx.model_cfg, ctx.par, OptimConfig(lr=t.critic_lr, min_lr=t.critic_lr,
-                         micro_batch_size=ctx.cfg.model.micro_batch_size), seed=ctx.cfg.seed)
+                         micro_batch_size=ctx.cfg.model.micro_batch_size), ctx.build_opts(), seed=ctx.cfg.seed)
     if (ck / "latest").exists():
         critic.load(str(ck))
     else:
