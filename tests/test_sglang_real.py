@@ -7,8 +7,9 @@ start is 17-45 s on idle cores, minutes on loaded ones, ~2.4 GB); the tests run 
 weight-update tests change what the Qwen3 server holds. Skipped without the environment, failed under
 ``ERPD_REQUIRE_SGLANG=1`` (CI). The in-test server (tests/fake_sglang_server.py) follows what these taught.
 
-Tolerance: log-probs of the same tokens, fp32 on both sides, agree within ``ATOL`` = 1e-4 (measured:
-~1e-6; sglang's torch-native attention and transformers' / Megatron's differ in summation order only).
+Tolerance: log-probs of the same tokens, fp32 on both sides, agree within ``ATOL`` = 1e-4 (sglang's
+torch-native attention and transformers' / Megatron's differ in summation order only; a wrong or missing
+weight moves them by > 0.05, which ``test_tensor_update_from_tp2_megatron`` checks before its push).
 """
 
 from __future__ import annotations
