@@ -39,7 +39,7 @@ lint: setup
 demo: setup
 	$(VENV)/bin/erpd demo
 
-bench: setup
+bench: setup sglang-env
 	$(PY) -m erpd_megatron.bench.run_all
 
 clean:

@@ -108,6 +108,13 @@ class RolloutConfig:
     """Python interpreter of the environment sglang is installed in (sglang pins its own torch); "" = this one."""
     sglang_extra_args: list[str] = field(default_factory=list)
     """More sglang.launch_server arguments."""
+    sglang_device: str = "auto"
+    """auto | cuda | cpu. cpu = sglang's CPU path (torch-native layers; `make sglang-env` builds such an
+    environment); auto = cpu when this process sees no CUDA device."""
+    sglang_startup_timeout: float = 1800.0
+    """Seconds a server (launched here, or attached by URL) may take to answer /health at start."""
+    sglang_allow_nccl_mismatch: bool = False
+    """distributed: join the update group even when trainer and server report different NCCL versions."""
     reward_mode: str = "strict"
     """math-verify mode: "strict" (last \\boxed{} only) or "loose"."""
     verify_weights: bool = True
@@ -366,7 +373,8 @@ RANGES: dict[type, dict[str, str]] = {
     RolloutConfig: {"n_samples": _SAMPLES, "temperature": _POS, "top_p": "(0, 1]", "max_new_tokens": _TOKENS,
                     "sglang_tp": _ONE_UP, "sglang_num_servers": _ONE_UP, "sglang_base_gpu_id": _NONNEG,
                     "sglang_port": "[1, 65535]", "sglang_mem_fraction_static": "[0, 1)",
-                    "sglang_dist_master_port": "[0, 65535]", "verify_weights_seqs": _ONE_UP,
+                    "sglang_dist_master_port": "[0, 65535]", "sglang_startup_timeout": _POS,
+                    "verify_weights_seqs": _ONE_UP,
                     "verify_weights_tol": _NONNEG},
     RewardConfig: {"code_workers": _ONE_UP, "code_timeout_per_test_s": _POS, "code_timeout_per_sample_s": _POS,
                    "code_memory_mb": "[64, inf)"},
@@ -604,6 +612,8 @@ def validate(cfg: RunConfig) -> None:
     if cfg.rollout.sglang_weight_transport not in ("tensor", "distributed", "disk"):
         raise ConfigError("rollout.sglang_weight_transport must be tensor, distributed or disk, "
                           f"got {cfg.rollout.sglang_weight_transport!r}")
+    if cfg.rollout.sglang_device not in ("auto", "cuda", "cpu"):
+        raise ConfigError(f"rollout.sglang_device must be auto, cuda or cpu, got {cfg.rollout.sglang_device!r}")
     bad_tags = sorted(set(cfg.rollout.sglang_offload_tags) - {"weights", "kv_cache", "cuda_graph"})
     if bad_tags:
         raise ConfigError(f"rollout.sglang_offload_tags: unknown tag(s) {bad_tags}; allowed weights, kv_cache, cuda_graph")

@@ -108,6 +108,9 @@ class RolloutServers:
     """bind address: the trainer is on other nodes (the API key guards the admin endpoints)"""
     python: str = "python"
     """interpreter of sglang's own environment (sglang pins torch / transformers versions of its own)"""
+    ready_timeout_s: int = 3600
+    """the batch script starts the trainer once every server answers /health, waiting at most this long (a
+    27B TP4 server loads and captures CUDA graphs for minutes, longer on a requeue)"""
 
     @property
     def servers_per_node(self) -> int:

@@ -165,6 +165,25 @@ def rollout_urls_line(recipe: Recipe, group: int = 1) -> str:
             "export ERPD_SGLANG_API_KEY=\"$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n')\"")
 
 
+def rollout_ready_lines(timeout_s: int) -> list[str]:
+    """Batch-shell lines: wait until every server of ROLLOUT_URLS answers /health (open without the API key),
+    at most `timeout_s` seconds; stop (requeue while retries are left) if the servers exit or time out first.
+    The trainer attaches only afterwards (its own wait, rollout.sglang_startup_timeout, is the second guard)."""
+    return ["# the trainer starts once every rollout server answers /health",
+            "rollout_ready() {",
+            f"    local deadline=$((SECONDS + {int(timeout_s)})) url",
+            '    for url in $(echo "$ROLLOUT_URLS" | tr -d "[]" | tr "," " "); do',
+            '        until curl -sf -o /dev/null --max-time 10 "$url/health"; do',
+            '            if ! kill -0 "$rollout_pid" 2>/dev/null; then echo "rollout servers exited before $url was ready"; return 1; fi',
+            f'            if [ "$SECONDS" -ge "$deadline" ]; then echo "$url not ready after {int(timeout_s)} s"; return 1; fi',
+            "            sleep 5",
+            "        done",
+            "    done",
+            '    echo "rollout servers ready after $SECONDS s"',
+            "}",
+            'if ! rollout_ready; then kill -TERM "${pids[@]}" 2>/dev/null; requeue; exit 1; fi', ""]
+
+
 def _sbatch_group(recipe: Recipe, nodes: int, gpus: int, job_name: str, tasks: int = 1) -> list[str]:
     s = recipe.slurm
     flags = {"job-name": job_name, "account": s.account, "partition": s.partition, "time": s.time,
@@ -227,7 +246,7 @@ def render_sbatch(recipe: Recipe) -> str:
         lines += ["# rollout servers (SGLang), heterogeneous group 1",
                   f"srun --het-group=1 --nodes={rs.nodes} --ntasks-per-node=1 {cflags}--kill-on-bad-exit=1 "
                   f"--output={shlex.quote(run_dir)}/slurm/rollout_%j_%t.out bash -c {shlex.quote(rollout_task_command(recipe))} &",
-                  "pids+=($!)", ""]
+                  "rollout_pid=$!", "pids+=($rollout_pid)", ""] + rollout_ready_lines(rs.ready_timeout_s)
     group = "--het-group=0 " if het else ""
     lines += ["# trainer: one torchrun per node" if recipe.torchrun else "# trainer",
               f"srun {group}--nodes={recipe.nodes} --ntasks-per-node={recipe.tasks_per_node} {cflags}--kill-on-bad-exit=1 "

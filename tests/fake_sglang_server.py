@@ -32,10 +32,21 @@ imported only by the weight endpoints. What it checks and does:
   ``MultiprocessingSerializer`` + ``FlattenedTensorBucket`` when ``--use-sglang`` (and importable),
   else with an allowlisted unpickler -- and checks that all ranks agree.
 - ``/init_weights_update_group`` + ``/update_weights_from_distributed``: joins the custom group
-  (gloo here) as ``rank_offset + tp_rank`` and receives one broadcast per tensor, in order.
+  (gloo here) as ``rank_offset + tp_rank`` and receives one broadcast per tensor, in order. A second group
+  under a name that still exists is refused (torch's "group name has already been created", which the real
+  server returns as success false); ``/destroy_weights_update_group`` removes one (0.5.23's messages).
+
+Learned from real sglang 0.5.23 on CPU (tests/test_sglang_real.py) and mirrored here:
+- ``seed`` is not a sampling field (HTTP 400); the per-request seed is ``sampling_seed``.
+- ``/get_weights_by_name`` exists for Llama only: ``--model-type qwen3`` (default) answers it with an error,
+  ``--model-type llama`` with the tensor's first values.
+- A CPU tensor payload pickled under torch's default "file_descriptor" sharing strategy makes the scheduler
+  fetch the fd from the sender's resource sharer, which rejects it ("AuthenticationError: digest sent was
+  rejected") and the real server dies: so does this one (exit 21).
 - ``/update_weights_from_disk``: reads ``*.safetensors`` of ``model_path``.
-- Control endpoints are logged; ``GET /_events`` returns the log, ``POST /_dump_weights`` saves the
-  received tensors with ``torch.save``.
+- Control endpoints are logged; ``GET /_events`` returns the log, ``GET /_env`` the process environment,
+  ``POST /_dump_weights`` saves the received tensors with ``torch.save``. ``--start-delay S`` listens only
+  after S seconds (a slow model load).
 """
 
 from __future__ import annotations
@@ -153,6 +164,8 @@ def make_handler(state: State):
                 self.log_event("server_info", path=self.path)
                 return self._send(200, {"tp_size": args.tp, "dp_size": args.dp_size, "version": args.protocol,
                                         "pid": os.getpid()})
+            if self.path == "/_env":  # what the server process inherited (tests of the launch environment)
+                return self._send(200, dict(os.environ))
             if self.path == "/_events":
                 with state.lock:
                     return self._send(200, {"events": state.events, "weight_version": state.weight_version,
@@ -185,8 +198,8 @@ def make_handler(state: State):
                 return 400, {"error": f"unknown GenerateReqInput fields {sorted(unknown)}"}
             sp = body["sampling_params"]
             unknown = set(sp) - SAMPLING_FIELDS
-            if unknown:
-                return 400, {"error": f"unknown SamplingParams fields {sorted(unknown)}"}
+            if unknown:  # 0.5.23's msgspec wording
+                return 400, {"error": f"unknown field `{sorted(unknown)[0]}`, expected one of {sorted(SAMPLING_FIELDS)}"}
             if sp.get("n", 1) != 1 or body.get("return_logprob") is not True:
                 return 400, {"error": "this fake serves n=1 with return_logprob only"}
             prompt = [int(t) for t in body["input_ids"]]
@@ -320,13 +333,22 @@ def make_handler(state: State):
             payloads = body["serialized_named_tensors"]
             if len(payloads) != args.tp or not all(isinstance(p, str) for p in payloads):
                 return 400, {"success": False, "message": f"need {args.tp} base64 strings, one per TP rank"}
-            per_rank = [decode_bucket(p, args.use_sglang) for p in payloads]
+            try:
+                per_rank = [decode_bucket(p, args.use_sglang) for p in payloads]
+            except Exception as e:  # the real scheduler dies on this one (see the module docstring)
+                if "digest" in str(e) or type(e).__name__ == "AuthenticationError":
+                    print(f"scheduler died decoding a payload: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                    os._exit(21)
+                raise
             for other in per_rank[1:]:
                 assert [n for n, _ in other] == [n for n, _ in per_rank[0]]
                 assert all(torch.equal(a, b) for (_, a), (_, b) in zip(other, per_rank[0]))
             self._store(per_rank[0], body.get("weight_version"))
+            import hashlib
+
             self.log_event("update_weights_from_tensor", names=[n for n, _ in per_rank[0]],
-                           decoder="sglang" if args.use_sglang else "erpd")
+                           decoder="sglang" if args.use_sglang else "erpd",
+                           digests=[hashlib.sha1(p.encode()).hexdigest()[:12] for p in payloads])
             return 200, {"success": True, "message": "Success"}
 
         def h_init_weights_update_group(self, body):
@@ -335,12 +357,36 @@ def make_handler(state: State):
             if set(body) != DIST_INIT_FIELDS:
                 return 400, {"success": False, "message": f"fields {sorted(body)}"}
             assert args.tp == 1, "one TP rank per fake server"
+            if body["group_name"] in state.groups:
+                return 200, {"success": False, "message": "Failed to initialize custom process group: The specified "
+                                                          "group name has already been created, please use a "
+                                                          "different group name."}
             pg = init_custom_process_group(
                 backend=body["backend"], init_method=f"tcp://{body['master_address']}:{body['master_port']}",
                 world_size=body["world_size"], rank=body["rank_offset"], group_name=body["group_name"])
             state.groups[body["group_name"]] = pg
             self.log_event("init_weights_update_group", rank=body["rank_offset"], world_size=body["world_size"])
             return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
+
+        def h_destroy_weights_update_group(self, body):
+            import torch.distributed as dist
+
+            pg = state.groups.pop(body.get("group_name", "weight_update_group"), None)
+            if pg is None:
+                return 200, {"success": False, "message": "The group to be destroyed does not exist."}
+            dist.destroy_process_group(pg)
+            self.log_event("destroy_weights_update_group", group_name=body.get("group_name"))
+            return 200, {"success": True, "message": "Succeeded to destroy custom process group."}
+
+        def h_get_weights_by_name(self, body):
+            if args.model_type != "llama":
+                return 400, {"error": {"message": "Get parameter by name failed"}}  # 0.5.23, Qwen3
+
+            with state.lock:
+                t = state.weights.get(body["name"])
+            if t is None:
+                return 200, None
+            return 200, t.flatten()[: int(body.get("truncate_size", 100))].tolist()
 
         def h_update_weights_from_distributed(self, body):
             import torch
@@ -413,6 +459,8 @@ def main(argv=None):
     ap.add_argument("--api-key", default="")
     ap.add_argument("--dp-size", type=int, default=1)
     ap.add_argument("--hf-config", default="", help="HF model directory (config.json) of the scoring model")
+    ap.add_argument("--model-type", choices=["qwen3", "llama"], default="qwen3")
+    ap.add_argument("--start-delay", type=float, default=0.0, help="seconds before listening (a slow model load)")
     args = ap.parse_args(argv)
     if args.use_sglang:
         from erpd_megatron.rollout.sglang_wire import _sglang_classes
@@ -420,6 +468,7 @@ def main(argv=None):
         if _sglang_classes() is None:
             print("sglang not importable", file=sys.stderr)
             sys.exit(3)
+    time.sleep(args.start_delay)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(State(args)))
     server.daemon_threads = True
     server.serve_forever()

@@ -51,6 +51,10 @@ exit $rc
 """)
     _exe(bindir / "torchrun", f'echo "$@" >> {log}/torchrun.txt\nexit ${{FAKE_TRAIN_RC:-0}}\n')
     _exe(bindir / "python", f'echo "$@" >> {log}/python.txt\n')  # the SGLang servers
+    # /health of the SGLang servers: answers after $FAKE_READY_AFTER calls (default at once); 7 = never
+    _exe(bindir / "curl", f'echo "$@" >> {log}/curl.txt\n'
+                          f'n=$(grep -c . {log}/curl.txt); [ "${{FAKE_READY_AFTER:-1}}" != 7 ] && '
+                          '[ "$n" -ge "${FAKE_READY_AFTER:-1}" ]\n')
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
     monkeypatch.setenv("NEMORUN_HOME", str(tmp_path / "nemo_home"))
     return log
@@ -157,6 +161,23 @@ def test_sbatch_disagg_is_heterogeneous(tmp_path, fake_slurm):
     assert len(calls) == 4
     urls = "rollout.sglang_urls=[http://r1:30000,http://r1:30001,http://r2:30000,http://r2:30001]"
     assert all(urls in c and "rollout.sglang_weight_transport=distributed" in c for c in calls)
+    # the trainer started only after every server answered /health
+    health = (fake_slurm / "curl.txt").read_text().splitlines()
+    assert [h.split()[-1] for h in health] == [f"{u}/health" for u in urls.split("[")[1].rstrip("]").split(",")]
+
+
+def test_sbatch_disagg_waits_for_slow_servers_and_stops_on_dead_ones(tmp_path, fake_slurm):
+    r = _recipe("qwen35_27b_disagg", tmp_path, "slurm.max_retries=1")
+    script = slurm.write_sbatch(r)
+    env = {**os.environ, "SLURM_JOB_ID": "79", "SLURM_JOB_NODELIST_HET_GROUP_0": "n[1-4]",
+           "SLURM_JOB_NODELIST_HET_GROUP_1": "r[1-2]", "PATH": os.environ["PATH"]}
+    # servers that are still loading (the stand-in servers have exited, so: ready on the first poll or never)
+    p = subprocess.run(["bash", script], env={**env, "FAKE_READY_AFTER": "7"}, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 1 and "exited before http://r1:30000 was ready" in p.stdout, p.stdout[-2000:]
+    assert not (fake_slurm / "torchrun.txt").exists()  # the trainer never started
+    assert (fake_slurm / "scontrol.txt").read_text().count("requeue 79") == 1
+    assert "rollout_ready" in slurm.render_sbatch(r) and "--max-time 10" in slurm.render_sbatch(r)
 
 
 def test_sbatch_submit_and_status_via_cli(tmp_path, fake_slurm, capsys):

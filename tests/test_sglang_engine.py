@@ -64,10 +64,9 @@ def free_base_port(n: int) -> int:
     raise RuntimeError("no consecutive free ports")
 
 
-def launch(tmp_path, *extra, tp=1, num_servers=1, env=None, **kw) -> SGLangEngine:
+def launch(tmp_path, *extra, tp=1, num_servers=1, env=None, python=sys.executable, **kw) -> SGLangEngine:
     spec = LaunchSpec(model_path="unused", tp=tp, num_servers=num_servers, base_port=free_base_port(num_servers),
-                      command=(sys.executable, FAKE, "--port", "{port}", "--tp", str(tp), "--vocab", str(VOCAB),
-                               *extra),
+                      command=(python, FAKE, "--port", "{port}", "--tp", str(tp), "--vocab", str(VOCAB), *extra),
                       env={"PYTHONPATH": REPO, **(env or {})}, log_dir=str(tmp_path), startup_timeout=60)
     return SGLangEngine(launch=spec, request_timeout=60, control_timeout=60, health_timeout=5, **kw)
 
@@ -159,14 +158,13 @@ def test_attached_server_dropped_when_dead(tmp_path):
 
 @pytest.fixture
 def shm_by_filename():
-    """CPU tensors travel as shared-memory handles. The default "file_descriptor" strategy hands fds over
-    multiprocessing's resource sharer, which authenticates with the sender's process-family key that an
-    independently launched server does not share; "file_system" passes shm names (on GPU, sglang gets
-    CUDA IPC handles instead and neither applies)."""
+    """Start each test under torch's default "file_descriptor" strategy: ``sglang_wire.serialize`` must switch
+    to "file_system" by itself for CPU tensors (under the default one the server cannot open the handles:
+    ``test_cpu_payloads_are_shared_by_name``)."""
     import torch.multiprocessing as tmp
 
     old = tmp.get_sharing_strategy()
-    tmp.set_sharing_strategy("file_system")
+    tmp.set_sharing_strategy("file_descriptor")
     yield
     tmp.set_sharing_strategy(old)
 
@@ -220,26 +218,14 @@ def test_update_weights_from_tensor_flattened_bucket(tmp_path, layout, protocol,
 
 
 def test_payloads_decode_with_real_sglang(tmp_path, shm_by_filename):
-    """Decode with sglang's own MultiprocessingSerializer + FlattenedTensorBucket, when importable.
+    """The in-test server run by the CPU SGLang environment's interpreter (`make sglang-env`), decoding with
+    sglang 0.5.23's own MultiprocessingSerializer + FlattenedTensorBucket (its torch is 2.14.1, ours the
+    trainer's)."""
+    from sglang_env import require_sglang
 
-    sglang is not a CI dependency; to run this, make it importable in the server process, e.g.
-    ``pip install --no-deps --target /tmp/sgl sglang==0.5.23`` plus its import-time deps
-    (``pip install --target /tmp/sgl_deps orjson pybase64 requests starlette pillow msgspec zmq ipython``)
-    and ``ERPD_SGLANG_PYTHONPATH=/tmp/sgl:/tmp/sgl_deps``.
-    """
-    extra = os.environ.get("ERPD_SGLANG_PYTHONPATH", "")
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (REPO, extra) if p)}
-    cheap = subprocess.run([sys.executable, "-c", "import importlib.util, sys; "
-                            "sys.exit(0 if importlib.util.find_spec('sglang') else 3)"], env={**os.environ, **env})
-    if cheap.returncode != 0:
-        pytest.skip("sglang is not installed (set ERPD_SGLANG_PYTHONPATH to a --no-deps sglang install)")
-    probe = subprocess.run([sys.executable, "-c", "from erpd_megatron.rollout.sglang_wire import _sglang_classes;"
-                            "import sys; sys.exit(0 if _sglang_classes() else 3)"],
-                           env={**os.environ, **env})
-    if probe.returncode != 0:
-        pytest.skip("sglang is installed but not importable (its import-time deps are missing)")
+    python = require_sglang()
     for layout in ("typed", "bytes"):
-        with launch(tmp_path, "--use-sglang", tp=2, env=env, bucket_layout=layout) as eng:
+        with launch(tmp_path, "--use-sglang", tp=2, python=python, bucket_layout=layout) as eng:
             # Serialize with our pure-Python pickler (the path used when the trainer lacks sglang).
             eng.update_weights(iter(_buckets()), version="v1")
             _assert_received(_dumped(eng, tmp_path), _buckets())
@@ -352,14 +338,14 @@ def test_refuses_servers_with_dp_above_one(tmp_path):
 def test_launch_command_line_and_host_rules(tmp_path):
     spec = LaunchSpec(model_path="/m", tp=4, num_servers=2, base_port=31000, base_gpu_id=0, mem_fraction_static=0.6,
                       enable_memory_saver=True, deterministic_inference=True, python="/opt/sgl/bin/python",
-                      extra_args=("--context-length", "4096"), log_dir=str(tmp_path))
+                      extra_args=("--context-length", "4096"), log_dir=str(tmp_path), device="cuda")
     assert spec.argv(1) == ["/opt/sgl/bin/python", "-m", "sglang.launch_server", "--model-path", "/m",
                             "--tp-size", "4", "--host", "127.0.0.1", "--port", "31001", "--base-gpu-id", "4",
                             "--mem-fraction-static", "0.6", "--enable-memory-saver",
                             "--enable-deterministic-inference", "--context-length", "4096"]
     with pytest.raises(ValueError, match="api_key"):
         LaunchSpec(model_path="/m", host="0.0.0.0")
-    remote = LaunchSpec(model_path="/m", host="0.0.0.0", api_key="k")
+    remote = LaunchSpec(model_path="/m", host="0.0.0.0", api_key="k", device="cuda")
     assert remote.argv(0)[-2:] == ["--api-key", "k"] and remote.url(0) == "http://127.0.0.1:30000"
     from erpd_megatron.rollout.sglang_launch import redact
 
@@ -448,20 +434,24 @@ def test_rollout_config_reaches_the_launch_command(tmp_path, monkeypatch):
     monkeypatch.delenv("ERPD_SGLANG_API_KEY", raising=False)
     cfg = RolloutConfig(engine="sglang", sglang_tp=2, sglang_num_servers=2, sglang_base_gpu_id=4, sglang_port=31000,
                         sglang_mem_fraction_static=0.45, sglang_offload=True, sglang_deterministic=True,
-                        sglang_python="/envs/sglang/bin/python", sglang_extra_args=["--chunked-prefill-size", "4096"])
+                        sglang_python="/envs/sglang/bin/python", sglang_extra_args=["--chunked-prefill-size", "4096"],
+                        sglang_device="cuda", sglang_startup_timeout=7200)
     spec = launch_spec(cfg, "/models/m", log_dir=str(tmp_path / "logs"))
     assert spec.argv(1) == ["/envs/sglang/bin/python", "-m", "sglang.launch_server", "--model-path", "/models/m",
                             "--tp-size", "2", "--host", "127.0.0.1", "--port", "31001", "--base-gpu-id", "6",
                             "--mem-fraction-static", "0.45", "--enable-memory-saver",
                             "--enable-deterministic-inference", "--chunked-prefill-size", "4096"]
-    assert spec.log_dir == str(tmp_path / "logs")
-    default = launch_spec(RolloutConfig(), "/m", log_dir=str(tmp_path))
+    assert spec.log_dir == str(tmp_path / "logs") and spec.startup_timeout == 7200
+    default = launch_spec(RolloutConfig(sglang_device="cuda"), "/m", log_dir=str(tmp_path))
     assert "--mem-fraction-static" not in default.argv(0) and "--api-key" not in default.argv(0)
     with pytest.raises(ValueError, match="api_key"):  # cross-node serving needs a key
         launch_spec(RolloutConfig(sglang_host="0.0.0.0"), "/m", log_dir=str(tmp_path))
     monkeypatch.setenv("ERPD_SGLANG_API_KEY", "k1")
     assert launch_spec(RolloutConfig(sglang_host="0.0.0.0"), "/m", log_dir=str(tmp_path)).argv(0)[-2:] == \
         ["--api-key", "k1"]
+    # no CUDA here: "auto" picks sglang's CPU path (what tests/test_sglang_real.py runs)
+    auto = launch_spec(RolloutConfig(sglang_offload=True, sglang_deterministic=True), "/m", log_dir=str(tmp_path))
+    assert auto.device == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_distributed_master_address_is_our_route_to_the_servers():
@@ -496,9 +486,157 @@ assert Probe(io.BytesIO(raw)).load()["flattened_tensor"] == ("rebuilt", "GPU-3")
 def test_uuid_payload_passes_real_sglang_safe_unpickler():
     """sglang 0.5.23's own SafeUnpickler admits every global of a CUDA-by-UUID payload from our pure
     pickler and hands the UUID to its rebuild function (the CUDA rebuild itself is stubbed: no GPU)."""
-    extra = os.environ.get("ERPD_SGLANG_PYTHONPATH", "")
-    if not extra:
-        pytest.skip("set ERPD_SGLANG_PYTHONPATH to a --no-deps sglang install (see test_payloads_decode_with_real_sglang)")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, extra])}
-    p = subprocess.run([sys.executable, "-c", _UUID_PROBE], env=env, capture_output=True, text=True, timeout=120)
+    from sglang_env import require_sglang
+
+    env = {**os.environ, "PYTHONPATH": REPO}
+    p = subprocess.run([require_sglang(), "-c", _UUID_PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------- what the real server taught
+def test_cpu_payloads_are_shared_by_name(tmp_path, shm_by_filename):
+    """A CPU payload pickled under torch's default "file_descriptor" strategy kills a real 0.5.23 scheduler
+    ("digest sent was rejected"; the in-test server dies the same way). ``serialize`` switches to
+    "file_system" itself, and the torch_shm_manager that strategy starts does not hold our stdout / stderr
+    (a piped CI command would wait for it after we exit)."""
+    import base64
+    import io
+
+    import torch.multiprocessing as tmp
+
+    payload = sglang_wire.flatten_bucket(_buckets()[0])[0]
+    assert tmp.get_sharing_strategy() == "file_descriptor"
+    buf = io.BytesIO()
+    sglang_wire._SGLangCompatPickler(buf).dump(payload)  # the bytes a sender without the switch produces
+    by_fd = base64.b64encode(buf.getvalue()).decode()
+    with launch(tmp_path, max_restarts=0) as eng:
+        eng.begin_update()
+        with pytest.raises(SGLangError):
+            eng.update_weights_from_serialized([by_fd], version=1)
+        assert eng.servers[0].proc.wait(timeout=30) == 21  # died like the real scheduler
+    with launch(tmp_path) as eng:  # the product's path: switched by serialize
+        eng.update_weights(iter(_buckets()), version=2)
+        assert tmp.get_sharing_strategy() == "file_system"
+        _assert_received(_dumped(eng, tmp_path), _buckets())
+    code = ("import os, subprocess, torch\n"
+            "from erpd_megatron.rollout import sglang_wire\n"
+            "sglang_wire.serialize({'flattened_tensor': torch.zeros(3), 'metadata': []}, use_sglang=False)\n"
+            "pids = subprocess.run(['pgrep', '-P', str(os.getpid())], capture_output=True, text=True).stdout.split()\n"
+            "fds = [os.readlink(f'/proc/{p}/fd/{k}') for p in pids for k in (0, 2)]\n"
+            "assert pids and all(f == '/dev/null' for f in fds), fds\n")
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": REPO}, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_fake_server_mirrors_seed_and_weights_by_name(tmp_path):
+    with launch(tmp_path) as eng:
+        url = eng.servers[0].url
+        status, data = http_json(url, "POST", "/generate", {"input_ids": [1, 2], "return_logprob": True,
+                                                             "sampling_params": {"max_new_tokens": 2, "seed": 1}})
+        assert status == 400 and "seed" in str(data)
+        assert http_json(url, "POST", "/get_weights_by_name", {"name": "lm_head.weight"})[0] != 200  # Qwen3
+
+
+# ---------------------------------------------------------------------- GPU-path review (issue 21), CPU halves
+def test_distributed_transport_survives_a_server_restart(tmp_path):
+    """A server restarted mid-generate left the update group: the next update destroys the old group on the
+    survivor (/destroy_weights_update_group) and here, then builds a new one under the same name (torch
+    refuses a name that still exists, on both sides)."""
+    marker = tmp_path / "died"
+    with launch(tmp_path, "--gen-delay", "0.2", "--die-after", "2", "--die-marker", str(marker), num_servers=2,
+                weight_transport="distributed", dist_backend="gloo", dist_master_port=free_port(),
+                concurrency_per_server=2) as eng:
+        eng.update_weights(iter(_buckets()), version=1)
+        sampling = SamplingParams(n=2, max_new_tokens=3, seed=0)
+        check_samples(eng.generate(PROMPTS, sampling), sampling)
+        assert marker.exists() and sum(s.restarts for s in eng.servers) == 1
+        eng.update_weights(iter(_buckets()[1:]), version=2)
+        for k, s in enumerate(eng.servers):
+            _assert_received(_dumped(eng, tmp_path, k), _buckets()[1:] if s.restarts else _buckets())
+            names = [e["event"] for e in events(s.url)["events"]]
+            groups = [n for n in names if "weights_update_group" in n]
+            assert groups == (["init_weights_update_group"] if s.restarts else
+                              ["init_weights_update_group", "destroy_weights_update_group",
+                               "init_weights_update_group"]), (k, groups)
+            assert events(s.url)["weight_version"] == "2"
+
+
+def test_attached_servers_get_a_long_readiness_wait(tmp_path):
+    """A server attached by URL that is still loading (a batch script started it moments ago) is waited for
+    up to ``attach_timeout``, not one health timeout."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, FAKE, "--port", str(port), "--start-delay", "6"],
+                            env={**os.environ, "PYTHONPATH": REPO}, start_new_session=True)
+    try:
+        with pytest.raises(SGLangError, match="not healthy after 2s"):
+            SGLangEngine(urls=[f"http://127.0.0.1:{port}"], health_timeout=1, attach_timeout=2)
+        eng = SGLangEngine(urls=[f"http://127.0.0.1:{port}"], health_timeout=1, attach_timeout=120)
+        assert eng.health() and eng.servers[0].tp == 1
+    finally:
+        proc.kill()
+        proc.wait()
+    from erpd_megatron.config import RolloutConfig
+
+    assert RolloutConfig().sglang_startup_timeout >= 1800
+
+
+def test_server_environment_drops_trainer_variables(tmp_path, monkeypatch):
+    """torchrun's rank / rendezvous variables and Megatron's CUDA_DEVICE_MAX_CONNECTIONS stay with the trainer."""
+    from erpd_megatron.rollout.sglang_launch import TRAINER_ONLY_VARS
+
+    for k, v in {"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "8", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500",
+                 "CUDA_DEVICE_MAX_CONNECTIONS": "1", "TORCHELASTIC_RUN_ID": "x", "ERPD_KEEP_ME": "yes"}.items():
+        monkeypatch.setenv(k, v)
+    with launch(tmp_path, env={"EXTRA": "1"}) as eng:
+        status, env = http_json(eng.servers[0].url, "GET", "/_env")
+        assert status == 200
+    assert not set(TRAINER_ONLY_VARS) & set(env), sorted(set(TRAINER_ONLY_VARS) & set(env))
+    assert env["ERPD_KEEP_ME"] == "yes" and env["EXTRA"] == "1"
+
+
+def test_cpu_launch_flags():
+    """No CUDA: sglang's CPU path (what the real-server tests run); the memory saver (libcuda) and deterministic
+    inference (refused with torch_native attention) are left out there."""
+    from erpd_megatron.rollout.sglang_launch import CPU_FLAGS
+
+    spec = LaunchSpec(model_path="/m", device="cpu", enable_memory_saver=True, deterministic_inference=True,
+                      cpu_max_total_tokens=2048)
+    argv = spec.argv(0)
+    assert " ".join(CPU_FLAGS) in " ".join(argv) and argv[argv.index("--max-total-tokens") + 1] == "2048"
+    assert "--mem-fraction-static" in argv
+    assert "--enable-memory-saver" not in argv and "--enable-deterministic-inference" not in argv
+    assert spec.child_env({"PATH": "/bin"}) == {"PATH": "/bin", "SGLANG_USE_CPU_ENGINE": "1"}
+    assert "SGLANG_USE_CPU_ENGINE" not in LaunchSpec(model_path="/m", device="cuda").child_env({})
+    with pytest.raises(ValueError, match="device"):
+        LaunchSpec(model_path="/m", device="tpu")
+
+
+def test_nccl_version_check():
+    from erpd_megatron.rollout.sglang_weights import check_nccl_versions
+
+    check_nccl_versions("2.27.5", {"http://a:1": "2.27.5", "http://b:1": None})  # equal / unknown: fine
+    with pytest.raises(SGLangError, match=r"trainer 2\.27\.5.*2\.30\.7.*sglang_allow_nccl_mismatch"):
+        check_nccl_versions("2.27.5", {"http://a:1": "2.30.7"})
+    check_nccl_versions("2.27.5", {"http://a:1": "2.30.7"}, allow=True)  # overridden: a warning only
+    assert sglang_wire.nccl_version() is None or sglang_wire.nccl_version().count(".") == 2
+
+
+def test_leftover_server_of_a_killed_trainer_is_stopped(tmp_path):
+    """A SIGKILLed trainer leaves its server running (own session); the next start from the same run
+    directory kills it by the pid file (only if the command line is the one recorded)."""
+    from erpd_megatron.rollout.sglang_launch import start_server, stop_leftover
+
+    port = free_port()
+    argv = [sys.executable, FAKE, "--port", str(port)]
+    log = str(tmp_path / "sglang_server0.log")
+    env = {**os.environ, "PYTHONPATH": REPO}
+    orphan = start_server(argv, log, env, "start")
+    assert stop_leftover(log) and orphan.wait(timeout=30) == -signal.SIGKILL
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        (tmp_path / "sglang_server0.log.pid").write_text(f"{other.pid} 0123\n")  # pid reused by someone else
+        assert not stop_leftover(log) and other.poll() is None
+    finally:
+        other.kill()
+        other.wait()

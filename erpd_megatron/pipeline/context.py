@@ -211,6 +211,8 @@ class Context:
         from erpd_megatron.utils.timing import stage
 
         with stage("weight_sync"):
+            if self._push_per_gpu(policy, version):
+                return
             buckets = iter_hf_buckets(policy, receivers="rank0")
             if self.is_main:
                 self.engine.update_weights(buckets, version=version)
@@ -242,6 +244,27 @@ class Context:
             return check_sync(policy, engine, self._probe, sync=self.syncs, version=version,
                               engine_dtype=getattr(engine, "dtype", None), mean_tol=r.verify_weights_tol,
                               is_main=self.is_main)
+
+
+    def _push_per_gpu(self, policy, version) -> bool:
+        """Colocated SGLang on GPUs: each trainer rank feeds the server TP rank on its own GPU
+        (rollout/colocated.py). False (nothing done) when that does not apply or a server GPU has no trainer
+        rank on it; then rank 0 sends everything."""
+        from erpd_megatron.rollout import colocated
+
+        if colocated.choose_receivers(self.cfg.rollout, cuda=torch.cuda.is_available()) != "per_gpu" \
+                or not torch.distributed.is_initialized():
+            return False
+        r = self.cfg.rollout
+        gpus = colocated.server_gpus(r.sglang_base_gpu_id, r.sglang_tp, r.sglang_num_servers)
+        owners = colocated.gpu_owners(torch.cuda.current_device())
+        missing = colocated.missing_gpus(owners, gpus)
+        if missing:
+            if self.is_main:
+                log.warning("no trainer rank on server GPU(s) %s: rank 0 sends every tensor", missing)
+            return False
+        colocated.push_per_gpu(policy, self.engine if self.is_main else None, version, owners=owners, gpus=gpus)
+        return True
 
 
 #: set by torchrun for its workers; a child process that inherits them joins (and hangs) the parent's world

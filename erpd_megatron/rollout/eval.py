@@ -275,7 +275,7 @@ def _run(args) -> int:
         from erpd_megatron.rollout.sglang_engine import SGLangEngine, SGLangError
 
         try:
-            engine = SGLangEngine(urls=args.sglang_url)
+            engine = SGLangEngine(urls=args.sglang_url, attach_timeout=30.0)  # serving already, or a wrong URL
         except SGLangError as e:  # nothing answers at that address: the flag is wrong, not the code
             raise UsageError(f"--sglang-url: {e}") from None
     else:

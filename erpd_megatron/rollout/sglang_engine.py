@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import sys
 import threading
 import uuid
 from collections import deque
@@ -86,7 +87,9 @@ def launch_spec(rollout_cfg, model_path: str, *, log_dir: str | None, api_key: s
                       enable_memory_saver=bool(g("sglang_offload", False)),
                       deterministic_inference=bool(g("sglang_deterministic", False)),
                       api_key=api_key or os.environ.get(API_KEY_ENV) or None, python=g("sglang_python", None),
-                      extra_args=tuple(g("sglang_extra_args", ())), log_dir=log_dir)
+                      extra_args=tuple(g("sglang_extra_args", ())), log_dir=log_dir,
+                      startup_timeout=float(g("sglang_startup_timeout", 1800.0)),
+                      device=None if g("sglang_device", "auto") == "auto" else g("sglang_device", None))
 
 
 class RolloutError(RuntimeError):
@@ -108,6 +111,8 @@ class _Server:
     stale_weights: bool = False
     session: bool | None = None
     """Has /begin_weight_update (None: not asked yet; False: older server, 404)."""
+    in_group: bool = False
+    """Its ranks are members of the current weight-update group (``distributed``)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -122,6 +127,7 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
                  request_timeout: float = 1800.0,
                  control_timeout: float = 600.0,
                  health_timeout: float = 30.0,
+                 attach_timeout: float = 1800.0,
                  max_retries: int = 3,
                  max_restarts: int = 3,
                  concurrency_per_server: int = 64,
@@ -132,7 +138,8 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
                  dist_backend: str = "nccl",
                  dist_group_name: str = "erpd_weight_update",
                  resync_fn: Callable[[str], None] | None = None,
-                 send_sampling_seed: bool = True):
+                 send_sampling_seed: bool = True,
+                 allow_nccl_mismatch: bool = False):
         """Attach to ``urls`` or start servers from ``launch`` (exactly one of them).
         ``tp``: TP size of attached servers (default: read from ``/server_info``).
         ``api_key``: sent as a Bearer token (default: ``launch.api_key``, else $ERPD_SGLANG_API_KEY).
@@ -142,6 +149,10 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
         ``pause_mode``: body of ``/pause_generation`` ("retract" | "abort" | "in_place").
         ``offload_tags``: memory tags released after each ``generate`` (colocated; servers need
         ``--enable-memory-saver``); None = keep everything resident.
+        ``health_timeout``: one ``/health`` call. ``attach_timeout``: how long attached servers may take to
+        answer ``/health`` at start (a batch script may have started them moments before: a large TP server
+        loads and captures CUDA graphs for minutes, longer on a requeue); launched servers wait
+        ``launch.startup_timeout``.
         ``send_sampling_seed``: send per-sample ``sampling_seed``. sglang 0.5.23 uses it only when
         started with ``--enable-deterministic-inference`` (which also selects its pytorch sampler);
         otherwise it is dropped and sampling is not reproducible. Set False for older servers whose
@@ -168,6 +179,7 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
         self.request_timeout = request_timeout
         self.control_timeout = control_timeout
         self.health_timeout = health_timeout
+        self.attach_timeout = attach_timeout
         self.max_retries = max_retries
         self.max_restarts = max_restarts
         self.concurrency_per_server = concurrency_per_server
@@ -183,6 +195,9 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
         self._last_disk_path: str | None = None
         self._released: set[str] = set()
         self._dist_group = None
+        self._dist_stale = False
+        self._nccl_versions: dict[str, str | None] = {}
+        self.allow_nccl_mismatch = allow_nccl_mismatch
         self._call_id = 0
         self._closed = False
 
@@ -200,7 +215,7 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
                 for s in self.servers:
                     self._start(s)
             for s in self.servers:
-                self._wait_healthy(s, launch.startup_timeout if launch else self.health_timeout)
+                self._wait_healthy(s, launch.startup_timeout if launch else self.attach_timeout)
                 self._read_server_info(s)
         except BaseException:
             self.shutdown()  # never leave launched servers behind
@@ -214,6 +229,8 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
         g = lambda name, default: getattr(rollout_cfg, name, default)  # noqa: E731
         kw.setdefault("weight_transport", g("sglang_weight_transport", "tensor"))
         kw.setdefault("api_key", os.environ.get(API_KEY_ENV) or None)  # never from the config (it is saved)
+        kw.setdefault("attach_timeout", float(g("sglang_startup_timeout", 1800.0)))
+        kw.setdefault("allow_nccl_mismatch", bool(g("sglang_allow_nccl_mismatch", False)))
         if g("sglang_offload", False):
             kw.setdefault("offload_tags", tuple(g("sglang_offload_tags", ("kv_cache", "cuda_graph"))))
         urls = list(g("sglang_urls", []) or [])
@@ -294,6 +311,15 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
                  timeout: float | None = None):
         return control(s.url, path, body, method=method, timeout=timeout or self.control_timeout, api_key=self.api_key)
 
+    def _server_nccl_version(self, s: _Server) -> str | None:
+        """NCCL of a launched server's environment (its interpreter, asked once); None when attached."""
+        if self.launch is None or self.launch.command is not None:
+            return None
+        python = self.launch.python or sys.executable
+        if python not in self._nccl_versions:
+            self._nccl_versions[python] = sglang_wire.interpreter_nccl_version(python)
+        return self._nccl_versions[python]
+
     def _live(self) -> list[_Server]:
         return [s for s in self.servers if s.alive]
 
@@ -328,8 +354,9 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
                 log.error("%s", e)
                 s.alive = False
                 return False
-            if self._dist_group is not None:  # its ranks left the custom group: rebuild on next update
-                self._dist_group = None
+            s.in_group = False  # its ranks left the update group: the next update rebuilds it everywhere
+            if self._dist_group is not None:
+                self._dist_stale = True
             if self.weight_version is not None:
                 self._resync(s)
             return True

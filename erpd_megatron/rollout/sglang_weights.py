@@ -33,6 +33,22 @@ def _version(version) -> str | None:
     return None if version is None else str(version)
 
 
+def check_nccl_versions(trainer: str | None, servers: dict[str, str | None], *, allow: bool = False) -> None:
+    """Log the NCCL versions of the trainer and of every server joining the update group; a server whose known
+    version differs from the trainer's stops the update (``SGLangError``) unless ``allow``."""
+    log.info("weight-update group: NCCL %s on the trainer; %s", trainer or "unknown",
+             ", ".join(f"{u}: {v or 'unknown (attached; not checked)'}" for u, v in servers.items()))
+    bad = {u: v for u, v in servers.items() if v and trainer and v != trainer}
+    if not bad:
+        return
+    msg = (f"NCCL version mismatch in the weight-update group: trainer {trainer}, servers {bad}; NCCL does not "
+           "promise communicators across versions (align the two environments' torch / nvidia-nccl builds, or set "
+           "rollout.sglang_allow_nccl_mismatch=true to try anyway)")
+    if not allow:
+        raise SGLangError(msg)
+    log.warning("%s -- continuing (allowed)", msg)
+
+
 class WeightUpdates:
     # ------------------------------------------------------------------ session
     def _begin_session(self, s) -> None:
@@ -128,11 +144,14 @@ class WeightUpdates:
 
     # ------------------------------------------------------------------ "distributed" (NCCL broadcast)
     def _ensure_dist_group(self) -> None:
-        if self._dist_group is not None:
+        if self._dist_group is not None and not self._dist_stale:
             return
         if self.dist_master_port is None:
             raise ValueError("weight_transport='distributed' needs dist_master_port=")
+        if self._dist_group is not None:
+            self._destroy_dist_group()
         live = self._live()
+        self._check_nccl(live)
         world = 1 + sum(s.tp for s in live)
         offsets, off = {}, 1
         for s in live:
@@ -155,6 +174,40 @@ class WeightUpdates:
 
         run_each(live, join, meanwhile=me)
         self._dist_group = group["pg"]
+        self._dist_stale = False
+        for s in live:
+            s.in_group = True
+
+    def _destroy_dist_group(self) -> None:
+        """After a server restart the group lost members: the survivors and this process destroy their side
+        (``/destroy_weights_update_group``, ``destroy_process_group``) so that a new group can be created under
+        the same name -- torch refuses a second group of a name that still exists, on both sides. A survivor
+        that answers "does not exist" (or fails) is logged and left: the new group uses the same name anyway."""
+        import torch.distributed as dist
+
+        def leave(s):
+            try:
+                self._control(s, "/destroy_weights_update_group", {"group_name": self.dist_group_name})
+            except SGLangError as e:
+                log.warning("%s: destroying the old weight-update group failed: %s", s.url, e)
+            s.in_group = False
+
+        run_each([s for s in self._live() if s.in_group], leave)
+        try:
+            dist.destroy_process_group(self._dist_group)
+        except Exception as e:  # a peer is gone: the local teardown may complain, the name is released anyway
+            log.warning("destroying the old weight-update group: %s", e)
+        self._dist_group = None
+
+    def _check_nccl(self, live) -> None:
+        """NCCL promises nothing across versions: log both sides' at group creation and refuse a known mismatch
+        unless ``allow_nccl_mismatch``. Server versions are known for launched servers (their interpreter is
+        asked once); attached ones are unknown here (logged, not refused)."""
+        if self.dist_backend != "nccl":
+            return
+        mine = sglang_wire.nccl_version()
+        theirs = {s.url: self._server_nccl_version(s) for s in live}
+        check_nccl_versions(mine, theirs, allow=self.allow_nccl_mismatch)
 
     def _push_distributed_bucket(self, bucket: WeightBucket, version) -> None:
         import torch.distributed as dist

@@ -31,6 +31,15 @@ rebuild function, which the server (it calls the same patch before deserializing
 own index. Without sglang a pure-Python ``ForkingPickler`` twin does the same: it writes the
 metadata class under sglang's module path and CUDA tensors as (UUID, sglang's rebuild function),
 so the bytes are what a patched sglang process would produce.
+
+CPU tensors (a server on CPU, the tests) travel as shared-memory handles, and only torch's "file_system"
+sharing strategy gives handles an independently started server can open: under the default
+"file_descriptor" strategy the server fetches the fd from our resource sharer, which checks a process-family
+key the server does not have, and sglang's scheduler dies ("AuthenticationError: digest sent was rejected";
+seen with a real 0.5.23 server). ``serialize`` therefore switches this process to "file_system" when a payload
+holds CPU tensors (process-wide: torch reads the strategy at pickling time), and starts torch's
+``torch_shm_manager`` daemon (which that strategy needs) with stdin / stdout / stderr on /dev/null: it outlives
+us and would otherwise keep our stdout open, so a piped command (``make test | tee``) would hang after we exit.
 """
 
 from __future__ import annotations
@@ -38,7 +47,10 @@ from __future__ import annotations
 import base64
 import copyreg
 import io
+import os
 import pickle
+import sys
+import threading
 import types
 from dataclasses import dataclass
 from datetime import timedelta
@@ -189,9 +201,54 @@ class _SGLangCompatPickler(pickle._Pickler):
         super().save_global(obj, name)
 
 
+_SHM_MANAGER_LOCK = threading.Lock()
+_shm_manager_started = False
+
+
+def share_cpu_tensors_by_name() -> None:
+    """Make CPU tensors pickle as named shared memory that another process tree can open (module docstring)."""
+    global _shm_manager_started
+    import torch.multiprocessing as mp
+
+    if mp.get_sharing_strategy() != "file_system":
+        mp.set_sharing_strategy("file_system")
+    with _SHM_MANAGER_LOCK:
+        if _shm_manager_started:
+            return
+        # The first file_system share starts torch_shm_manager, which inherits fds 0-2: hand it /dev/null.
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        saved = [os.dup(fd) for fd in (0, 1, 2)]
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            torch.empty(1).share_memory_()
+        finally:
+            for fd, old in zip((0, 1, 2), saved):
+                os.dup2(old, fd)
+                os.close(old)
+            os.close(null)
+        _shm_manager_started = True
+
+
+def _holds_cpu_tensor(obj) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return obj.device.type == "cpu"
+    if isinstance(obj, dict):
+        return any(_holds_cpu_tensor(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_holds_cpu_tensor(v) for v in obj)
+    return False
+
+
 def serialize(obj, *, use_sglang: bool | None = None) -> str:
     """base64 text of a ForkingPickler payload, as ``MultiprocessingSerializer.serialize(obj, output_str=True)``.
-    ``use_sglang``: None = sglang's serializer when importable, else ours; True/False forces."""
+    ``use_sglang``: None = sglang's serializer when importable, else ours; True/False forces. CPU tensors are
+    shared by name (``share_cpu_tensors_by_name``)."""
+    if _holds_cpu_tensor(obj):
+        share_cpu_tensors_by_name()
     sgl = _sglang_classes() if use_sglang in (None, True) else None
     if use_sglang and sgl is None:
         raise ImportError("serialize(use_sglang=True): sglang.srt.utils is not importable here")
@@ -264,6 +321,28 @@ def deserialize(data: str | bytes, *, use_sglang: bool | None = None):
 
 
 # ---------------------------------------------------------------------- distributed weight updates
+NCCL_VERSION_CODE = "import torch; v = torch.cuda.nccl.version(); print('.'.join(map(str, v)) if isinstance(v, tuple) else v)"
+
+
+def nccl_version() -> str | None:
+    """This process's NCCL version as "2.27.5" (torch's bundled build), None when torch has none."""
+    try:
+        v = torch.cuda.nccl.version()
+    except Exception:  # a CPU-only torch build
+        return None
+    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+def interpreter_nccl_version(python: str, timeout: float = 120.0) -> str | None:
+    """The NCCL version of another environment's torch (a launched server's interpreter), None if unknown."""
+    import subprocess
+
+    try:
+        out = subprocess.run([python, "-c", NCCL_VERSION_CODE], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
 def dtype_name(dtype: torch.dtype) -> str:
     """sglang resolves dtypes with ``getattr(torch, name)``: "bfloat16", not "torch.bfloat16"."""
     return str(dtype).removeprefix("torch.")
