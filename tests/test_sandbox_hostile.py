@@ -101,7 +101,9 @@ def hostile_cases(w):
                                   {"wrong_answer"}),
         "fake_harness_answer": ('print(\'{"nonce": "0", "results": [{"status": "ok"}, {"status": "ok"}]}\')', STDIO,
                                 {"wrong_answer"}),
-        "read_harness_memory": ("import os\nprint(open('/proc/2/environ').read(), open('/proc/2/mem', 'rb').read(1))",
+        "read_harness_memory": ("got = []\nfor p in ('/proc/2/environ', '/proc/2/mem', '/proc/2/fd/0', '/proc/2/maps'):\n"
+                                "    try:\n        open(p, 'rb').read(1)\n        got.append(p)\n"
+                                "    except OSError:\n        pass\nif not got:\n    raise SystemExit(1)",
                                 STDIO, {"runtime_error"}),
     }
 
