@@ -20,7 +20,7 @@ def test_partition_and_determinism():
     assert not set(tr) & (set(va) | set(ev)) and not set(va) & set(ev)
     assert ct.train_problems(200, seed=3) == tr and ct.train_problems(200, seed=4) != tr
     p = ct.CodeProblem(3, 1)
-    assert p.problem == "".join(f"f({x})={3 * x + 1};" for x in p.shown) and len(p.shown) == 3
+    assert p.problem == "f(0)=1;f(1)=4;f(2)=7;" and p.shown == [0, 1, 2]
     assert not set(p.shown) & set(p.hidden) and extract_code(p.target) == "def f(x):return x*3+1\n"
 
 
@@ -39,3 +39,28 @@ def test_records_score_in_the_sandbox(tmp_path):
     assert got == [1.0] * 4 + [0.0] * 8
     row = probs[0].row()
     assert json.loads(row["input_output"])["fn_name"] == "f" and row["data_source"] == "toy_code"
+
+
+def test_code_tokenizer_and_the_warmup_scorer():
+    from erpd_megatron.toy.code_base import CODE_VOCAB, VOCAB_SIZE, build_code_tokenizer, correct
+    from erpd_megatron.toy.tokenizer import VOCAB
+
+    tok = build_code_tokenizer()
+    p = ct.CodeProblem(3, 1)
+    ids = tok.encode(p.target, add_special_tokens=False)
+    assert tok.decode(ids) == p.target and len(ids) == 7  # HEAD x * 3 + 1 CLOSE
+    assert len(tok.encode(p.problem, add_special_tokens=False)) == len(p.problem)
+    assert CODE_VOCAB[:6] == VOCAB[:6] and len(CODE_VOCAB) <= VOCAB_SIZE  # same special ids as the math toy
+    assert correct(p.target, p) and not correct(p.target.replace("+1", "+2"), p) and not correct("x*3+1", p)
+
+
+def test_pipeline_generates_toy_code_data(tmp_path):
+    from erpd_megatron.config import load_config
+    from erpd_megatron.pipeline.context import load_prompts as ctx_load
+    from erpd_megatron.pipeline.rundir import RunDir
+
+    cfg = load_config("erpd_megatron/presets/toy_code.yaml", [f"run_dir={tmp_path}", "data.eval=toy_code_val"])
+    train, evals = ctx_load(cfg, RunDir(tmp_path))
+    assert len(evals) == cfg.data.eval_prompts and all(p.meta["input_output"] for p in train + evals)
+    tr, ev = {p.id for p in train}, {p.id for p in evals}
+    assert not tr & ev and all(ct.is_validation(ct.CodeProblem(*map(int, i.split("-")[1:]))) for i in ev)

@@ -231,6 +231,10 @@ def resolve_base(cfg: RunConfig, run: RunDir) -> Path:
 
         header("toy base policy", "supervised warm-up on first use, cached after")
         return ensure_base_model(run.root / "hf_base", log=logging.getLogger("erpd.warmup").info)  # above the bar
+    if cfg.model.base == "toy_code":  # the toy code task's base (toy/code_base.py), warmed on first use
+        from erpd_megatron.toy.code_base import warmup_code_base
+
+        return warmup_code_base(run.root / "hf_base", log=logging.getLogger("erpd.warmup").info)
     p = Path(cfg.model.base)
     if not (p / "config.json").exists():
         raise FileNotFoundError(f"model.base: {p} is not a Hugging Face checkpoint directory (no config.json)")
@@ -247,24 +251,28 @@ def _load_field(field_name: str, path: str) -> list:
         raise PromptDataError(f"{field_name}: {e}") from None
 
 
+TOY_DATA = ("toy", "toy_val", "toy_code", "toy_code_val")  # generated into the run dir (toy/task.py, toy/code_task.py)
+
+
 def load_prompts(cfg: RunConfig, run: RunDir):
     """(train, eval) prompt lists. "toy" writes the toy task's JSONL files into the run dir, but only once every
     user-given file has loaded: a malformed file leaves nothing behind."""
     from erpd_megatron.data.prompts import load_prompts as _load
 
     loaded = {w: _load_field(f"data.{w}", s) for w, s in (("train", cfg.data.train), ("eval", cfg.data.eval))
-              if s not in ("toy", "toy_val")}
+              if s not in TOY_DATA}
     paths = []
     for which, spec, n in (("train", cfg.data.train, cfg.data.prompts_per_batch * max(cfg.iterations, 1) * 4),
                            ("eval", cfg.data.eval, cfg.data.eval_prompts)):
-        if spec in ("toy", "toy_val"):  # toy_val: the toy's validation split (tuning), disjoint from "toy"
-            from erpd_megatron.toy import task
+        if spec in TOY_DATA:  # *_val: the toy's validation split (tuning), disjoint from its test split
+            from erpd_megatron.toy import code_task, task
 
+            mod = code_task if spec.startswith("toy_code") else task
             path = run.root / "data" / f"{spec}_{which}.jsonl"
             if not path.exists():
-                draw = task.train_problems if which == "train" else \
-                    task.validation_problems if spec == "toy_val" else task.eval_problems
-                task.write_jsonl(draw(n, seed=cfg.seed), path)
+                draw = mod.train_problems if which == "train" else \
+                    mod.validation_problems if spec.endswith("_val") else mod.eval_problems
+                mod.write_jsonl(draw(n, seed=cfg.seed), path)
             spec = str(path)
         paths.append(spec)
     train, evals = (loaded[w] if w in loaded else _load(p) for w, p in zip(("train", "eval"), paths))
@@ -278,7 +286,7 @@ def build_context(cfg: RunConfig) -> Context:
     from erpd_megatron.pipeline.checks import check_dataset_sizes, check_prompt_lengths
 
     run = RunDir(Path(cfg.run_dir))
-    if cfg.model.base != "toy":  # a wrong path fails before the toy data files are written
+    if cfg.model.base not in ("toy", "toy_code"):  # a wrong path fails before the toy data files are written
         resolve_base(cfg, run)
     train, evals = load_prompts(cfg, run)  # bad data fails here, before the warm-up or any training
     check_dataset_sizes(cfg, train, evals)

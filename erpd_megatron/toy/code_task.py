@@ -1,12 +1,13 @@
 """Toy code task (data only): write a one-line Python function from input/output examples; hidden tests judge it.
 
-    problem  f(3)=10;f(5)=16;f(0)=1;
+    problem  f(0)=1;f(1)=4;f(2)=7;
     target   ```python
              def f(x):return x*3+1
              ```
 
-A function is `f(x) = x*a+b` (a in 2-19, b in 0-99: 1,800 functions). The prompt shows it at 3 inputs; the record's
-hidden tests call it at 4 other inputs (APPS / verl call-based `input_output` with `fn_name` "f"), so a program
+A function is `f(x) = x*a+b` (a in 2-19, b in 0-99: 1,800 functions). The prompt shows it at x = 0, 1, 2 (so b is
+read off and a is one subtraction away: a tiny model can learn it, not perfectly); the record's hidden tests call it
+at 4 other inputs (APPS / verl call-based `input_output` with `fn_name` "f"), so a program
 that only memorises the shown examples (`if x == 3: return 10 ...`) fails them. Records are code records as
 `data/prompts.py` reads them (`question`, `input_output`, `id`, `data_source: "toy_code"`) and are scored by the
 sandboxed code reward (`rewards/code.py`).
@@ -15,8 +16,8 @@ Train / validation / test come from a fixed partition of the FUNCTIONS (crc32 of
 split again by hash into validation and test halves), as in `toy/task.py`: a held-out function is never shown in
 training with any examples, so a gain on it is generalisation, not recall.
 
-What is NOT here (issue 23 item 4): a tokenizer and a warmed tiny base that write these programs, and a preset that
-runs the ERPD pipeline on them. This module is the data half.
+The tokenizer and the warmed tiny base that writes these programs: `toy/code_base.py`; the preset running the ERPD
+pipeline on them with sandboxed rewards: `presets/toy_code.yaml` (`model.base: toy_code`, `data.train: toy_code`).
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from pathlib import Path
 
 A_RANGE = range(2, 20)
 B_RANGE = range(0, 100)
-SHOWN_X = range(0, 21)   # inputs shown in the prompt
+SHOWN_X = (0, 1, 2)  # inputs shown in the prompt
 HIDDEN_X = range(21, 61)  # inputs of the hidden tests: never shown, so memorising examples cannot pass
-N_SHOWN, N_HIDDEN = 3, 4
+N_HIDDEN = 4
 HELDOUT_MODULUS = 8
 
 
@@ -52,7 +53,7 @@ class CodeProblem:
 
     @property
     def shown(self) -> list[int]:
-        return self._rng("shown").sample(list(SHOWN_X), N_SHOWN)
+        return list(SHOWN_X)
 
     @property
     def hidden(self) -> list[int]:
