@@ -35,7 +35,8 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mea
 @dataclass
 class ModelConfig:
     base: str = "toy"
-    """HF checkpoint directory of the base policy, or "toy" for the locally warmed-up tiny Qwen3 model."""
+    """HF checkpoint directory of the base policy, or "toy" for the locally warmed-up tiny Qwen3 model ("toy_code":
+    its code-task twin, toy/code_base.py)."""
     tp: int = 1
     """Tensor-parallel size."""
     pp: int = 1
@@ -55,7 +56,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = "toy"
-    """Prompt dataset (JSONL or Parquet with `problem`, `answer`, optional `id`), or "toy"."""
+    """Prompt dataset (JSONL or Parquet with `problem`, `answer`, optional `id`; or code records with tests), or
+    "toy" / "toy_code" (generated; "toy_val" / "toy_code_val": the validation split)."""
     eval: str = "toy"
     """Held-out benchmark file (same format), or "toy"."""
     prompts_per_batch: int = 128

@@ -113,3 +113,18 @@ def test_every_format_in_the_real_sandbox():
     assert got_bin == [1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
     assert got_frac == [f for _, _, _, f in rows]
     assert reasons[1] == "wrong_answer" and reasons[-1] == "no_code" and reasons[0] == "passed"
+
+
+def test_large_inputs_pass_within_the_limits():
+    """LiveCodeBench-sized inputs (10^5 numbers) through stdin and through a call: arguments and values travel as
+    JSON for call-based tests (ast.literal_eval would take seconds), and the harness's writes keep their deadline."""
+    _need_bwrap()
+    big = list(range(100_000))
+    call = parse_tests({"input_output": {"inputs": [[big]], "outputs": [[sum(big), len(big)]], "fn_name": "stats"}})
+    stdio = parse_tests({"input_output": {"inputs": [" ".join(map(str, big)) + "\n"], "outputs": [str(sum(big))]}})
+    progs = ["```python\ndef stats(xs):\n    return (sum(xs), len(xs))\n```",
+             "```python\nprint(sum(map(int, input().split())))\n```",
+             "```python\nimport time\ntime.sleep(60)\ndef stats(xs):\n    return 0\n```"]  # never reads the call
+    with CodeReward(num_workers=2, timeout_per_test_s=6, timeout_per_sample_s=30) as r:
+        assert r.score_batch(progs, [call, stdio, call]) == [1.0, 1.0, 0.0]
+        assert r.last_reasons == ["passed", "passed", "timeout"]

@@ -101,7 +101,9 @@ def hostile_cases(w):
                                   {"wrong_answer"}),
         "fake_harness_answer": ('print(\'{"nonce": "0", "results": [{"status": "ok"}, {"status": "ok"}]}\')', STDIO,
                                 {"wrong_answer"}),
-        "read_harness_memory": ("import os\nprint(open('/proc/2/environ').read(), open('/proc/2/mem', 'rb').read(1))",
+        "read_harness_memory": ("got = []\nfor p in ('/proc/2/environ', '/proc/2/mem', '/proc/2/fd/0', '/proc/2/maps'):\n"
+                                "    try:\n        open(p, 'rb').read(1)\n        got.append(p)\n"
+                                "    except OSError:\n        pass\nif not got:\n    raise SystemExit(1)",
                                 STDIO, {"runtime_error"}),
     }
 
@@ -206,3 +208,52 @@ def test_harness_answer_needs_the_nonce(monkeypatch):
     out = Sandbox().run({"mode": "stdio", "tests": [{"input": ""}]}, "print(1)", wall_s=20, slot=0)
     assert out.results is None and out.failure == "sandbox_error"
     json.dumps(out.detail)
+
+
+def test_non_root_trainer_gets_the_same_sandbox():
+    """A trainer running as an ordinary user: bwrap in an unprivileged user namespace, RLIMIT_NPROC relative to the
+    user's current task count (a fork bomb ends at the per-test limit), /etc/shadow absent. Run as a throwaway uid
+    with Debian's python3 on a copy of the package (the venv may sit in /root, unreadable to that uid)."""
+    _need_bwrap()
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root (to switch to a throwaway uid) and setpriv")
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import erpd_megatron
+
+    top = Path(tempfile.mkdtemp(prefix="erpd-nonroot-", dir="/tmp"))  # pytest's tmp_path is 0700 root
+    try:
+        _run_as_other_uid(top, erpd_megatron, subprocess)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _run_as_other_uid(tmp_path, erpd_megatron, subprocess):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(os.path.dirname(erpd_megatron.__file__), pkg / "erpd_megatron",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    script = pkg / "run.py"
+    script.write_text(
+        "import json, os\nfrom erpd_megatron.rewards.code import CodeReward\n"
+        "from erpd_megatron.rewards.code_tests import parse_tests\n"
+        "t = parse_tests({'input_output': {'inputs': ['1 2\\n'], 'outputs': ['3\\n']}})\n"
+        "progs = ['print(sum(map(int, input().split())))',\n"
+        "         'import os\\nwhile True:\\n    try:\\n        os.fork()\\n    except OSError:\\n        pass',\n"
+        "         'print(open(\"/etc/shadow\").read())']\n"
+        "with CodeReward(num_workers=2, timeout_per_test_s=1.5, timeout_per_sample_s=20) as r:\n"
+        "    v = r.score_batch(['```python\\n' + p + '\\n```' for p in progs], [t] * 3)\n"
+        "print(json.dumps([os.getuid(), v, r.last_reasons]))\n")
+    for root, dirs, files in os.walk(tmp_path):
+        for name in dirs + files:
+            os.chmod(os.path.join(root, name), 0o755)
+    os.chmod(tmp_path, 0o755)
+    uid = str(_UID_BASE + 63)  # not a slot uid of this process's pools (those are base + 0..num_workers-1)
+    out = subprocess.run(["setpriv", "--reuid", uid, "--regid", uid, "--clear-groups", "/usr/bin/python3",
+                          str(script)], capture_output=True, text=True, timeout=120, cwd=str(pkg),
+                         env={"PYTHONPATH": str(pkg), "HOME": "/tmp", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    got_uid, rewards, reasons = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got_uid == int(uid) and rewards == [1.0, 0.0, 0.0]
+    assert reasons == ["passed", "timeout", "runtime_error"]

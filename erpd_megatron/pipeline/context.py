@@ -297,7 +297,8 @@ def _import_in_process(hf: Path, out: Path) -> None:
 TOY_BASES = {"toy": "DEMO_BASE", "toy_long": "LONG_BASE"}
 # data.train / data.eval names of the synthetic tasks -> their module in erpd_megatron/toy/ (train draws come from
 # the training partition whichever name; "*_val" evaluates on the validation split, the plain name on the test split)
-TOY_DATA = {"toy": "task", "toy_val": "task", "long": "chain", "long_val": "chain"}
+TOY_DATA = {"toy": "task", "toy_val": "task", "long": "chain", "long_val": "chain",
+            "toy_code": "code_task", "toy_code_val": "code_task"}
 
 
 def resolve_base(cfg: RunConfig, run: RunDir) -> Path:
@@ -310,6 +311,10 @@ def resolve_base(cfg: RunConfig, run: RunDir) -> Path:
         header(f"{cfg.model.base} base policy", "supervised warm-up on first use, cached after")
         return warmup.ensure_base_model(run.root / "hf_base", getattr(warmup, TOY_BASES[cfg.model.base]),
                                         log=logging.getLogger("erpd.warmup").info)  # above the bar
+    if cfg.model.base == "toy_code":  # the toy code task's base (toy/code_base.py), warmed on first use
+        from erpd_megatron.toy.code_base import warmup_code_base
+
+        return warmup_code_base(run.root / "hf_base", log=logging.getLogger("erpd.warmup").info)
     p = Path(cfg.model.base)
     if not (p / "config.json").exists():
         raise FileNotFoundError(f"model.base: {p} is not a Hugging Face checkpoint directory (no config.json)")
@@ -361,7 +366,7 @@ def build_context(cfg: RunConfig) -> Context:
 
     run = RunDir(Path(cfg.run_dir))
     with _undo_if_refused(run.root):  # a refused run leaves nothing behind (the lock removes the empty dir)
-        if cfg.model.base not in TOY_BASES:  # a wrong path fails before the toy data files are written
+        if cfg.model.base not in (*TOY_BASES, "toy_code"):  # a wrong path fails before the toy data files are written
             resolve_base(cfg, run)
         train, evals = load_prompts(cfg, run)  # bad data fails here, before the warm-up or any training
         check_dataset_sizes(cfg, train, evals)

@@ -51,7 +51,7 @@ class SandboxLimits:
     memory_mb: int = 1024
     """RLIMIT_AS of each test process (address space, MiB)."""
     nproc: int = 32
-    """RLIMIT_NPROC of each test process (processes + threads of the sandbox's uid; root only, see docs)."""
+    """RLIMIT_NPROC of each test process: processes + threads the sandbox may add (see Sandbox._nproc)."""
     fsize_mb: int = 16
     """RLIMIT_FSIZE: largest file a test process may write (MiB)."""
     nofile: int = 64
@@ -137,7 +137,7 @@ class Sandbox:
         job = {**job, "nonce": nonce, "timeout_per_test_s": timeout_per_test_s, "output_bytes": lim.output_bytes,
                "sweep": self.mode == "bwrap",
                "limits": {"cpu_s": cpu_s, "memory_mb": lim.memory_mb, "fsize_mb": lim.fsize_mb, "nofile": lim.nofile,
-                          "nproc": lim.nproc if (self.mode == "bwrap" and os.geteuid() == 0) else -1}}
+                          "nproc": self._nproc()}}
         box = tempfile.mkdtemp(prefix="erpd-box-", dir="/tmp" if os.path.isdir("/tmp") else None)
         try:
             os.chmod(box, 0o755)  # the slot uid must be able to read it (bwrap binds it read-only)
@@ -159,6 +159,22 @@ class Sandbox:
             return self._communicate(argv, json.dumps(job).encode(), wall_s, nonce, kwargs)
         finally:
             shutil.rmtree(box, ignore_errors=True)
+
+    def _nproc(self) -> int:
+        """RLIMIT_NPROC for the test processes. It counts every task of the REAL uid: as root each slot has a uid of
+        its own, so the limit is the sandbox's; otherwise the sandbox shares your uid, so the limit is what your
+        uid runs now plus `nproc` (the trainer's own rlimit is untouched, only the sandbox's forks are capped)."""
+        if os.geteuid() == 0:
+            return self.limits.nproc if self.mode == "bwrap" else -1  # root ignores RLIMIT_NPROC anyway
+        uid, tasks = os.getuid(), 0
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    if os.stat(f"/proc/{d}").st_uid == uid:
+                        tasks += len(os.listdir(f"/proc/{d}/task"))
+                except OSError:
+                    pass
+        return tasks + self.limits.nproc
 
     def _communicate(self, argv, data: bytes, wall_s: float, nonce: str, kwargs: dict) -> RunOutcome:
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}

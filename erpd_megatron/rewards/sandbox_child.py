@@ -128,7 +128,9 @@ def run_stdio(test_input, lim, timeout, cap):
         if w:
             try:
                 pos += os.write(win, data[pos:pos + 65536])
-            except (BrokenPipeError, OSError):
+            except BlockingIOError:
+                pass
+            except OSError:  # the program closed its stdin (or exited): the rest of the input is not needed
                 pos = len(data)
             if pos >= len(data):
                 proc.stdin.close()
@@ -169,15 +171,30 @@ class Runner:
         self.proc = _spawn([PY, "-I", "-B", os.path.join(BOX, "child.py"), "serve", fn_name], lim)
         self.buf = b""
 
-    def call(self, args, kwargs, timeout):
-        """Returns the rebuilt value; raises RunnerGone / RunnerTimeout / ValueError (the program raised)."""
-        msg = json.dumps([repr(tuple(args)), repr(dict(kwargs))]).encode() + b"\n"
-        try:
-            self.proc.stdin.write(msg)
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            raise RunnerGone("the program's process exited") from None
+    def call(self, args, kwargs, timeout, wire="repr"):
+        """Returns the rebuilt value; raises RunnerGone / RunnerTimeout / ProgramError / BadValue.
+
+        wire "json" (call-based tests: JSON arguments, tuples come back as lists; 10x faster than literal_eval on
+        10^5-element inputs) or "repr" (assert tests: arguments and values keep tuples / sets)."""
+        if wire == "json":
+            msg = json.dumps(["json", json.dumps(list(args))]).encode() + b"\n"
+        else:
+            msg = json.dumps(["repr", repr(tuple(args)), repr(dict(kwargs))]).encode() + b"\n"
         deadline = time.monotonic() + timeout
+        win = self.proc.stdin.fileno()
+        os.set_blocking(win, False)  # large arguments and a program stuck while loading: keep the deadline
+        while msg:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RunnerTimeout()
+            if not select.select([], [win], [], left)[1]:
+                continue
+            try:
+                msg = msg[os.write(win, msg):]
+            except BlockingIOError:
+                continue
+            except OSError:
+                raise RunnerGone("the program's process exited") from None
         fd = self.proc.stdout.fileno()
         while b"\n" not in self.buf:
             left = deadline - time.monotonic()
@@ -196,10 +213,10 @@ class Runner:
             kind, text = json.loads(line)
         except (ValueError, TypeError):
             raise RunnerGone("protocol") from None
-        if kind != "ok":
+        if kind not in ("ok", "okj"):
             raise ProgramError(str(text)[:500])
-        try:
-            return ast.literal_eval(text)  # plain data only: no object of the program's survives this
+        try:  # plain data only: no object of the program's survives this
+            return json.loads(text) if kind == "okj" else ast.literal_eval(text)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             raise BadValue(f"the returned value is not plain data (repr: {text[:100]})") from None
 
@@ -258,7 +275,7 @@ def run_calls(job, lim, timeout, cap):
         if runner is None:
             runner = Runner(job["fn_name"], lim, cap)
         try:
-            value = runner.call(t["args"], {}, timeout)
+            value = runner.call(t["args"], {}, timeout, wire="json")
             results.append({"status": "ok", "value": _jsonable(value)})
         except ProgramError as e:
             results.append({"status": "runtime_error", "detail": str(e)[:300]})
@@ -360,9 +377,17 @@ def serve():
         if fn is None:
             send("err", load_error)
             continue
-        args_text, kwargs_text = json.loads(line)
+        req = json.loads(line)
         try:
-            value = fn(*ast.literal_eval(args_text), **ast.literal_eval(kwargs_text))
+            if req[0] == "json":
+                value = fn(*json.loads(req[1]))
+                try:
+                    send("okj", json.dumps(value))
+                    continue
+                except (TypeError, ValueError):
+                    pass  # not JSON (a set, bytes, an object): repr, and the harness decides
+            else:
+                value = fn(*ast.literal_eval(req[1]), **ast.literal_eval(req[2]))
             send("ok", repr(value))
         except Exception as e:
             send("err", f"{type(e).__name__}: {e}")
