@@ -11,11 +11,12 @@ torch = pytest.importorskip("torch")
 
 
 def _fold(problem: str) -> list[int]:
-    """Left-to-right evaluation of "v op d op d ... =" written independently of chain.py."""
-    m = re.fullmatch(r"(\d+)((?:[+\-*]\d)+)=", problem)
+    """In-order evaluation of "v 01op d 02op d ... =" written independently of chain.py (numbers checked too)."""
+    m = re.fullmatch(r"(\d+)((?: \d\d[+\-*]\d)+)=", problem)
     assert m, problem
     v, out = int(m.group(1)), []
-    for op, d in re.findall(r"([+\-*])(\d)", m.group(2)):
+    for i, (n, op, d) in enumerate(re.findall(r" (\d\d)([+\-*])(\d)", m.group(2)), 1):
+        assert int(n) == i
         v = {"+": v + int(d), "-": v - int(d), "*": v * int(d)}[op]
         out.append(v)
     return out
@@ -49,9 +50,9 @@ def test_answers_and_worked_steps_are_right():
         steps = p.target.split(";")
         assert steps[-1] == f"\\boxed{{{vals[-1]}}}"
         prev = int(re.match(r"\d+", p.problem).group())
-        for line, v in zip(steps[:-1], vals):  # every worked step is "previous op digit = its result"
+        for i, (line, v) in enumerate(zip(steps[:-1], vals), 1):  # every step is "nn previous op digit = result"
             lhs, rhs = line.split("=")
-            assert int(rhs) == v and lhs.startswith(str(prev)) and len(lhs) == len(str(prev)) + 2
+            assert lhs.startswith(f"{i:02d} {prev}") and len(lhs) == len(f"{i:02d} {prev}") + 2 and int(rhs) == v
             prev = v
 
 
@@ -68,10 +69,10 @@ def test_scratchpad_length_in_range():
 def test_answers_score_one_under_the_reward():
     from erpd_megatron.rewards.math import score
 
-    for p in chain.eval_problems(5, seed=0):
-        assert score(p.target, p.answer, mode="strict") == 1.0
+    for p in chain.eval_problems(5, seed=0):  # a long timeout: math-verify's cold import alone can take 5 s under load
+        assert score(p.target, p.answer, mode="strict", timeout_s=120) == 1.0
         wrong = p.target.replace(f"\\boxed{{{p.answer}}}", f"\\boxed{{{int(p.answer) + 1}}}")
-        assert score(wrong, p.answer, mode="strict") == 0.0
+        assert score(wrong, p.answer, mode="strict", timeout_s=120) == 0.0
 
 
 def test_toy_cache_key_unchanged_by_the_task_field():

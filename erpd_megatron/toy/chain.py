@@ -1,10 +1,14 @@
 """The long-reasoning toy task: chained arithmetic worked out step by step, with a \\boxed{} answer.
 
-A problem is a three-digit start value and 10-13 operations applied **left to right** (no precedence), each an operator in
-``+ - *`` and one digit 2-9. The supervised target writes every intermediate result, then boxes the last::
+A problem is a three-digit start value and 8-10 numbered operations applied in order, each an operator in ``+ - *``
+and one digit 2-9. The supervised target writes every step (its number, the running value, the operation, the result),
+then boxes the last value::
 
-    problem  147+3*2-5+8...=
-    target   47+3=50;50*2=100;100-5=95;95+8=103;103*3=309;...;\\boxed{...}
+    problem  147 01+3 02*2 03-5 04+8 ...=
+    target   01 147+3=150;02 150*2=300;03 300-5=295;04 295+8=303;...;\\boxed{...}
+
+The step numbers make the next operation a content lookup (" 03" in the prompt) instead of a position count, which a
+3-layer model learns far faster (an unnumbered chain did not leave 0 % in 150 warm-up steps, measured under load).
 
 Why this task (docs/toy_task.md, "The long task"): the paper's mechanism is a token-level signal and it reports the
 least gain for models with short generations (Tab. 10). The demo's toy answer is ~25 tokens, so a token signal there
@@ -34,8 +38,8 @@ OPS = ("+", "-", "*")
 class ChainTask:
     """Ranges (inclusive). The defaults are the `long` preset's task."""
 
-    min_ops: int = 10
-    max_ops: int = 13
+    min_ops: int = 8
+    max_ops: int = 10
     start_min: int = 100
     start_max: int = 999
     digit_min: int = 2
@@ -43,7 +47,7 @@ class ChainTask:
     value_max: int = 999  # every intermediate result stays in [0, value_max]
 
     def __post_init__(self):
-        if not 1 <= self.min_ops <= self.max_ops:
+        if not 1 <= self.min_ops <= self.max_ops <= 99:
             raise ValueError(f"ChainTask: bad op count range [{self.min_ops}, {self.max_ops}]")
         if not 0 <= self.start_min <= self.start_max <= self.value_max:
             raise ValueError(f"ChainTask: bad start range [{self.start_min}, {self.start_max}]")
@@ -55,7 +59,7 @@ class ChainTask:
         """An upper bound on the target's length in toy tokens (one per character, ``\\boxed{`` one), eos
         included: what rollout.max_new_tokens must allow."""
         v = len(str(self.value_max))
-        return self.max_ops * (2 * v + 4) + 1 + v + 1 + 1  # steps "v+d=r;", \boxed{, v, }, eos
+        return self.max_ops * (2 * v + 7) + 1 + v + 1 + 1  # steps "nn v+d=r;", \boxed{, v, }, eos
 
 
 def _apply(v: int, op: str, d: int) -> int:
@@ -78,7 +82,7 @@ class ChainProblem:
 
     @property
     def problem(self) -> str:
-        return f"{self.start}" + "".join(f"{op}{d}" for op, d in self.steps) + "="
+        return f"{self.start}" + "".join(f" {i:02d}{op}{d}" for i, (op, d) in enumerate(self.steps, 1)) + "="
 
     @property
     def answer(self) -> str:
@@ -90,10 +94,10 @@ class ChainProblem:
 
     @property
     def target(self) -> str:
-        """The SFT target: every step ``prev op d=result;`` then the boxed answer (no end-of-sequence marker)."""
+        """The SFT target: every step ``nn prev op d=result;`` then the boxed answer (no end-of-sequence marker)."""
         parts, v = [], self.start
-        for (op, d), r in zip(self.steps, self.values):
-            parts.append(f"{v}{op}{d}={r};")
+        for i, ((op, d), r) in enumerate(zip(self.steps, self.values), 1):
+            parts.append(f"{i:02d} {v}{op}{d}={r};")
             v = r
         return "".join(parts) + f"\\boxed{{{v}}}"
 
