@@ -17,6 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -52,15 +53,45 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = "toy"
-    """Prompt dataset (JSONL or Parquet with `problem`, `answer`, optional `id`), or "toy"."""
-    eval: str = "toy"
-    """Held-out benchmark file (same format), or "toy"."""
+    """Prompt dataset (JSONL or Parquet: a prompt and an answer field, optional `id`; docs/data.md), or "toy"."""
+    eval: str = ""
+    """Held-out benchmark file (same format), or "toy". "" (unset) = "toy" for model.base=toy; with any other base
+    it is refused (say data.eval=toy explicitly to score a real model on the toy problems)."""
+    prompt_key: str = ""
+    """Field of the prompt, a dotted path into nested records: text or a chat-message list (verl's `prompt`).
+    "" = the first of problem, prompt, question, messages that the file's first record has."""
+    answer_key: str = ""
+    """Field of the gold answer (dotted: verl's `reward_model.ground_truth`). "" = the first of answer,
+    reward_model.ground_truth, ground_truth, solution, label in the first record."""
     prompts_per_batch: int = 128
     """Prompts in one fixed rollout batch (stage 1 / 2 operate on it)."""
     eval_prompts: int = 256
     """How many eval problems to use (the first N of the file)."""
-    instruction: str = ""
-    """Text appended to each problem before the chat template (e.g. a \\boxed{} instruction)."""
+    instruction: str = "auto"
+    """Appended to text prompts before the chat template. "auto" = the \\boxed{} instruction when the tokenizer
+    has a chat template, none for raw text (the same rule as `erpd eval --instruction`); "" = none. Chat-message
+    prompts never get it (they carry their own)."""
+    system: str = ""
+    """System message put first in every prompt ("" = none; a message list with its own system turn keeps it)."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra chat-template variables, e.g. {enable_thinking: false} for Qwen3 (verl apply_chat_template_kwargs)."""
+    max_prompt_length: int = 0
+    """Longest prompt in tokens (chat template applied); 0 = the model's positions minus rollout.max_new_tokens."""
+    overlong_prompts: str = "refuse"
+    """A prompt above max_prompt_length: "refuse" (stop before any compute, naming it) or "filter" (drop it,
+    one warning with the count; verl's filter_overlong_prompts)."""
+
+
+@dataclass
+class RewardConfig:
+    custom: str = ""
+    """A custom reward function, "module:function" or "path/to/file.py:function", with verl's signature
+    fn(data_source, solution_str, ground_truth, extra_info) -> float | {"score": float, ...}; run in the reward's
+    worker pool (timeouts and exceptions score 0 and are counted). "" = math-verify only."""
+    custom_sources: list[str] = field(default_factory=list)
+    """`data_source` values scored by `custom`; empty = every record (when `custom` is set)."""
+    timeout_s: float = 5.0
+    """Per-response wall-clock budget of either reward (past it: score 0, worker replaced)."""
 
 
 @dataclass
@@ -288,6 +319,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     teachers: dict[str, TeacherConfig] = field(default_factory=lambda: {"ce": TeacherConfig()})
     """Named stage-1 runs over the same fixed batch (e.g. {"ce": ..., "mse": ...})."""
     students: dict[str, DistillConfig] = field(default_factory=lambda: {"s1_ce": DistillConfig()})
@@ -308,7 +340,8 @@ class RunConfig:
 _POS, _NONNEG, _ONE_UP, _LR = "(0, inf)", "[0, inf)", "[1, inf)", "(0, 1]"
 RANGES: dict[type, dict[str, str]] = {
     ModelConfig: {"tp": _ONE_UP, "pp": _ONE_UP, "dp": _ONE_UP, "micro_batch_size": _ONE_UP},
-    DataConfig: {"prompts_per_batch": _ONE_UP, "eval_prompts": _ONE_UP},
+    DataConfig: {"prompts_per_batch": _ONE_UP, "eval_prompts": _ONE_UP, "max_prompt_length": _NONNEG},
+    RewardConfig: {"timeout_s": _POS},
     RolloutConfig: {"n_samples": _ONE_UP, "temperature": _POS, "top_p": "(0, 1]", "max_new_tokens": _ONE_UP,
                     "sglang_tp": _ONE_UP, "sglang_num_servers": _ONE_UP, "sglang_base_gpu_id": _NONNEG,
                     "sglang_port": "[1, 65535]", "sglang_mem_fraction_static": "[0, 1)",
@@ -379,6 +412,8 @@ def _coerce(tp, value, where: str):
         _, vt = typing.get_args(tp)
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of name -> settings")
+        if vt is typing.Any:  # free-form (chat-template kwargs): values as YAML gave them (false stays false)
+            return {str(k): v for k, v in value.items()}
         return {str(k): _coerce(vt, v or {}, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         (et,) = typing.get_args(tp)
@@ -438,6 +473,8 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: dict |
         key, raw = item.split("=", 1)
         _set_path(data, key.strip().split("."), yaml.safe_load(raw))
     cfg = from_dict(RunConfig, data)
+    if not cfg.data.eval and cfg.model.base == "toy":
+        cfg.data.eval = "toy"  # unset is "toy" for the toy base only; validate refuses it for any other base
     validate(cfg)
     return cfg
 
@@ -485,6 +522,11 @@ def validate(cfg: RunConfig) -> None:
     bad_tags = sorted(set(cfg.rollout.sglang_offload_tags) - {"weights", "kv_cache", "cuda_graph"})
     if bad_tags:
         raise ConfigError(f"rollout.sglang_offload_tags: unknown tag(s) {bad_tags}; allowed weights, kv_cache, cuda_graph")
+    if cfg.data.overlong_prompts not in ("refuse", "filter"):
+        raise ConfigError(f"data.overlong_prompts must be 'refuse' or 'filter', got {cfg.data.overlong_prompts!r}")
+    if not cfg.data.eval and cfg.model.base != "toy":
+        raise ConfigError(f"data.eval is not set: give a benchmark file to evaluate model.base={cfg.model.base} on "
+                          "(or data.eval=toy to score it on the toy problems)")
     if cfg.rollout.reward_mode not in ("strict", "loose"):
         raise ConfigError(f"rollout.reward_mode must be 'strict' or 'loose', got {cfg.rollout.reward_mode!r}")
     # one fixed batch holds prompts_per_batch * n_samples sequences; a larger mini-batch would silently be clamped

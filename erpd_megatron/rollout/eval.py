@@ -1,8 +1,11 @@
 """``erpd eval``: AVG@K, pass@K and mean response length of a model on a local benchmark file.
 
-Benchmark file: JSONL (or Parquet), one problem per line, ``{"problem": str, "answer": str | number}``
-and optionally ``"id"``; other fields are ignored (see ``erpd_megatron/data/prompts.py``). AIME /
-HMMT / BeyondAIME exports you have can be pointed at directly; nothing is downloaded.
+Benchmark file: JSONL (or Parquet), one problem per line: a prompt (text or chat messages) and an answer
+under the same field names as ``erpd run`` reads (``--prompt-key`` / ``--answer-key``, default: the first of
+problem / prompt / question / messages and answer / reward_model.ground_truth / ...; docs/data.md), optionally
+``"id"``. AIME / HMMT / BeyondAIME exports and verl Parquet files can be pointed at directly; nothing is
+downloaded. Prompts are rendered as ``erpd run`` renders them (same instruction rule, system message,
+chat-template kwargs), so a run's eval and ``erpd eval`` on its export see the same prompts.
 
 Per problem, K samples (seeded) are scored by math-verify (``MathReward``). Optional fallback: an
 LLM judge (OpenAI-compatible ``/v1/chat/completions``, e.g. an SGLang server) is asked only about
@@ -91,25 +94,28 @@ class LLMJudge:
 
 
 def evaluate(engine, tokenizer, problems: Sequence, sampling: SamplingParams, k: int, reward,
-             judge=None, instruction: str | None = "default") -> dict:
+             judge=None, instruction: str | None = "default", system: str | None = None,
+             chat_template_kwargs: dict | None = None) -> dict:
     """Evaluate ``engine`` on ``problems`` (``data.prompts.Prompt`` objects or dicts with problem/answer).
 
-    ``sampling.n`` is replaced by ``k``. ``reward``: object with ``score_batch(texts, golds)``
-    (``MathReward``). ``judge``: callable (problem, answer, response) -> bool | None, or None.
-    ``instruction``: prompt suffix; "default" = data.prompts.DEFAULT_INSTRUCTION, None = none.
+    ``sampling.n`` is replaced by ``k``. ``reward``: object with ``score_batch(texts, prompts)``
+    (``MathReward``, ``rewards.custom.RoutedReward``). ``judge``: callable (problem, answer, response) ->
+    bool | None, or None. ``instruction``: prompt suffix; "default" = data.prompts.DEFAULT_INSTRUCTION, "auto" =
+    data.prompts.resolve_instruction's rule, None = none.
     Returns {"total": {...}, "per_problem": [...]} (JSON-serialisable)."""
-    from erpd_megatron.data.prompts import DEFAULT_INSTRUCTION, Prompt, encode_prompts
+    from erpd_megatron.data.prompts import DEFAULT_INSTRUCTION, Prompt, encode_prompts, resolve_instruction
 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     items = [p if isinstance(p, Prompt) else Prompt(id=str(p.get("id", i)), problem=str(p["problem"]),
                                                     answer=str(p["answer"]))
              for i, p in enumerate(problems)]
-    instr = DEFAULT_INSTRUCTION if instruction == "default" else instruction
-    prompt_ids = encode_prompts(tokenizer, items, instruction=instr)
+    instr = DEFAULT_INSTRUCTION if instruction == "default" else resolve_instruction(instruction, tokenizer)
+    prompt_ids = encode_prompts(tokenizer, items, instruction=instr, system=system,
+                                chat_template_kwargs=chat_template_kwargs)
     samples = engine.generate(prompt_ids, replace(sampling, n=k))
     texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-    mv = [float(r) for r in reward.score_batch(texts, [items[s.prompt_index].answer for s in samples])]
+    mv = [float(r) for r in reward.score_batch(texts, [items[s.prompt_index] for s in samples])]
     verdicts: list[bool | None] = [None] * len(samples)
     if judge is not None:
         for j, s in enumerate(samples):
@@ -167,8 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-new-tokens", type=int, default=1024, help="response length cap, >= 1")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--limit", type=int, default=0, help="first N problems only (0 = all)")
-    ap.add_argument("--instruction", default="default", help='prompt suffix ("default" = the boxed-answer '
-                    'instruction, "" for none)')
+    ap.add_argument("--prompt-key", default="", help="prompt field, dotted path (default: the first of problem, "
+                    "prompt, question, messages)")
+    ap.add_argument("--answer-key", default="", help="answer field, dotted path (default: the first of answer, "
+                    "reward_model.ground_truth, ground_truth, solution, label)")
+    ap.add_argument("--instruction", default="auto", help='suffix of text prompts: "auto" = the boxed-answer '
+                    'instruction when the tokenizer has a chat template (as data.instruction in erpd run), '
+                    '"" for none, or any text (default: auto)')
+    ap.add_argument("--system", default="", help="system message (default: none)")
+    ap.add_argument("--chat-template-kwargs", default="{}", help='JSON of extra chat-template variables, e.g. '
+                    '\'{"enable_thinking": false}\' (default: none)')
+    ap.add_argument("--custom-reward", default="", help="module:function or file.py:function, verl's signature "
+                    "(rewards/custom.py); default: math-verify only")
+    ap.add_argument("--custom-sources", default="", help="comma-separated data_source values for --custom-reward "
+                    "(default: every record)")
     ap.add_argument("--reward-mode", default="strict", choices=("strict", "loose"),
                     help="math-verify: last \\boxed{} only (strict) or any final answer (loose)")
     ap.add_argument("--judge-url", help="OpenAI-compatible endpoint for the LLM-judge fallback (off by default)")
@@ -200,16 +218,24 @@ def _check_args(args) -> None:
             raise UsageError(f"{flag} {d}: not a directory (give a local HF model directory)")
     if args.model and not (Path(args.model) / "config.json").is_file():
         raise UsageError(f"--model {args.model}: no config.json (not a HF model directory)")
+    try:
+        kwargs = json.loads(args.chat_template_kwargs)
+    except ValueError:
+        kwargs = None
+    if not isinstance(kwargs, dict):
+        raise UsageError(f"--chat-template-kwargs {args.chat_template_kwargs}: expected a JSON object")
+    args.chat_template_kwargs = kwargs
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from erpd_megatron.config import ConfigError
     from erpd_megatron.data.prompts import PromptDataError
 
     try:
         _check_args(args)
         return _run(args)
-    except (UsageError, PromptDataError) as e:
+    except (UsageError, PromptDataError, ConfigError) as e:
         print(f"erpd eval: error: {e}", file=sys.stderr)
         return 2
 
@@ -217,14 +243,19 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from transformers import AutoTokenizer
 
+    from erpd_megatron.config import RewardConfig
     from erpd_megatron.data.prompts import load_prompts
-    from erpd_megatron.rewards.math import MathReward
+    from erpd_megatron.pipeline.checks import check_tokenizer
+    from erpd_megatron.rewards.custom import load_function, make_reward
     from erpd_megatron.rollout.engine import SamplingParams
 
-    problems = load_prompts(args.benchmark)
+    problems = load_prompts(args.benchmark, args.prompt_key, args.answer_key)
     if args.limit:
         problems = problems[: args.limit]
+    if args.custom_reward:
+        load_function(args.custom_reward)  # a bad spec: one line before the model loads
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    check_tokenizer(tokenizer, args.tokenizer or args.model, problems, "--tokenizer" if args.tokenizer else "--model")
     if args.sglang_url:
         from erpd_megatron.rollout.sglang_engine import SGLangEngine, SGLangError
 
@@ -239,9 +270,11 @@ def _run(args) -> int:
     sampling = SamplingParams(n=args.k, temperature=args.temperature, top_p=args.top_p,
                               max_new_tokens=args.max_new_tokens, seed=args.seed)
     judge = LLMJudge(args.judge_url, model=args.judge_model) if args.judge_url else None
-    with MathReward(num_workers=2, mode=args.reward_mode) as reward:
+    rcfg = RewardConfig(custom=args.custom_reward, custom_sources=[x for x in args.custom_sources.split(",") if x])
+    with make_reward(rcfg, mode=args.reward_mode) as reward:
         result = evaluate(engine, tokenizer, problems, sampling, args.k, reward, judge=judge,
-                          instruction=args.instruction or None)
+                          instruction=args.instruction or None, system=args.system or None,
+                          chat_template_kwargs=args.chat_template_kwargs)
     result["total"].update(benchmark=os.path.abspath(args.benchmark), model=args.model or args.sglang_url)
     text = json.dumps(result, indent=1)
     if args.out:
