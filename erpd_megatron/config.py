@@ -55,8 +55,8 @@ class DataConfig:
     train: str = "toy"
     """Prompt dataset (JSONL or Parquet: a prompt and an answer field, optional `id`; docs/data.md), or "toy"."""
     eval: str = ""
-    """Held-out benchmark file (same format), or "toy". "" (unset) = "toy" for model.base=toy; with any other base
-    it is refused (say data.eval=toy explicitly to score a real model on the toy problems)."""
+    """Held-out benchmark file (same format), or "toy". "" (unset) = "toy" for the toy base (model.base=toy or a
+    dir the toy warm-up wrote); with any other base it is refused (data.eval=toy says it explicitly)."""
     prompt_key: str = ""
     """Field of the prompt, a dotted path into nested records: text or a chat-message list (verl's `prompt`).
     "" = the first of problem, prompt, question, messages that the file's first record has."""
@@ -68,9 +68,9 @@ class DataConfig:
     eval_prompts: int = 256
     """How many eval problems to use (the first N of the file)."""
     instruction: str = "auto"
-    """Appended to text prompts before the chat template. "auto" = the \\boxed{} instruction when the tokenizer
-    has a chat template, none for raw text (the same rule as `erpd eval --instruction`); "" = none. Chat-message
-    prompts never get it (they carry their own)."""
+    """Appended to text prompts before the chat template. "auto" = the \\boxed{} instruction (DEFAULT_INSTRUCTION in
+    data/prompts.py), except for the toy task's model, whose prompts are bare arithmetic: the same rule as
+    `erpd eval --instruction`; "" = none. Chat-message prompts never get it (they carry their own)."""
     system: str = ""
     """System message put first in every prompt ("" = none; a message list with its own system turn keeps it)."""
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -473,10 +473,16 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: dict |
         key, raw = item.split("=", 1)
         _set_path(data, key.strip().split("."), yaml.safe_load(raw))
     cfg = from_dict(RunConfig, data)
-    if not cfg.data.eval and cfg.model.base == "toy":
+    if not cfg.data.eval and is_toy_base(cfg.model.base):
         cfg.data.eval = "toy"  # unset is "toy" for the toy base only; validate refuses it for any other base
     validate(cfg)
     return cfg
+
+
+def is_toy_base(base: str) -> bool:
+    """"toy", or an HF directory the toy warm-up wrote (it holds the warm-up's record, toy/warmup.py WARMUP_JSON):
+    a model of the toy task, for which an unset data.eval means the toy problems."""
+    return base == "toy" or (Path(base) / "warmup.json").is_file()
 
 
 def _deep_merge(a: dict, b: dict) -> dict:
@@ -524,7 +530,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"rollout.sglang_offload_tags: unknown tag(s) {bad_tags}; allowed weights, kv_cache, cuda_graph")
     if cfg.data.overlong_prompts not in ("refuse", "filter"):
         raise ConfigError(f"data.overlong_prompts must be 'refuse' or 'filter', got {cfg.data.overlong_prompts!r}")
-    if not cfg.data.eval and cfg.model.base != "toy":
+    if not cfg.data.eval and not is_toy_base(cfg.model.base):
         raise ConfigError(f"data.eval is not set: give a benchmark file to evaluate model.base={cfg.model.base} on "
                           "(or data.eval=toy to score it on the toy problems)")
     if cfg.rollout.reward_mode not in ("strict", "loose"):

@@ -80,8 +80,7 @@ def test_sbatch_27b_lines(tmp_path):
                  "--container-mounts=", "/models:/models"]:
         assert flag in srun, flag
     for flag in ["torchrun --nnodes=4 --nproc-per-node=8", '--node-rank="${SLURM_PROCID}"',
-                 '--rdzv-endpoint="${MASTER_ADDR}":"${MASTER_PORT}"', "-m erpd_megatron.cli run --config "
-                 "erpd_megatron/presets/qwen35_27b.yaml", "model.tp=4 model.pp=2 model.dp=4",
+                 '--rdzv-endpoint="${MASTER_ADDR}":"${MASTER_PORT}"', "-m erpd_megatron.cli run --config qwen35_27b", "model.tp=4 model.pp=2 model.dp=4",
                  f"run_dir={tmp_path / 'runs' / 'qwen35_27b'}"]:
         assert flag in srun, flag
     assert 'scontrol requeue "$SLURM_JOB_ID"' in text and "trap " in text and "SLURM_RESTART_COUNT" in text
@@ -113,13 +112,14 @@ def test_recipes_carry_sglang_settings_to_a_valid_trainer_config():
     """Colocated recipes pass the layout's SGLang TP / memory fraction / server count / offload to the
     trainer, whose config accepts them; the disaggregated one attaches over NCCL instead."""
     from erpd_megatron.config import load_config, validate
+    from erpd_megatron.pipeline.run import config_path
     from erpd_megatron.rollout.sglang_engine import launch_spec
 
     cfgs = {}
     for name in ("qwen3_4b_1node", "qwen35_27b", "qwen35_27b_disagg"):
         r = get_recipe(name)
         items = [f"{k}={v}" for k, v in r.trainer_overrides().items() if k != "run_dir"]
-        cfgs[name] = load_config(r.trainer[3], [i.replace("$ROLLOUT_URLS", "[http://r1:30000]") for i in items])
+        cfgs[name] = load_config(config_path(r.trainer[3]), [i.replace("$ROLLOUT_URLS", "[http://r1:30000]") for i in items])
         validate(cfgs[name])
     argv = launch_spec(cfgs["qwen3_4b_1node"].rollout, "/models/Qwen3-4B", log_dir="/x").argv(7)
     assert argv[argv.index("--tp-size") + 1] == "1" and argv[argv.index("--base-gpu-id") + 1] == "7"

@@ -238,9 +238,8 @@ def test_instruction_rule_and_template_kwargs():
 
     tok, _ = char_tokenizer(QWEN_LIKE_TEMPLATE + "{% if enable_thinking is defined and not enable_thinking %}"
                             "<think>\n\n</think>\n\n{% endif %}")
-    raw, _ = char_tokenizer(None)
-    assert resolve_instruction("auto", tok) == DEFAULT_INSTRUCTION and resolve_instruction("auto", raw) is None
-    assert resolve_instruction("", tok) is None and resolve_instruction("Box it.", raw) == "Box it."
+    assert resolve_instruction("auto") == DEFAULT_INSTRUCTION and resolve_instruction("auto", toy=True) is None
+    assert resolve_instruction("") is None and resolve_instruction("Box it.", toy=True) == "Box it."
     text = render_prompt(tok, "Q", instruction=None, chat_template_kwargs={"enable_thinking": False})
     assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert encode_prompts(tok, ["Q"], instruction=None, chat_template_kwargs={"enable_thinking": False}) != \

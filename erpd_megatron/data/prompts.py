@@ -229,13 +229,13 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def resolve_instruction(spec: str | None, tokenizer: Any) -> str | None:
+def resolve_instruction(spec: str | None, toy: bool = False) -> str | None:
     """The instruction suffix of text prompts, one rule for `erpd run` (data.instruction) and `erpd eval`
-    (--instruction): "auto" = DEFAULT_INSTRUCTION when the prompt goes through a chat template, none for raw
-    text (base models without a template, the toy, whose character tokenizer cannot spell it); "" / None /
-    "none" = none; anything else as written."""
+    (--instruction): "auto" = DEFAULT_INSTRUCTION, except for the toy task's model (`toy`: model.base=toy or a
+    directory the toy warm-up wrote), whose prompts are bare arithmetic and whose character tokenizer cannot
+    spell it; "" / None / "none" = none; anything else as written."""
     if spec == "auto":
-        return DEFAULT_INSTRUCTION if has_chat_template(tokenizer) else None
+        return None if toy else DEFAULT_INSTRUCTION
     return None if spec in (None, "", "none") else spec
 
 

@@ -101,10 +101,12 @@ class Context:
 
     def encode(self, prompts: list) -> list[list[int]]:
         """Token ids of prompts as the engine sees them (data.instruction / system / chat_template_kwargs)."""
+        from erpd_megatron.config import is_toy_base
         from erpd_megatron.data.prompts import encode_prompts, resolve_instruction
 
         d = self.cfg.data
-        return encode_prompts(self.tokenizer, prompts, instruction=resolve_instruction(d.instruction, self.tokenizer),
+        instruction = resolve_instruction(d.instruction, toy=is_toy_base(str(self.base_hf)))
+        return encode_prompts(self.tokenizer, prompts, instruction=instruction,
                               system=d.system or None, chat_template_kwargs=d.chat_template_kwargs)
 
     def close(self) -> None:

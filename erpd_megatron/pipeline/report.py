@@ -79,12 +79,39 @@ def methods_from_run(run: RunDir, cfg) -> dict[str, dict]:
     return out
 
 
-def build_summary(run: RunDir, methods: dict[str, dict]) -> dict:
-    """methods: name -> {"kind", "rollouts", "rollouts_per_step", "wall_s"} (see `methods_from_run`)."""
+def run_setup(cfg) -> dict:
+    """What a run's numbers are about: the model, the training set, the eval set (and how it was sampled)."""
+    return {"model": cfg.model.base, "train": cfg.data.train, "eval": cfg.data.eval, "eval_k": cfg.eval.k,
+            "eval_prompts": cfg.data.eval_prompts}
+
+
+def final_policy(run_root: Path, cfg) -> dict | None:
+    """The run's final policy: the student of the last iteration that `iterate.promote` names (default: the first
+    configured), at its latest checkpoint, the one a next iteration would start from (iter_<i>/promoted.json of
+    earlier iterations records the same choice). None while it has no checkpoint (or the config has no student)."""
+    from erpd_megatron.pipeline.stages import method_name
+
+    name = cfg.iterate.promote or next(iter(cfg.students), None)
+    if name is None:
+        return None
+    method = method_name(name, cfg.iterations - 1)
+    latest = run_root / "ckpt" / method / "latest"
+    if not latest.is_file():
+        return None
+    it = latest.read_text().strip()
+    return {"method": method, "step": int(it.rsplit("_", 1)[-1]), "checkpoint": str(run_root / "ckpt" / method / it)}
+
+
+def build_summary(run: RunDir, methods: dict[str, dict], cfg=None) -> dict:
+    """methods: name -> {"kind", "rollouts", "rollouts_per_step", "wall_s"} (see `methods_from_run`); `cfg`: the
+    run's config, for its setup (model, train / eval sets) and final policy."""
     base_eval = run.eval_results("base").get(0, {})
     summary = {"base": {"accuracy": base_eval.get("avg_at_k"), "pass_at_k": base_eval.get("pass_at_k"), "kl": 0.0,
                         "kl_token": 0.0, "mean_length": base_eval.get("mean_length")},
                "methods": {}}
+    if cfg is not None:
+        summary["setup"] = run_setup(cfg)
+        summary["final"] = final_policy(run.root, cfg)
     from erpd_megatron.utils.timing import summarize
 
     # wall seconds per stage over every invocation (exclusive: nested stages are not counted twice); None for a
@@ -124,9 +151,10 @@ def write_report(run: RunDir, summary: dict, title: str = "ERPD run", kl: str = 
     plot = run.root / PLOT
     plot_summaries({title: summary}, plot, kl=kl, title=title)
     b = summary["base"]
-    lines = [
-        f"# {title}",
-        "",
+    lines = [f"# {title}", ""]
+    if summary.get("setup"):
+        lines += [f"{setup_line(summary['setup'])}.", ""]
+    lines += [
         f"Base policy: AVG@K {_pct(b['accuracy'])}, pass@K {_pct(b.get('pass_at_k'))}.",
         "",
         "| method | kind | rollouts | steps | AVG@K (last) | KL/token (last) | KL/seq (last) | best AVG@K (step, KL/token) "
@@ -155,6 +183,10 @@ def write_report(run: RunDir, summary: dict, title: str = "ERPD run", kl: str = 
     if _has_negative_kl(summary):
         lines += ["", "Some KL values are negative: the k1 estimator is unbiased but not >= 0, so a policy close to "
                       "the base can show a small negative estimate (sampling noise around 0, not a real KL < 0)."]
+    if summary.get("final"):
+        f = summary["final"]
+        lines += ["", f"Final policy: {f['method']} at step {f['step']} (`{f['checkpoint']}`); `erpd export "
+                      f"{run.root}` writes it as a Hugging Face directory (tokenizer and chat template included)."]
     if summary.get("stage_times"):
         from erpd_megatron.utils.timing import format_line
 
@@ -162,6 +194,11 @@ def write_report(run: RunDir, summary: dict, title: str = "ERPD run", kl: str = 
     path = run.root / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def setup_line(setup: dict) -> str:
+    return (f"Model `{setup.get('model')}`, trained on `{setup.get('train')}`, evaluated on `{setup.get('eval')}` "
+            f"(first {setup.get('eval_prompts')} problems, K = {setup.get('eval_k')})")
 
 
 def _has_negative_kl(summary: dict) -> bool:
@@ -281,14 +318,20 @@ def write_run_report(run_dir: str | Path, kl: str | None = None) -> tuple[Path, 
     run_dir = Path(run_dir)
     cfg = _load_run_config(run_dir)
     run = RunDir(run_dir)
-    summary = build_summary(run, methods_from_run(run, cfg))
+    summary = build_summary(run, methods_from_run(run, cfg), cfg)
     path = write_report(run, summary, title=f"ERPD run `{cfg.run_dir}`", kl=kl or cfg.logging.report_kl)
     return path, summary
 
 
 def compare_table(summaries: dict[str, dict]) -> str:
-    """One markdown table: every method of every run, with its gain over its run's base."""
-    lines = ["| run | method | kind | rollouts | steps | AVG@K (last) | vs base | KL/token (last) | best AVG@K (step) |",
+    """Two markdown tables: what each run is (model, train set, eval set), then every method of every run with
+    its gain over its run's base."""
+    lines = ["| run | model | train set | eval set |", "|---|---|---|---|"]
+    for run_name, s in summaries.items():
+        st = s.get("setup") or {}
+        lines.append(f"| {run_name} | {st.get('model', 'n/a')} | {st.get('train', 'n/a')} | "
+                     f"{st.get('eval', 'n/a')} (K = {st.get('eval_k', 'n/a')}) |")
+    lines += ["", "| run | method | kind | rollouts | steps | AVG@K (last) | vs base | KL/token (last) | best AVG@K (step) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for run_name, s in summaries.items():
         base = s["base"]["accuracy"]
@@ -335,6 +378,8 @@ def main_compare(argv: list[str]) -> int:
         for name, d in zip(_run_names(dirs), dirs):
             f = d / "summary.json"
             summaries[name] = load_summary(f) if f.exists() else write_run_report(d)[1]
+            if "setup" not in summaries[name]:  # a summary written before it was recorded
+                summaries[name]["setup"] = run_setup(_load_run_config(d))
     except (FileNotFoundError, ValueError) as e:
         print(f"erpd compare: error: {e}", file=sys.stderr)
         return 2

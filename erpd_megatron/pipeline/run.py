@@ -237,7 +237,7 @@ def _pipeline(cfg: RunConfig, stages: tuple[str, ...]) -> dict:
 
             console.header("report", str(ctx.run.root / "report.md"))
             timing.save(ctx.run.root)  # this invocation's times so far, read back by build_summary
-            summary = build_summary(ctx.run, methods_from_run(ctx.run, cfg))
+            summary = build_summary(ctx.run, methods_from_run(ctx.run, cfg), cfg)
             path = write_report(ctx.run, summary, title=f"ERPD run `{cfg.run_dir}`", kl=cfg.logging.report_kl)
             print(f"report: {path}")
             return summary

@@ -95,13 +95,13 @@ class LLMJudge:
 
 def evaluate(engine, tokenizer, problems: Sequence, sampling: SamplingParams, k: int, reward,
              judge=None, instruction: str | None = "default", system: str | None = None,
-             chat_template_kwargs: dict | None = None) -> dict:
+             chat_template_kwargs: dict | None = None, toy: bool = False) -> dict:
     """Evaluate ``engine`` on ``problems`` (``data.prompts.Prompt`` objects or dicts with problem/answer).
 
     ``sampling.n`` is replaced by ``k``. ``reward``: object with ``score_batch(texts, prompts)``
     (``MathReward``, ``rewards.custom.RoutedReward``). ``judge``: callable (problem, answer, response) ->
     bool | None, or None. ``instruction``: prompt suffix; "default" = data.prompts.DEFAULT_INSTRUCTION, "auto" =
-    data.prompts.resolve_instruction's rule, None = none.
+    data.prompts.resolve_instruction's rule (``toy``: the model is the toy task's), None = none.
     Returns {"total": {...}, "per_problem": [...]} (JSON-serialisable)."""
     from erpd_megatron.data.prompts import DEFAULT_INSTRUCTION, Prompt, encode_prompts, resolve_instruction
 
@@ -110,7 +110,7 @@ def evaluate(engine, tokenizer, problems: Sequence, sampling: SamplingParams, k:
     items = [p if isinstance(p, Prompt) else Prompt(id=str(p.get("id", i)), problem=str(p["problem"]),
                                                     answer=str(p["answer"]))
              for i, p in enumerate(problems)]
-    instr = DEFAULT_INSTRUCTION if instruction == "default" else resolve_instruction(instruction, tokenizer)
+    instr = DEFAULT_INSTRUCTION if instruction == "default" else resolve_instruction(instruction, toy=toy)
     prompt_ids = encode_prompts(tokenizer, items, instruction=instr, system=system,
                                 chat_template_kwargs=chat_template_kwargs)
     samples = engine.generate(prompt_ids, replace(sampling, n=k))
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--answer-key", default="", help="answer field, dotted path (default: the first of answer, "
                     "reward_model.ground_truth, ground_truth, solution, label)")
     ap.add_argument("--instruction", default="auto", help='suffix of text prompts: "auto" = the boxed-answer '
-                    'instruction when the tokenizer has a chat template (as data.instruction in erpd run), '
+                    'instruction except for a toy-task model (the rule of data.instruction in erpd run), '
                     '"" for none, or any text (default: auto)')
     ap.add_argument("--system", default="", help="system message (default: none)")
     ap.add_argument("--chat-template-kwargs", default="{}", help='JSON of extra chat-template variables, e.g. '
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from transformers import AutoTokenizer
 
-    from erpd_megatron.config import RewardConfig
+    from erpd_megatron.config import RewardConfig, is_toy_base
     from erpd_megatron.data.prompts import load_prompts
     from erpd_megatron.pipeline.checks import check_tokenizer
     from erpd_megatron.rewards.custom import load_function, make_reward
@@ -274,7 +274,8 @@ def _run(args) -> int:
     with make_reward(rcfg, mode=args.reward_mode) as reward:
         result = evaluate(engine, tokenizer, problems, sampling, args.k, reward, judge=judge,
                           instruction=args.instruction or None, system=args.system or None,
-                          chat_template_kwargs=args.chat_template_kwargs)
+                          chat_template_kwargs=args.chat_template_kwargs,
+                          toy=bool(args.model) and is_toy_base(args.model))
     result["total"].update(benchmark=os.path.abspath(args.benchmark), model=args.model or args.sglang_url)
     text = json.dumps(result, indent=1)
     if args.out:
