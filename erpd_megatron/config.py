@@ -471,7 +471,11 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: dict |
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. teachers.ce.lr=1e-5)")
         key, raw = item.split("=", 1)
-        _set_path(data, key.strip().split("."), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+        _set_path(data, key.strip().split("."), value)
     cfg = from_dict(RunConfig, data)
     if not cfg.data.eval and is_toy_base(cfg.model.base):
         cfg.data.eval = "toy"  # unset is "toy" for the toy base only; validate refuses it for any other base
@@ -515,6 +519,18 @@ def student_mini_batch(cfg: RunConfig, s: DistillConfig) -> int:
 def student_epochs(cfg: RunConfig, s: DistillConfig) -> float:
     """Passes a student makes over the fixed batch: steps * mini-batch / (prompts_per_batch * n_samples)."""
     return s.steps * student_mini_batch(cfg, s) / (cfg.data.prompts_per_batch * cfg.rollout.n_samples)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(fmt: str, *args) -> None:
+    """A config warning, once per process: the config is loaded more than once per command (parse, resume
+    check, the torchrun relaunch), and a note repeated says nothing new."""
+    text = fmt % args
+    if text not in _WARNED:
+        _WARNED.add(text)
+        log.warning("%s", text)
 
 
 def validate(cfg: RunConfig) -> None:
@@ -585,12 +601,12 @@ def validate(cfg: RunConfig) -> None:
         if 3 in s.strategies and not s.weak:
             raise ConfigError(f"{where}: strategy 3 needs `weak` (a checkpoint of a weaker earlier policy)")
         if 1 in s.strategies and s.teacher in cfg.teachers and cfg.teachers[s.teacher].loss == "mse":
-            log.warning("%s uses strategy 1 over the MSE teacher %r: the paper reports that this pairing does not help "
+            _warn_once("%s uses strategy 1 over the MSE teacher %r: the paper reports that this pairing does not help "
                         "(Sec. 3.4); strategy 1 goes with strong teachers (ce / sapo / grpo), strategy 2 "
                         "(teacher over its unlearned checkpoint) with MSE teachers", where, s.teacher)
         epochs = student_epochs(cfg, s)
         if epochs > STUDENT_MAX_EPOCHS:
-            log.warning("%s runs %.1f epochs over the fixed batch (%d steps x %d sequences of %d); the paper's students "
+            _warn_once("%s runs %.1f epochs over the fixed batch (%d steps x %d sequences of %d); the paper's students "
                         "run at most about one (16-32 steps, 10 when iterating): lower steps or mini_batch_size "
                         "(0 = one epoch)", where, epochs, s.steps, student_mini_batch(cfg, s), batch_rows)
     for key in ("promote", "fallback"):

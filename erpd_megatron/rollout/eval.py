@@ -231,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from erpd_megatron.config import ConfigError
     from erpd_megatron.data.prompts import PromptDataError
+    from erpd_megatron.utils.console import configure, quiet_third_party
 
+    configure()  # no weight-loading bar in a log file (stderr not a terminal)
+    quiet_third_party()
     try:
         _check_args(args)
         return _run(args)
