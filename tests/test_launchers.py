@@ -368,3 +368,51 @@ def test_cpu_recipe_has_no_gpu_account_or_container_lines(tmp_path, monkeypatch)
     r = apply_overrides(r, ["gpus_per_node=4", "slurm.account=acc"])
     text = slurm.render_sbatch(r)
     assert "#SBATCH --gpus-per-node=4" in text and "#SBATCH --account=acc" in text
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_launch_from_another_directory_uses_the_package_code_and_preset_names(tmp_path, monkeypatch, capsys):
+    """Called from a folder outside the checkout: the job runs the launcher's own code dir (cd + PYTHONPATH), names
+    its preset (the trainer finds it in its package), and the run dir is the caller's relative run_root, absolute."""
+    monkeypatch.chdir(tmp_path)
+    for var in ("ERPD_CONTAINER_IMAGE", "ERPD_RUN_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    assert launch_main(["run", "qwen3_4b_1node", "--executor", "sbatch", "--dryrun", "run_root=runs"]) == 0
+    script = capsys.readouterr().out.strip().splitlines()[0]
+    assert script == str(tmp_path / "runs" / "qwen3_4b_1node" / "slurm" / "qwen3_4b_1node.sbatch")
+    text = open(script).read()
+    assert f"cd {REPO} && exec" in text and f"PYTHONPATH={REPO}" in text and str(tmp_path) + "/runs" in text
+    assert "--config qwen3_4b " in text and "erpd_megatron/presets" not in text
+
+
+def test_planner_reads_model_base_config_and_model_errors_are_one_line(tmp_path, capsys):
+    """`model.base=<dir>` plans that model (not the recipe's built-in one); `model=<config.json | dir>` works;
+    an unknown name or a missing file is one line, exit 2, never a traceback."""
+    from erpd_megatron.model_shapes import get_model_config
+
+    big = tmp_path / "Qwen3-8B"
+    big.mkdir()
+    cfg = get_model_config("qwen3-4b")
+    cfg.update(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32)
+    (big / "config.json").write_text(json.dumps(cfg))
+    assert launch_main(["plan", "qwen3_4b_1node", "--json"]) == 0  # the recipe's own 4B fits its layout
+    assert launch_main(["plan", "qwen3_4b_1node", "--json", f"model.base={big}"]) == 2  # the 8B given does not
+    assert "memory: stage 0 needs" in capsys.readouterr().err
+    assert launch_main(["plan", "qwen3_4b_1node", "--json", f"model.base={big}", "layout.tp=2"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["model"] == str(big) and planned["total_params"] > 7e9
+    assert launch_main(["plan", "qwen3_4b_1node", "--json", f"model={big / 'config.json'}", "layout.tp=2"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_params"] == planned["total_params"]
+    for item, needle in ((f"model={tmp_path / 'none.json'}", "none.json: no such file"),
+                         ("model=qwen9", "unknown model 'qwen9'")):
+        assert launch_main(["plan", "qwen3_4b_1node", item]) == 2
+        err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+        assert len(err) == 1 and needle in err[0], err
+    from erpd_megatron.planner import main as plan_main
+
+    assert plan_main(["--hf-config", str(big), "--json"]) in (0, 2)  # the model dir, not only its config.json
+    assert json.loads(capsys.readouterr().out)["total_params"] == planned["total_params"]
+    assert plan_main(["--hf-config", str(tmp_path)]) == 2
+    assert "no config.json in it" in capsys.readouterr().err
