@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
                    "carry-over between chunks is compared too")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from erpd_megatron.utils.console import configure, quiet_third_party
+
+    configure()  # progress bars only on a terminal
+    quiet_third_party()  # the known Apex / torch.distributed / megatron notes of a CPU conversion (utils/console.py)
 
     from .config import ConversionError
 

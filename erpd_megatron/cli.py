@@ -8,6 +8,7 @@
     erpd plan ...                  memory / layout planner
     erpd report RUN_DIR            rebuild summary.json, report.md, accuracy_vs_kl.png from a run dir
     erpd compare RUN_A RUN_B ...   one table and one plot over several runs (compare/compare.md)
+    erpd export RUN_DIR            the run's final policy as a HF directory (RUN_DIR/final)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ COMMANDS = {
     "plan": ("erpd_megatron.planner", "main", "per-GPU memory and step-time plan for a model + layout"),
     "report": ("erpd_megatron.pipeline.report", "main_report", "rebuild report.md and the plots of a run dir"),
     "compare": ("erpd_megatron.pipeline.report", "main_compare", "several runs' summaries in one table and plot"),
+    "export": ("erpd_megatron.pipeline.export", "main", "a run's final policy as a self-contained HF directory"),
 }
 
 

@@ -17,6 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -56,16 +57,35 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = "toy"
-    """Prompt dataset (JSONL or Parquet with `problem`, `answer`, optional `id`; or code records with tests), or
-    "toy" / "toy_code" (generated; "toy_val" / "toy_code_val": the validation split)."""
-    eval: str = "toy"
-    """Held-out benchmark file (same format), or "toy"."""
+    """Prompt dataset (JSONL or Parquet: a prompt and an answer field, optional `id`; or code records with tests;
+    docs/data.md), or "toy" / "toy_code" / "long" (generated; "*_val": the validation split)."""
+    eval: str = ""
+    """Held-out benchmark file (same format), or a generated task's name. "" (unset) = "toy" for the toy base
+    (model.base=toy or a dir the toy warm-up wrote); with any other base it is refused (data.eval=toy says it
+    explicitly)."""
+    prompt_key: str = ""
+    """Field of the prompt, a dotted path into nested records: text or a chat-message list (verl's `prompt`).
+    "" = the first of problem, prompt, question, messages that the file's first record has."""
+    answer_key: str = ""
+    """Field of the gold answer (dotted: verl's `reward_model.ground_truth`). "" = the first of answer,
+    reward_model.ground_truth, ground_truth, solution, label in the first record."""
     prompts_per_batch: int = 128
     """Prompts in one fixed rollout batch (stage 1 / 2 operate on it)."""
     eval_prompts: int = 256
     """How many eval problems to use (the first N of the file)."""
-    instruction: str = ""
-    """Text appended to each problem before the chat template (e.g. a \\boxed{} instruction)."""
+    instruction: str = "auto"
+    """Appended to text prompts before the chat template. "auto" = the \\boxed{} instruction (DEFAULT_INSTRUCTION in
+    data/prompts.py), except for the toy task's model, whose prompts are bare arithmetic: the same rule as
+    `erpd eval --instruction`; "" = none. Chat-message prompts never get it (they carry their own)."""
+    system: str = ""
+    """System message put first in every prompt ("" = none; a message list with its own system turn keeps it)."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra chat-template variables, e.g. {enable_thinking: false} for Qwen3 (verl apply_chat_template_kwargs)."""
+    max_prompt_length: int = 0
+    """Longest prompt in tokens (chat template applied); 0 = the model's positions minus rollout.max_new_tokens."""
+    overlong_prompts: str = "refuse"
+    """A prompt above max_prompt_length: "refuse" (stop before any compute, naming it) or "filter" (drop it,
+    one warning with the count; verl's filter_overlong_prompts)."""
 
 
 @dataclass
@@ -132,6 +152,15 @@ class RolloutConfig:
 @dataclass
 class RewardConfig:
     """Which reward scores a record (rewards/router.py) and the code reward's settings (rewards/code.py)."""
+
+    custom: str = ""
+    """A custom reward function, "module:function" or "path/to/file.py:function", with verl's signature
+    fn(data_source, solution_str, ground_truth, extra_info) -> float | {"score": float, ...}; run in the reward's
+    worker pool (timeouts and exceptions score 0 and are counted). "" = math-verify only."""
+    custom_sources: list[str] = field(default_factory=list)
+    """`data_source` values scored by `custom`; empty = every record (when `custom` is set)."""
+    timeout_s: float = 5.0
+    """Per-response wall-clock budget of either reward (past it: score 0, worker replaced)."""
 
     default: str = "math"
     """Reward of a record that neither its data_source nor its test cases route: math | code | custom."""
@@ -371,14 +400,14 @@ _POS, _NONNEG, _ONE_UP, _LR = "(0, inf)", "[0, inf)", "[1, inf)", "(0, 1]"
 _STEPS, _STEPS_ONE_UP, _SAMPLES, _TOKENS = "[0, 999999]", "[1, 999999]", "[1, 65536]", "[1, 1048576]"
 RANGES: dict[type, dict[str, str]] = {
     ModelConfig: {"tp": _ONE_UP, "pp": _ONE_UP, "dp": _ONE_UP, "micro_batch_size": _ONE_UP},
-    DataConfig: {"prompts_per_batch": _ONE_UP, "eval_prompts": _ONE_UP},
+    DataConfig: {"prompts_per_batch": _ONE_UP, "eval_prompts": _ONE_UP, "max_prompt_length": _NONNEG},
     RolloutConfig: {"n_samples": _SAMPLES, "temperature": _POS, "top_p": "(0, 1]", "max_new_tokens": _TOKENS,
                     "sglang_tp": _ONE_UP, "sglang_num_servers": _ONE_UP, "sglang_base_gpu_id": _NONNEG,
                     "sglang_port": "[1, 65535]", "sglang_mem_fraction_static": "[0, 1)",
                     "sglang_dist_master_port": "[0, 65535]", "sglang_startup_timeout": _POS,
                     "verify_weights_seqs": _ONE_UP,
                     "verify_weights_tol": _NONNEG},
-    RewardConfig: {"code_workers": _ONE_UP, "code_timeout_per_test_s": _POS, "code_timeout_per_sample_s": _POS,
+    RewardConfig: {"timeout_s": _POS, "code_workers": _ONE_UP, "code_timeout_per_test_s": _POS, "code_timeout_per_sample_s": _POS,
                    "code_memory_mb": "[64, inf)"},
     TeacherConfig: {
         "steps": _STEPS, "mini_batch_size": _ONE_UP, "lr": _LR, "warmup_steps": _STEPS, "beta": _POS, "beta_ref_len": _NONNEG,
@@ -477,6 +506,8 @@ def _coerce(tp, value, where: str):
         _, vt = typing.get_args(tp)
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of name -> settings")
+        if vt is typing.Any:  # free-form (chat-template kwargs): values as YAML gave them (false stays false)
+            return {str(k): v for k, v in value.items()}
         return {str(k): _coerce(vt, v or {}, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         (et,) = typing.get_args(tp)
@@ -542,8 +573,16 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: dict |
             raise ConfigError(f"override {key.strip()}: {e}") from None
         _set_path(data, key.strip().split("."), value)
     cfg = from_dict(RunConfig, data)
+    if not cfg.data.eval and is_toy_base(cfg.model.base):
+        cfg.data.eval = "toy"  # unset is "toy" for the toy base only; validate refuses it for any other base
     validate(cfg)
     return cfg
+
+
+def is_toy_base(base: str) -> bool:
+    """"toy", or an HF directory the toy warm-up wrote (it holds the warm-up's record, toy/warmup.py WARMUP_JSON):
+    a model of the toy task, for which an unset data.eval means the toy problems."""
+    return base == "toy" or (Path(base) / "warmup.json").is_file()
 
 
 def _deep_merge(a: dict, b: dict) -> dict:
@@ -604,6 +643,18 @@ def _resolve_student_refs(cfg: RunConfig) -> None:
             s.teacher, s.teacher_step = t, step
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(fmt: str, *args) -> None:
+    """A config warning, once per process: the config is loaded more than once per command (parse, resume
+    check, the torchrun relaunch), and a note repeated says nothing new."""
+    text = fmt % args
+    if text not in _WARNED:
+        _WARNED.add(text)
+        log.warning("%s", text)
+
+
 def validate(cfg: RunConfig) -> None:
     """All checks that can run before any compute (and `teacher: "<name>@<step>"` resolved, see above)."""
     _check_sizes(cfg, "")
@@ -619,6 +670,11 @@ def validate(cfg: RunConfig) -> None:
     bad_tags = sorted(set(cfg.rollout.sglang_offload_tags) - {"weights", "kv_cache", "cuda_graph"})
     if bad_tags:
         raise ConfigError(f"rollout.sglang_offload_tags: unknown tag(s) {bad_tags}; allowed weights, kv_cache, cuda_graph")
+    if cfg.data.overlong_prompts not in ("refuse", "filter"):
+        raise ConfigError(f"data.overlong_prompts must be 'refuse' or 'filter', got {cfg.data.overlong_prompts!r}")
+    if not cfg.data.eval and not is_toy_base(cfg.model.base):
+        raise ConfigError(f"data.eval is not set: give a benchmark file to evaluate model.base={cfg.model.base} on "
+                          "(or data.eval=toy to score it on the toy problems)")
     if cfg.rollout.reward_mode not in ("strict", "loose"):
         raise ConfigError(f"rollout.reward_mode must be 'strict' or 'loose', got {cfg.rollout.reward_mode!r}")
     rw = cfg.reward
@@ -692,12 +748,12 @@ def validate(cfg: RunConfig) -> None:
         if 3 in s.strategies and not s.weak:
             raise ConfigError(f"{where}: strategy 3 needs `weak` (a checkpoint of a weaker earlier policy)")
         if 1 in s.strategies and s.teacher in cfg.teachers and cfg.teachers[s.teacher].loss == "mse":
-            log.warning("%s uses strategy 1 over the MSE teacher %r: the paper reports that this pairing does not help "
+            _warn_once("%s uses strategy 1 over the MSE teacher %r: the paper reports that this pairing does not help "
                         "(Sec. 3.4); strategy 1 goes with strong teachers (ce / sapo / grpo), strategy 2 "
                         "(teacher over its unlearned checkpoint) with MSE teachers", where, s.teacher)
         epochs = student_epochs(cfg, s)
         if epochs > STUDENT_MAX_EPOCHS:
-            log.warning("%s runs %.1f epochs over the fixed batch (%d steps x %d sequences of %d); the paper's students "
+            _warn_once("%s runs %.1f epochs over the fixed batch (%d steps x %d sequences of %d); the paper's students "
                         "run at most about one (16-32 steps, 10 when iterating): lower steps or mini_batch_size "
                         "(0 = one epoch)", where, epochs, s.steps, student_mini_batch(cfg, s), batch_rows)
     for key in ("promote", "fallback"):

@@ -176,8 +176,11 @@ def test_strategy1_over_mse_teacher_warns_and_bench_pairs_strong_teacher(caplog)
 
     mse = ["teachers.mse.loss=mse", "students.s1_ce.teacher=mse"]
     cases = [(mse, True), ([*mse, "students.s1_ce.strategies=[2]"], False), ([], False)]
+    from erpd_megatron import config
+
     for overrides, warns in cases:
         caplog.clear()
+        config._WARNED.clear()  # said once per process: another test may have said it already
         with caplog.at_level(logging.WARNING, logger="erpd.config"):
             load_config(overrides=overrides)
         assert ("strategy 1 over the MSE teacher 'mse'" in caplog.text) == warns, overrides

@@ -26,11 +26,10 @@ def batch_prompts(ctx, index: int, n: int) -> list:
 
 def sample_batch(ctx, store: RolloutStore, batch: int, prompts: list, version, seed: int) -> None:
     """Generate n samples per prompt with the engine's current weights, score, write batch `batch`."""
-    from erpd_megatron.data.prompts import encode_prompts
     from erpd_megatron.rollout.engine import SamplingParams
 
     r = ctx.cfg.rollout
-    prompt_ids = encode_prompts(ctx.tokenizer, prompts, instruction=ctx.cfg.data.instruction or None)
+    prompt_ids = ctx.encode(prompts)
     sp = SamplingParams(n=r.n_samples, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
                         seed=seed)
     with stage("collect"):  # also on-policy training's per-step sampling

@@ -102,8 +102,18 @@ class Context:
         if self._reward is None:
             from erpd_megatron.rewards.router import make_router
 
-            self._reward = make_router(self.cfg)
+            self._reward = make_router(self.cfg.reward, mode=self.cfg.rollout.reward_mode)
         return self._reward
+
+    def encode(self, prompts: list) -> list[list[int]]:
+        """Token ids of prompts as the engine sees them (data.instruction / system / chat_template_kwargs)."""
+        from erpd_megatron.config import is_toy_base
+        from erpd_megatron.data.prompts import encode_prompts, resolve_instruction
+
+        d = self.cfg.data
+        instruction = resolve_instruction(d.instruction, toy=is_toy_base(str(self.base_hf)))
+        return encode_prompts(self.tokenizer, prompts, instruction=instruction,
+                              system=d.system or None, chat_template_kwargs=d.chat_template_kwargs)
 
     def close(self) -> None:
         if self._reward is not None:
@@ -321,12 +331,12 @@ def resolve_base(cfg: RunConfig, run: RunDir) -> Path:
     return p
 
 
-def _load_field(field_name: str, path: str) -> list:
+def _load_field(cfg: RunConfig, field_name: str, path: str) -> list:
     """Prompts of a user-given file; an error names the config field as well as the file and row."""
     from erpd_megatron.data.prompts import PromptDataError, load_prompts
 
     try:
-        return load_prompts(path)
+        return load_prompts(path, cfg.data.prompt_key, cfg.data.answer_key)
     except PromptDataError as e:
         raise PromptDataError(f"{field_name}: {e}") from None
 
@@ -336,7 +346,7 @@ def load_prompts(cfg: RunConfig, run: RunDir):
     user-given file has loaded: a malformed file leaves nothing behind."""
     from erpd_megatron.data.prompts import load_prompts as _load
 
-    loaded = {w: _load_field(f"data.{w}", s) for w, s in (("train", cfg.data.train), ("eval", cfg.data.eval))
+    loaded = {w: _load_field(cfg, f"data.{w}", s) for w, s in (("train", cfg.data.train), ("eval", cfg.data.eval))
               if s not in TOY_DATA}
     paths = []
     for which, spec, n in (("train", cfg.data.train, cfg.data.prompts_per_batch * max(cfg.iterations, 1) * 4),
@@ -362,9 +372,13 @@ def build_context(cfg: RunConfig) -> Context:
     from transformers import AutoTokenizer
 
     from erpd_megatron.megatron.model import ModelConfig
-    from erpd_megatron.pipeline.checks import check_dataset_sizes, check_memory, check_prompt_lengths
+    from erpd_megatron.pipeline.checks import check_dataset_sizes, check_memory, check_prompt_lengths, check_tokenizer
 
     run = RunDir(Path(cfg.run_dir))
+    if cfg.reward.custom:  # a bad spec fails in one line now, not when the first batch is scored
+        from erpd_megatron.rewards.custom import load_function
+
+        load_function(cfg.reward.custom)
     with _undo_if_refused(run.root):  # a refused run leaves nothing behind (the lock removes the empty dir)
         if cfg.model.base not in (*TOY_BASES, "toy_code"):  # a wrong path fails before the toy data files are written
             resolve_base(cfg, run)
@@ -373,12 +387,15 @@ def build_context(cfg: RunConfig) -> Context:
         run.root.mkdir(parents=True, exist_ok=True)
         base = resolve_base(cfg, run)
         tok = AutoTokenizer.from_pretrained(base)
+        check_tokenizer(tok, base, train + evals, "model.base")
         model_cfg = ModelConfig.from_hf(json.loads((base / "config.json").read_text()))
-        used = train[: cfg.data.prompts_per_batch * cfg.iterations] + evals
-        longest = check_prompt_lengths(cfg, tok, used, model_cfg.max_position_embeddings)
-        check_memory(cfg, min(model_cfg.max_position_embeddings, longest + cfg.rollout.max_new_tokens), len(evals))
-    return Context(cfg=cfg, run=run, base_hf=base, tokenizer=tok, model_cfg=model_cfg,
-                   train_prompts=train, eval_prompts=evals)
+        ctx = Context(cfg=cfg, run=run, base_hf=base, tokenizer=tok, model_cfg=model_cfg,
+                      train_prompts=train, eval_prompts=evals)
+        ctx.train_prompts, ctx.eval_prompts, longest = check_prompt_lengths(cfg, ctx.encode, train, evals,
+                                                                            model_cfg.max_position_embeddings)
+        check_memory(cfg, min(model_cfg.max_position_embeddings, longest + cfg.rollout.max_new_tokens),
+                     len(ctx.eval_prompts))
+    return ctx
 
 
 #: what `build_context` writes before the run is accepted (toy data files, the toy base's warm-up)

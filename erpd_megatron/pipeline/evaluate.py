@@ -38,13 +38,12 @@ def evaluate_policy(ctx, method: str, step: int, policy=None) -> dict | None:
 
 
 def _evaluate_engine(ctx) -> dict:
-    from erpd_megatron.data.prompts import encode_prompts
     from erpd_megatron.rollout.engine import SamplingParams
     from erpd_megatron.rollout.eval import pass_at_k
 
     e = ctx.cfg.eval
     prompts = ctx.eval_prompts
-    prompt_ids = encode_prompts(ctx.tokenizer, prompts, instruction=ctx.cfg.data.instruction or None)
+    prompt_ids = ctx.encode(prompts)
     sp = SamplingParams(n=e.k, temperature=e.temperature, top_p=e.top_p,
                         max_new_tokens=ctx.cfg.rollout.max_new_tokens, seed=ctx.cfg.seed + 10_007)
     samples = ctx.engine.generate(prompt_ids, sp)

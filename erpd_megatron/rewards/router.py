@@ -51,7 +51,7 @@ class RewardRouter:
     """`score_batch(responses, prompts)`: each item scored by the reward its record routes to, results in order."""
 
     def __init__(self, math_factory=None, code_factory=None, custom: Any = None, routes: dict | None = None,
-                 default: str = "math"):
+                 default: str = "math", custom_takes_all: bool = False):
         routes = dict(routes or {})
         bad = {k: v for k, v in [*routes.items(), ("default", default)] if v not in KINDS}
         if bad:
@@ -60,6 +60,7 @@ class RewardRouter:
             raise ValueError("a reward route says 'custom' but no custom reward is configured")
         self.routes = {**DATA_SOURCE_ROUTES, **routes}
         self.default = default
+        self.custom_takes_all = custom_takes_all and custom is not None  # reward.custom without custom_sources
         self._factories = {"math": math_factory, "code": code_factory}
         self._backends: dict[str, Any] = {"custom": custom} if custom is not None else {}
         self._tasks: dict[int, tuple] = {}  # id(prompt) -> (prompt, CodeTask | error text), parsed once
@@ -70,6 +71,8 @@ class RewardRouter:
     def route(self, prompt: Any) -> str:
         if isinstance(prompt, str):
             return "math"
+        if self.custom_takes_all:
+            return "custom"
         meta = getattr(prompt, "meta", None) or {}
         ds = meta.get("data_source")
         if isinstance(ds, str) and ds in self.routes:
@@ -149,17 +152,22 @@ class RewardRouter:
         self.close()
 
 
-def make_router(cfg, custom: Any = None) -> RewardRouter:
-    """The router of a run config (`reward` section; math mode from `rollout.reward_mode`)."""
+def make_router(r, mode: str = "strict") -> RewardRouter:
+    """The router of a `reward` config section (config.RewardConfig), math-verify in `mode` (rollout.reward_mode).
+    `reward.custom` (rewards/custom.py) takes the records whose data_source is in `reward.custom_sources`, or every
+    record when that list is empty; `reward.routes` still wins for the data sources it names."""
     from erpd_megatron.rewards.code import CodeReward
+    from erpd_megatron.rewards.custom import CustomReward
     from erpd_megatron.rewards.math import MathReward
     from erpd_megatron.rewards.sandbox import SandboxLimits
 
-    r = cfg.reward
+    custom = CustomReward(r.custom, num_workers=2, timeout_s=r.timeout_s) if r.custom else None
+    routes = {**{s: "custom" for s in r.custom_sources}, **r.routes} if custom is not None else dict(r.routes)
     return RewardRouter(
-        math_factory=lambda: MathReward(num_workers=2, timeout_s=5.0, mode=cfg.rollout.reward_mode),
+        math_factory=lambda: MathReward(num_workers=2, timeout_s=r.timeout_s, mode=mode),
         code_factory=lambda: CodeReward(num_workers=r.code_workers, score=r.code_score, language=r.code_language,
                                         timeout_per_test_s=r.code_timeout_per_test_s,
                                         timeout_per_sample_s=r.code_timeout_per_sample_s, sandbox=r.sandbox,
                                         python=r.sandbox_python, limits=SandboxLimits(memory_mb=r.code_memory_mb)),
-        custom=custom, routes=r.routes, default=r.default)
+        custom=custom, routes=routes, default=r.default,
+        custom_takes_all=custom is not None and not r.custom_sources and not r.routes)

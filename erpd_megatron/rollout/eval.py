@@ -1,8 +1,11 @@
 """``erpd eval``: AVG@K, pass@K and mean response length of a model on a local benchmark file.
 
-Benchmark file: JSONL (or Parquet), one problem per line, ``{"problem": str, "answer": str | number}``
-and optionally ``"id"``; other fields are ignored (see ``erpd_megatron/data/prompts.py``). AIME /
-HMMT / BeyondAIME exports you have can be pointed at directly; nothing is downloaded. Code benchmarks
+Benchmark file: JSONL (or Parquet), one problem per line: a prompt (text or chat messages) and an answer
+under the same field names as ``erpd run`` reads (``--prompt-key`` / ``--answer-key``, default: the first of
+problem / prompt / question / messages and answer / reward_model.ground_truth / ...; docs/data.md), optionally
+``"id"``. AIME / HMMT / BeyondAIME exports and verl Parquet files can be pointed at directly; nothing is
+downloaded. Prompts are rendered as ``erpd run`` renders them (same instruction rule, system message,
+chat-template kwargs), so a run's eval and ``erpd eval`` on its export see the same prompts. Code benchmarks
 (LiveCodeBench, APPS / TACO, HumanEval, MBPP records with their test cases) are scored by running each
 sample's program against the tests in the bubblewrap sandbox (``rewards/code.py``); one file may mix both.
 
@@ -108,16 +111,18 @@ class LLMJudge:
 
 
 def evaluate(engine, tokenizer, problems: Sequence, sampling: SamplingParams, k: int, reward,
-             judge=None, instruction: str | None = "default") -> dict:
+             judge=None, instruction: str | None = "default", system: str | None = None,
+             chat_template_kwargs: dict | None = None, toy: bool = False) -> dict:
     """Evaluate ``engine`` on ``problems`` (``data.prompts.Prompt`` objects or dicts with problem/answer).
 
     ``sampling.n`` is replaced by ``k``. ``reward``: a ``RewardRouter`` (each record scored by the reward it
-    routes to: math-verify or sandboxed code), or any object with ``score_batch(texts, golds)`` (``MathReward``).
-    ``judge``: callable (problem, answer, response) -> bool | None, or None; asked about math samples only.
-    ``instruction``: prompt suffix; "default" = data.prompts.DEFAULT_INSTRUCTION (math) and
-    rewards.code.CODE_INSTRUCTION (code records), None = none.
+    routes to: math-verify, sandboxed code or a custom reward), or any object with ``score_batch(texts, golds)``
+    (``MathReward``). ``judge``: callable (problem, answer, response) -> bool | None, or None; asked about math
+    samples only. ``instruction``: prompt suffix; "default" = data.prompts.DEFAULT_INSTRUCTION, "auto" =
+    data.prompts.resolve_instruction's rule (``toy``: the model is the toy task's), None = none; with "default" /
+    "auto", code records get rewards.code.CODE_INSTRUCTION instead.
     Returns {"total": {...}, "per_problem": [...]} (JSON-serialisable)."""
-    from erpd_megatron.data.prompts import DEFAULT_INSTRUCTION, Prompt, encode_prompts
+    from erpd_megatron.data.prompts import DEFAULT_INSTRUCTION, Prompt, encode_prompts, resolve_instruction
     from erpd_megatron.rewards.code import CODE_INSTRUCTION
 
     if k < 1:
@@ -127,11 +132,15 @@ def evaluate(engine, tokenizer, problems: Sequence, sampling: SamplingParams, k:
              for i, p in enumerate(problems)]
     routed = hasattr(reward, "route")  # a RewardRouter scores by record; a MathReward by gold answer
     kinds = [reward.route(p) if routed else "math" for p in items]
-    if instruction == "default":
-        prompt_ids = [encode_prompts(tokenizer, [p], instruction=CODE_INSTRUCTION if kind == "code"
-                                     else DEFAULT_INSTRUCTION)[0] for p, kind in zip(items, kinds)]
+    instr = DEFAULT_INSTRUCTION if instruction == "default" else resolve_instruction(instruction, toy=toy)
+
+    def encode(ps, ins):
+        return encode_prompts(tokenizer, ps, instruction=ins, system=system, chat_template_kwargs=chat_template_kwargs)
+
+    if instruction in ("default", "auto") and "code" in kinds:
+        prompt_ids = [encode([p], CODE_INSTRUCTION if kind == "code" else instr)[0] for p, kind in zip(items, kinds)]
     else:
-        prompt_ids = encode_prompts(tokenizer, items, instruction=instruction)
+        prompt_ids = encode(items, instr)
     samples = engine.generate(prompt_ids, replace(sampling, n=k))
     texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
     targets = [items[s.prompt_index] if routed else items[s.prompt_index].answer for s in samples]
@@ -199,8 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-new-tokens", type=int, default=1024, help="response length cap, >= 1")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--limit", type=int, default=0, help="first N problems only (0 = all)")
-    ap.add_argument("--instruction", default="default", help='prompt suffix ("default" = the boxed-answer '
-                    'instruction, "" for none)')
+    ap.add_argument("--prompt-key", default="", help="prompt field, dotted path (default: the first of problem, "
+                    "prompt, question, messages)")
+    ap.add_argument("--answer-key", default="", help="answer field, dotted path (default: the first of answer, "
+                    "reward_model.ground_truth, ground_truth, solution, label)")
+    ap.add_argument("--instruction", default="auto", help='suffix of text prompts: "auto" = the boxed-answer '
+                    'instruction except for a toy-task model (the rule of data.instruction in erpd run), '
+                    '"" for none, or any text (default: auto)')
+    ap.add_argument("--system", default="", help="system message (default: none)")
+    ap.add_argument("--chat-template-kwargs", default="{}", help='JSON of extra chat-template variables, e.g. '
+                    '\'{"enable_thinking": false}\' (default: none)')
+    ap.add_argument("--custom-reward", default="", help="module:function or file.py:function, verl's signature "
+                    "(rewards/custom.py); default: math-verify only")
+    ap.add_argument("--custom-sources", default="", help="comma-separated data_source values for --custom-reward "
+                    "(default: every record)")
     ap.add_argument("--reward-mode", default="strict", choices=("strict", "loose"),
                     help="math-verify: last \\boxed{} only (strict) or any final answer (loose)")
     ap.add_argument("--code-score", default="binary", choices=("binary", "fraction"),
@@ -237,12 +258,22 @@ def _check_args(args) -> None:
             raise UsageError(f"{flag} {d}: not a directory (give a local HF model directory)")
     if args.model and not (Path(args.model) / "config.json").is_file():
         raise UsageError(f"--model {args.model}: no config.json (not a HF model directory)")
+    try:
+        kwargs = json.loads(args.chat_template_kwargs)
+    except ValueError:
+        kwargs = None
+    if not isinstance(kwargs, dict):
+        raise UsageError(f"--chat-template-kwargs {args.chat_template_kwargs}: expected a JSON object")
+    args.chat_template_kwargs = kwargs
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from erpd_megatron.utils.cli import error_exit, is_user_error
+    from erpd_megatron.utils.console import configure, quiet_third_party
 
+    configure()  # no weight-loading bar in a log file (stderr not a terminal)
+    quiet_third_party()
     try:
         _check_args(args)
         return _run(args)
@@ -255,22 +286,22 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from transformers import AutoTokenizer
 
+    from erpd_megatron.config import RewardConfig, is_toy_base
     from erpd_megatron.data.prompts import load_prompts
-    from erpd_megatron.rewards.code import CodeReward
-    from erpd_megatron.rewards.math import MathReward
-    from erpd_megatron.rewards.router import RewardRouter
+    from erpd_megatron.pipeline.checks import check_tokenizer
+    from erpd_megatron.rewards.router import make_router
     from erpd_megatron.rollout.engine import SamplingParams
 
-    problems = load_prompts(args.benchmark)
+    problems = load_prompts(args.benchmark, args.prompt_key, args.answer_key)
     if args.limit:
         problems = problems[: args.limit]
-    router = RewardRouter(
-        math_factory=lambda: MathReward(num_workers=2, mode=args.reward_mode),
-        code_factory=lambda: CodeReward(num_workers=2, score=args.code_score, timeout_per_test_s=args.code_timeout,
-                                        sandbox=args.sandbox))
+    rcfg = RewardConfig(custom=args.custom_reward, custom_sources=[x for x in args.custom_sources.split(",") if x],
+                        code_score=args.code_score, code_timeout_per_test_s=args.code_timeout, sandbox=args.sandbox)
+    router = make_router(rcfg, mode=args.reward_mode)  # a bad custom reward spec: one line before the model loads
     if any(router.route(p) == "code" for p in problems):
         router.backend("code")  # a missing sandbox fails here, before the model is loaded
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    check_tokenizer(tokenizer, args.tokenizer or args.model, problems, "--tokenizer" if args.tokenizer else "--model")
     if args.sglang_url:
         from erpd_megatron.rollout.sglang_engine import SGLangEngine, SGLangError
 
@@ -287,7 +318,9 @@ def _run(args) -> int:
     judge = LLMJudge(args.judge_url, model=args.judge_model) if args.judge_url else None
     with router as reward:
         result = evaluate(engine, tokenizer, problems, sampling, args.k, reward, judge=judge,
-                          instruction=args.instruction or None)
+                          instruction=args.instruction or None, system=args.system or None,
+                          chat_template_kwargs=args.chat_template_kwargs,
+                          toy=bool(args.model) and is_toy_base(args.model))
     result["total"].update(benchmark=os.path.abspath(args.benchmark), model=args.model or args.sglang_url)
     text = json.dumps(result, indent=1)
     if args.out:
