@@ -64,7 +64,7 @@ def test_refused_runs_leave_nothing_behind(tmp_path, demo_cache):
     cases in tests/test_data_checks.py::test_toy_data_larger_than_the_task_is_refused_like_a_jsonl)."""
     run = tmp_path / "r"
     env = {"ERPD_CACHE": str(demo_cache)}
-    one_line_exit_2(erpd("run", *SMALL, f"run_dir={run}", "iterations=20000"),
+    one_line_exit_2(erpd("run", *SMALL, f"run_dir={run}", "iterations=20000", "iterate.promote=ce"),
                     "data.train: toy has 56704 prompts, fewer than data.prompts_per_batch * iterations = 4 * 20000")
     short = tmp_path / "short.jsonl"
     short.write_text("".join(json.dumps({"problem": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(64)))
