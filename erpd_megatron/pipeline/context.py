@@ -221,8 +221,12 @@ def _import_in_process(hf: Path, out: Path) -> None:
         import_hf(str(hf), str(out), tp=1, pp=1, overwrite=True)
     except ConversionError as e:
         raise RuntimeError(f"importing the base policy failed: {e}") from e
-    except Exception as e:  # the partial output is gone already (import_hf writes a temp dir, renamed at the end)
+    except BaseException as e:  # torch DCP raises CheckpointException, a BaseException
+        if isinstance(e, KeyboardInterrupt | SystemExit):
+            raise
         from erpd_megatron.utils.io import disk_full_error
+
+        # the partial output is gone already (import_hf writes a temp dir, renamed at the end)
 
         need = sum(f.stat().st_size for f in Path(hf).iterdir() if f.suffix in (".safetensors", ".bin"))
         full = disk_full_error(e, out, need_bytes=need, doing="importing the base policy")
