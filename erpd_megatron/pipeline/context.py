@@ -226,8 +226,8 @@ def _import_in_process(hf: Path, out: Path) -> None:
             raise
         from erpd_megatron.utils.io import disk_full_error
 
-        # the partial output is gone already (import_hf writes a temp dir, renamed at the end)
-
+        # the partial output is gone already (import_hf writes a temp dir, renamed at the end); the import
+        # writes about as many bytes as the HF weights hold
         need = sum(f.stat().st_size for f in Path(hf).iterdir() if f.suffix in (".safetensors", ".bin"))
         full = disk_full_error(e, out, need_bytes=need, doing="importing the base policy")
         if full is None:
