@@ -297,6 +297,8 @@ def build_context(cfg: RunConfig) -> Context:
             resolve_base(cfg, run)
         train, evals = load_prompts(cfg, run)  # bad data fails here, before the warm-up or any training
         check_dataset_sizes(cfg, train, evals)
+        # the batch's memory: a lower bound (every prompt has a token) before the warm-up, exact once tokenized
+        check_memory(cfg, cfg.rollout.max_new_tokens + 1, len(evals))
         run.root.mkdir(parents=True, exist_ok=True)
         base = resolve_base(cfg, run)
         tok = AutoTokenizer.from_pretrained(base)
