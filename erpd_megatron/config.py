@@ -5,7 +5,9 @@ parsed as YAML; named runs (teachers, students) sit one level deeper: `teachers.
 `students.s1_ce.strategies=[1,2]`, `eval.k=8`, `onpolicy.loss=grpo`.
 Everything is validated up front, before any compute: unknown keys, wrong types, every numeric field against
 its allowed range (`RANGES`, one table), impossible combinations (strategy 2 without an unlearned checkpoint,
-a mini-batch larger than the batch, unknown loss names, ...) raise `ConfigError` naming the field.
+a mini-batch larger than the batch, unknown loss names, ...) raise `ConfigError` naming the field. YAML is read
+strictly (duplicate keys, aliases and oversized files refused: utils/strict_yaml.py) and text / list fields are
+capped (`_check_sizes`).
 The resolved config is written to `<run_dir>/config.yaml` so a run can be reproduced or resumed.
 """
 

@@ -133,3 +133,19 @@ def test_simultaneous_acquire_has_one_winner(tmp_path, stale):
     winners = {t: sum(ok for tt, _, ok in got if tt == t) for t in range(trials)}
     assert all(n == 1 for n in winners.values()), {t: n for t, n in winners.items() if n != 1}
     assert not any(p.name != L.LOCK_NAME for t in range(trials) for p in (tmp_path / f"t{t}").iterdir())
+
+
+def test_file_system_without_hard_links_falls_back_to_o_excl(tmp_path, monkeypatch):
+    import errno
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(L.os, "link", no_links)
+    run = tmp_path / "run"
+    path = L.acquire(run)
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert sorted(p.name for p in run.iterdir()) == [L.LOCK_NAME]  # no temp file left
+    with pytest.raises(L.RunDirLocked, match="in use by"):
+        L.acquire(run)
+    L.release(path)

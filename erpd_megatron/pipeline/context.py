@@ -293,9 +293,13 @@ def _import_in_process(hf: Path, out: Path) -> None:
         import_hf(str(hf), str(out), tp=1, pp=1, overwrite=True)
     except ConversionError as e:
         raise RuntimeError(f"importing the base policy failed: {e}") from e
-    except Exception as e:  # the partial output is gone already (import_hf writes a temp dir, renamed at the end)
+    except BaseException as e:  # torch DCP raises CheckpointException, a BaseException
+        if isinstance(e, KeyboardInterrupt | SystemExit):
+            raise
         from erpd_megatron.utils.io import disk_full_error
 
+        # the partial output is gone already (import_hf writes a temp dir, renamed at the end); the import
+        # writes about as many bytes as the HF weights hold
         need = sum(f.stat().st_size for f in Path(hf).iterdir() if f.suffix in (".safetensors", ".bin"))
         full = disk_full_error(e, out, need_bytes=need, doing="importing the base policy")
         if full is None:
@@ -384,6 +388,8 @@ def build_context(cfg: RunConfig) -> Context:
             resolve_base(cfg, run)
         train, evals = load_prompts(cfg, run)  # bad data fails here, before the warm-up or any training
         check_dataset_sizes(cfg, train, evals)
+        # the batch's memory: a lower bound (every prompt has a token) before the warm-up, exact once tokenized
+        check_memory(cfg, cfg.rollout.max_new_tokens + 1, len(evals))
         run.root.mkdir(parents=True, exist_ok=True)
         base = resolve_base(cfg, run)
         tok = AutoTokenizer.from_pretrained(base)

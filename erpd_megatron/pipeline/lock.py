@@ -18,6 +18,7 @@ or damaged) counts as held while it is younger than `UNREADABLE_GRACE_S`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -67,7 +68,10 @@ def _alive(owner: dict) -> bool:
 
 
 def _owner_text(owner: dict) -> str:
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("time", 0)))
+    try:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(owner.get("time", 0))))
+    except (TypeError, ValueError, OverflowError, OSError):
+        since = "?"
     return f"pid {owner.get('pid')} on host {owner.get('host')} (since {since}, `{owner.get('cmd', '?')}`)"
 
 
@@ -108,7 +112,15 @@ def _create(path: Path, me: dict) -> bool:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
-        os.link(tmp, path)  # fails with FileExistsError if any lock is there
+        try:
+            os.link(tmp, path)  # fails with FileExistsError if any lock is there
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            # no hard links on this file system: O_EXCL, written after creation (read as held while young)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
         return True
     except FileExistsError:
         return False

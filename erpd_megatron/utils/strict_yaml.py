@@ -40,8 +40,6 @@ class _Loader(_Base):
         return super().construct_mapping(node, deep=deep)
 
 
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _Loader.construct_mapping)
-
 
 def _check_events(text: str) -> None:
     """Aliases and the node count, from the parser's events (no object is built)."""
