@@ -144,7 +144,7 @@ class RoutedReward:
 
     def close(self) -> None:
         for pool in (self.math, self.custom):
-            if pool is not None:
+            if pool is not None and hasattr(pool, "close"):
                 pool.close()
 
     def __enter__(self):
