@@ -107,7 +107,8 @@ def test_verl_parquet_run_export_reload_eval(byo, tmp_path, capsys):
             assert row["reward"] in (0.0, 1.0)
 
     # the final policy as a self-contained HF directory, in the source's dtype
-    ok(erpd("export", run))
+    exported = ok(erpd("export", run))
+    assert "Apex" not in exported.stderr and "Warning" not in exported.stderr  # the known notes are filtered
     final = run / "final"
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
               "generation_config.json", "model.safetensors.index.json"):
@@ -174,3 +175,22 @@ def test_question_answer_jsonl_run(byo, tmp_path):
     assert "How many apples does he have now?\nPlease reason step by step" in tok.decode(row["prompt_ids"])
     summary = json.loads((run / "summary.json").read_text())
     assert summary["setup"]["train"] == str(byo / "train.jsonl") and set(summary["methods"]) == {"ce", "s1_ce"}
+
+
+def test_export_template_lookup(tmp_path):
+    """A trainer checkpoint has no hf/ of its own: the export takes the run's imported base (tokenizer, template,
+    dtypes, pass-through tensors); an imported checkpoint its own hf/; one outside any run dir none."""
+    from checkpoints_conv.convert import find_hf_template, generation_config
+
+    base_hf = tmp_path / "run" / "base" / "iter_0000000" / "hf"
+    base_hf.mkdir(parents=True)
+    (base_hf / "config.json").write_text("{}")
+    ckpt = tmp_path / "run" / "ckpt" / "s1_ce" / "iter_0000004"
+    ckpt.mkdir(parents=True)
+    assert find_hf_template(ckpt) == base_hf.resolve()
+    assert find_hf_template(base_hf.parent) == base_hf
+    alone = tmp_path / "elsewhere" / "iter_0000004"
+    alone.mkdir(parents=True)
+    assert find_hf_template(alone) is None
+    assert generation_config({"text_config": {"eos_token_id": 7, "pad_token_id": 0}}) == {"eos_token_id": 7,
+                                                                                          "pad_token_id": 0}

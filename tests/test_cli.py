@@ -136,7 +136,7 @@ def test_user_errors_are_one_line_exit_2(tmp_path, bench):
         (["run", "teacher.lr=1e-5"], "unknown key(s) ['teacher']"),
         (["plan", "--recipe", "nope"], "python -m launchers plan nope"),
         (["plan", "--model", "nope"], "unknown model 'nope'; known:"),
-        (["plan", "--hf-config", tmp_path / "none.json"], "No such file or directory"),
+        (["plan", "--hf-config", tmp_path / "none.json"], "none.json: no such file"),
     ]
     for argv, needle in cases:
         _one_line_exit_2(erpd(*argv), needle)
@@ -231,6 +231,13 @@ def _stub_eval(tmp_path, monkeypatch):
 
     class Tok:
         pad_token_id = 0
+        chat_template = None
+
+        def __len__(self):  # not empty (erpd eval refuses a model dir whose tokenizer is)
+            return 8
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [1]}
 
         def decode(self, ids, skip_special_tokens=True):
             return "\\boxed{3}"
@@ -248,7 +255,7 @@ def _stub_eval(tmp_path, monkeypatch):
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: Tok())
     monkeypatch.setattr("erpd_megatron.rollout.local_engine.LocalEngine.from_pretrained", lambda *a, **k: Stub())
     monkeypatch.setattr("erpd_megatron.rewards.math.MathReward", lambda **k: Reward())
-    monkeypatch.setattr("erpd_megatron.data.prompts.encode_prompts", lambda tok, items, instruction=None: [[1]] * len(items))
+    monkeypatch.setattr("erpd_megatron.data.prompts.encode_prompts", lambda tok, items, instruction=None, **k: [[1]] * len(items))
     model = tmp_path / "hf"
     model.mkdir()
     (model / "config.json").write_text("{}")

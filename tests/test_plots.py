@@ -138,6 +138,8 @@ def test_compare_styles_distinct_bases_once_and_flat_plot_not_zoomed(tmp_path, c
     for name, model in (("r1", "m1"), ("r2", "m1"), ("r3", "m2")):
         runs[name] = {**json.loads(json.dumps(a)), "setup": {"model": model, "eval": "e.jsonl", "train": "t"}}
     runs["r3"]["base"]["accuracy"] = 0.2
+    table = report.compare_table(runs)  # every compare table names each run's model, train set and eval set
+    assert "| run | model | train set | eval set |" in table and "| r3 | m2 | t | e.jsonl (K = n/a) |" in table
     styles = report.series_styles(runs)
     assert len(styles) == 9 and len(set(styles.values())) == 9
     many = {f"r{i}": a for i in range(8)}  # 24 series: colours come round, the pairs still differ
