@@ -64,3 +64,27 @@ def test_pipeline_generates_toy_code_data(tmp_path):
     assert len(evals) == cfg.data.eval_prompts and all(p.meta["input_output"] for p in train + evals)
     tr, ev = {p.id for p in train}, {p.id for p in evals}
     assert not tr & ev and all(ct.is_validation(ct.CodeProblem(*map(int, i.split("-")[1:]))) for i in ev)
+
+
+def test_collect_stage_scores_code_in_the_sandbox(tmp_path):
+    """`erpd collect` on the toy code task: a briefly warmed base samples programs, the real sandbox scores them
+    (stored rewards are 0 / 1), and the base's evaluation records the code reward's stats."""
+    _need_bwrap()
+    import dataclasses
+
+    from erpd_megatron.data.rollout_store import RolloutStore
+    from erpd_megatron.pipeline.run import main_collect
+    from erpd_megatron.toy.code_base import CODE_BASE, warmup_code_base
+
+    base = warmup_code_base(tmp_path / "base", dataclasses.replace(CODE_BASE, steps=60, eval_prompts=8, eval_samples=1),
+                            log=lambda *a: None)
+    run = tmp_path / "run"
+    rc = main_collect(["--config", "toy_code", f"run_dir={run}", f"model.base={base}", "data.prompts_per_batch=8",
+                       "rollout.n_samples=2", "data.eval_prompts=6", "eval.k=1", "teachers.ce.mini_batch_size=16",
+                       "teachers.mse.mini_batch_size=16", "students.s1_ce.mini_batch_size=16",
+                       "students.s2_mse.mini_batch_size=16", "students.s1_ce.steps=1", "students.s2_mse.steps=1"])
+    assert rc in (0, None)
+    batch = RolloutStore(run / "rollouts").load_tensors(0)
+    assert batch["rewards"].numel() == 16 and set(batch["rewards"].tolist()) <= {0.0, 1.0}
+    (res,) = [json.loads(p.read_text()) for p in (run / "eval").rglob("step_*.json")]
+    assert res["reward_stats"]["kinds"] == {"code": 6} and sum(res["reward_stats"]["reasons"].values()) == 6
