@@ -346,6 +346,11 @@ def _s2_ctx(tmp_path, overrides):
         loaded.append((init.parent.name, int(init.name.rsplit("_", 1)[1])))
         return Policy(*loaded[-1])
 
+    from erpd_megatron.megatron.checkpoint import iter_dirname
+
+    for name, t in cfg.teachers.items():  # the saved checkpoints' directories (what keep_last could prune)
+        for step in range(t.save_every, t.steps + 1, t.save_every):
+            (run.ckpt(name) / iter_dirname(step)).mkdir(parents=True)
     ctx = SimpleNamespace(cfg=cfg, run=run, is_main=True, barrier=lambda: None, new_policy=new_policy,
                           release=lambda p: None, tokenizer=SimpleNamespace(pad_token_id=0))
     return ctx, store, lp_of, loaded
@@ -380,13 +385,16 @@ def test_strategy2_logprob_curves_per_checkpoint(tmp_path):
     """compute_signals writes, for both ends' runs, the positives' / negatives' mean token log-prob on the whole
     fixed batch at every saved checkpoint (step 0 = the base's old_logprobs): the fake's values, by construction."""
     import json
+    import shutil
 
+    from erpd_megatron.megatron.checkpoint import iter_dirname
     from erpd_megatron.pipeline.stages import compute_signals
 
     ctx, store, lp_of, _ = _s2_ctx(tmp_path, S2_BASE)
+    shutil.rmtree(ctx.run.ckpt("mse") / iter_dirname(8))  # pruned by checkpoint.keep_last: left out of the curve
     compute_signals(ctx, 0)
     mask = store.load_tensors(0)["response_mask"].bool()
-    for run, steps in (("mse", [4, 8, 12, 16]), ("u", [2, 4])):
+    for run, steps in (("mse", [4, 12, 16]), ("u", [2, 4])):
         rec = json.loads((tmp_path / "iter_0" / f"logprobs_{run}.json").read_text())
         assert sorted(map(int, rec["curve"])) == [0, *steps]
         assert rec["curve"]["0"] == {"pos": pytest.approx(-0.5), "neg": pytest.approx(-0.5)}

@@ -327,8 +327,11 @@ def logprob_curve(ctx, method: str, teacher: str, iteration: int) -> dict:
         return json.loads(record.read_text())
     t = ctx.cfg.teachers[teacher]
     top = final_step(ctx.run.ckpt(method), t.steps)
-    steps = sorted({*range(t.save_every, top + 1, t.save_every), top})
     store = RolloutStore(ctx.run.rollouts)
+    have = store.per_token_columns(iteration)
+    # checkpoint.keep_last may have pruned some: the curve covers the steps still on disk (or already computed)
+    steps = [st for st in sorted({*range(t.save_every, top + 1, t.save_every), top})
+             if _lp_column(method, st) in have or ckpt_at(ctx, method, st).exists()]
     for step in steps:
         if _lp_column(method, step) not in store.per_token_columns(iteration):
             policy = ctx.new_policy(init=ckpt_at(ctx, method, step))
