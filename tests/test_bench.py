@@ -89,6 +89,17 @@ def test_weight_sync_minimal(tmp_path):
     _check_spread(res["memcpy_gbps"])
 
 
+def test_sglang_vs_local_without_the_environment(tmp_path, monkeypatch):
+    """The real-server benchmark records why it did not run (its run is in docs/benchmarks; a minimal run
+    here would cost one more server start: tests/test_sglang_real.py covers the server itself)."""
+    from erpd_megatron.bench import sglang_vs_local
+
+    monkeypatch.setattr(sglang_vs_local, "sglang_python", lambda: None)
+    res = sglang_vs_local.run(tmp_path, repeats=1)
+    _check_schema(tmp_path / "sglang_vs_local.json", "sglang_vs_local")
+    assert "make sglang-env" in res["skipped"]
+
+
 def test_plots_from_jsons(tmp_path, megatron_world):
     from erpd_megatron.bench import logprob_throughput, plots
 

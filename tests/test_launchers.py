@@ -125,7 +125,10 @@ def test_recipes_carry_sglang_settings_to_a_valid_trainer_config():
         items = [f"{k}={v}" for k, v in r.trainer_overrides().items() if k != "run_dir"]
         cfgs[name] = load_config(config_path(r.trainer[3]), [i.replace("$ROLLOUT_URLS", "[http://r1:30000]") for i in items])
         validate(cfgs[name])
-    argv = launch_spec(cfgs["qwen3_4b_1node"].rollout, "/models/Qwen3-4B", log_dir="/x").argv(7)
+    import dataclasses
+
+    gpu = dataclasses.replace(cfgs["qwen3_4b_1node"].rollout, sglang_device="cuda")  # "auto" is cpu on this host
+    argv = launch_spec(gpu, "/models/Qwen3-4B", log_dir="/x").argv(7)
     assert argv[argv.index("--tp-size") + 1] == "1" and argv[argv.index("--base-gpu-id") + 1] == "7"
     assert "--enable-memory-saver" in argv and argv[argv.index("--mem-fraction-static") + 1] == "0.5"
     big = cfgs["qwen35_27b"].rollout

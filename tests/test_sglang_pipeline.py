@@ -33,7 +33,8 @@ def test_micro_pipeline_on_real_sglang_with_kill_and_resume(tmp_path, toy_base):
             *SHRUNK]
     r1 = erpd(*args, env={"ERPD_TEST_KILL_AT": "ce:3"}, check=False)
     assert r1.returncode == -9, r1.stderr[-3000:]  # SIGKILL after the teacher's step 3
-    erpd(*args, env={"ERPD_TEST_KILL_AT": "ce:3"})  # resumes (the kill fires once) and finishes
+    r2 = erpd(*args, env={"ERPD_TEST_KILL_AT": "ce:3"})  # resumes (the kill fires once) and finishes
+    assert "stopped the server an earlier, killed run left behind" in r2.stderr, r2.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["methods"]) == {"ce", "s1", "onpolicy_grpo"}
     for name, m in summary["methods"].items():

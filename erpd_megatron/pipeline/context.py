@@ -119,6 +119,10 @@ class Context:
         if self._reward is not None:
             self._reward.close()
             self._reward = None
+        # SGLang servers run in their own sessions: without this they outlive the run (found with a real server)
+        if self._engine is not None and hasattr(self._engine, "shutdown"):
+            self._engine.shutdown()
+            self._engine = None
 
     # ------------------------------------------------------------------ Megatron side (all ranks)
     def new_policy(self, lr: float = 0.0, total_steps: int = 1, warmup_steps: int = 0, init: Path | None = None):

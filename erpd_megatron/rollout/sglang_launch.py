@@ -18,6 +18,7 @@ that inherits ``RANK`` / ``MASTER_PORT`` can join (and hang) the trainer's rende
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -140,7 +141,8 @@ def start_server(argv: list[str], log_path: str, env: dict[str, str], banner: st
     """Start one server in its own session (= process group) with exactly ``env``, output appended to
     ``log_path``. A ``<log_path>.pid`` file names the group, so that the next start from the same run
     directory stops a server that a killed trainer left behind (``stop_leftover``)."""
-    stop_leftover(log_path)
+    if stop_leftover(log_path):
+        logging.getLogger(__name__).warning("stopped the server an earlier, killed run left behind (%s.pid)", log_path)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o644)
     with os.fdopen(fd, "ab") as fh:
         fh.write(f"\n=== {banner}: {redact(argv, secret)}\n".encode())
