@@ -149,9 +149,8 @@ def test_batch_larger_than_memory_is_refused_naming_the_field():
 def test_long_instruction_is_named_before_the_prompts_are_tokenized():
     """Issue 25 row 11: an instruction longer than the model's positions is refused naming data.instruction (a
     1 MB one was tokenized with every prompt for 44 s, then refused naming a prompt)."""
-    from erpd_megatron.toy.tokenizer import build_tokenizer
-
     from erpd_megatron.data.prompts import encode_prompts
+    from erpd_megatron.toy.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     cfg = _cfg("rollout.max_new_tokens=40", "data.instruction=" + "1+" * 15)
