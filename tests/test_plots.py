@@ -99,11 +99,12 @@ def _bench_json(out):
     curves = []
     for seed in (1, 2, 3):
         curves.append({"seed": seed, "method": "s1", "kind": "erpd",
-                       "points": [{"step": 0, "accuracy": 0.3, "kl": 0.0, "rollouts": 512},
-                                  {"step": 4, "accuracy": 0.3 + 0.01 * seed, "kl": 0.1 * seed, "rollouts": 512}]})
+                       "points": [{"step": 0, "accuracy": 0.3, "kl": 0.0, "rollouts": 512, "compute_s": 0.0},
+                                  {"step": 4, "accuracy": 0.3 + 0.01 * seed, "kl": 0.1 * seed, "rollouts": 512,
+                                   "compute_s": 10.0 * seed}]})
         curves.append({"seed": seed, "method": "onpolicy_grpo", "kind": "onpolicy",
-                       "points": [{"step": s, "accuracy": 0.3 + 0.005 * s * seed, "kl": 0.02 * s, "rollouts": 128 * s}
-                                  for s in range(5)]})
+                       "points": [{"step": s, "accuracy": 0.3 + 0.005 * s * seed, "kl": 0.02 * s, "rollouts": 128 * s,
+                                   "compute_s": 3.0 * s} for s in range(5)]})
     doc = {"results": {"seeds": [1, 2, 3], "curves": curves,
                        "base_accuracy": {"median": 0.3, "min": 0.28, "max": 0.32, "n": 3}}}
     (out / "erpd_vs_onpolicy.json").write_text(json.dumps(doc))
@@ -116,7 +117,9 @@ def test_bench_plots_label_seeds_draw_median_and_keep_legends_off_the_data(tmp_p
     _bench_json(tmp_path)
     plots.erpd_vs_onpolicy(tmp_path)
     fig = captured[-1]
-    ax_r, ax_k = fig.axes
+    ax_r, ax_c, ax_k = fig.axes  # vs rollouts, vs compute seconds (Table 4's wall-clock view), vs KL
+    assert "compute seconds" in ax_c.get_xlabel()
+    assert any(list(ln.get_xdata()) == [0.0, 3.0, 6.0, 9.0, 12.0] for ln in ax_c.lines if ln.get_linewidth() == 2.5)
     labels = [t.get_text() for t in ax_k.get_legend().get_texts()]
     assert {"seed 1", "seed 2", "seed 3"} <= set(labels)
     assert any("median" in x for x in labels) and any("base" in x for x in labels)

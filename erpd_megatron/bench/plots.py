@@ -116,8 +116,9 @@ def _median_spread(curves: list[list[dict]], x: str) -> dict[str, list]:
 
 
 def erpd_vs_onpolicy(out: Path) -> Path | None:
-    """Accuracy vs rollouts consumed and vs reverse KL: per method the median over seeds (bold, with the
-    min-max band over seeds), each seed a thin line of its own style (labelled), the base marked."""
+    """Accuracy vs rollouts consumed, vs compute seconds (wall-clock without evaluation; the paper's Table 4 view)
+    and vs reverse KL: per method the median over seeds (bold, with the min-max band over seeds), each seed a thin
+    line of its own style (labelled), the base marked."""
     d = _load(out, "erpd_vs_onpolicy")
     if not d or not d["results"].get("curves"):
         return None
@@ -127,7 +128,7 @@ def erpd_vs_onpolicy(out: Path) -> Path | None:
     plt = _plt()
     res = d["results"]
     seeds = res["seeds"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4), sharey=True)
     by_method: dict[str, list] = {}
     for curve in res["curves"]:
         by_method.setdefault(curve["method"], []).append(curve)
@@ -139,7 +140,7 @@ def erpd_vs_onpolicy(out: Path) -> Path | None:
     for mi, (m, curves) in enumerate(by_method.items()):
         c = f"C{mi}"
         handles.append(Line2D([], [], color=c, lw=2.5, marker="o", label=f"{m} ({curves[0].get('kind', '')}): median"))
-        for ax, x in zip(axes, ("rollouts", "kl")):
+        for ax, x in zip(axes, ("rollouts", "compute_s", "kl")):
             shift = dodge.get(m, 0.0) if x == "rollouts" else 0.0
             for curve in curves:
                 ls, mk = SEED_STYLES[seeds.index(curve["seed"]) % len(SEED_STYLES)]
@@ -149,7 +150,7 @@ def erpd_vs_onpolicy(out: Path) -> Path | None:
             ms = _median_spread([cu["points"] for cu in curves], x)
             xs = [v + shift for v in ms["x"]]
             ax.errorbar(xs, ms["y"], yerr=[ms["y_lo"], ms["y_hi"]],
-                        xerr=[ms["x_lo"], ms["x_hi"]] if x == "kl" else None,
+                        xerr=[ms["x_lo"], ms["x_hi"]] if x != "rollouts" else None,
                         color=c, lw=2.5, elinewidth=1, capsize=3, marker="o", ms=5, zorder=4)
     base = res.get("base_accuracy") or {}
     if base.get("median") is not None:
@@ -163,12 +164,13 @@ def erpd_vs_onpolicy(out: Path) -> Path | None:
         ls, mk = SEED_STYLES[seeds.index(s) % len(SEED_STYLES)]
         handles.append(Line2D([], [], color="grey", ls=ls, marker=mk, mfc="none", ms=4, lw=0.8, label=f"seed {s}"))
     axes[0].set_xlabel("rollouts consumed")
-    axes[1].set_xlabel("reverse KL to the base, per response (k1; < 0 is noise)")
+    axes[1].set_xlabel("compute seconds (evaluation excluded)")
+    axes[2].set_xlabel("reverse KL to the base, per response (k1; < 0 is noise)")
     axes[0].set_ylabel("accuracy (AVG@K, held-out)")
     for ax in axes:
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.grid(alpha=0.3)
-    axes[1].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+    axes[2].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
                    frameon=False)
     fig.suptitle(f"ERPD vs on-policy, toy task: median of {len(seeds)} seeds (bold), each seed (thin)", fontsize=11)
     fig.tight_layout()
