@@ -192,7 +192,7 @@ def test_disk_full_during_the_base_import_injected(tmp_path, toy_base, monkeypat
         context._import_in_process(toy_base, out)
 
 
-def _wait_for(proc: subprocess.Popen, cond, what: str, timeout: float = 300) -> None:
+def _wait_for(proc: subprocess.Popen, cond, what: str, timeout: float = 600) -> None:
     t0 = time.monotonic()
     while not cond():
         if proc.poll() is not None:
