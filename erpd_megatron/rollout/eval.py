@@ -244,11 +244,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from transformers import AutoTokenizer
 
     from erpd_megatron.config import RewardConfig, is_toy_base
     from erpd_megatron.data.prompts import load_prompts
-    from erpd_megatron.pipeline.checks import check_tokenizer
+    from erpd_megatron.pipeline.checks import check_tokenizer, load_tokenizer
     from erpd_megatron.rewards.custom import load_function, make_reward
     from erpd_megatron.rollout.engine import SamplingParams
 
@@ -257,8 +256,9 @@ def _run(args) -> int:
         problems = problems[: args.limit]
     if args.custom_reward:
         load_function(args.custom_reward)  # a bad spec: one line before the model loads
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    check_tokenizer(tokenizer, args.tokenizer or args.model, problems, "--tokenizer" if args.tokenizer else "--model")
+    where = "--tokenizer" if args.tokenizer else "--model"
+    tokenizer = load_tokenizer(args.tokenizer or args.model, where)
+    check_tokenizer(tokenizer, args.tokenizer or args.model, problems, where)
     if args.sglang_url:
         from erpd_megatron.rollout.sglang_engine import SGLangEngine, SGLangError
 
