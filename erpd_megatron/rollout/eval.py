@@ -244,7 +244,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-
     from erpd_megatron.config import RewardConfig, is_toy_base
     from erpd_megatron.data.prompts import load_prompts
     from erpd_megatron.pipeline.checks import check_tokenizer, load_tokenizer
