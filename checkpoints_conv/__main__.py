@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure()  # progress bars only on a terminal
     quiet_third_party()  # the known Apex / torch.distributed / megatron notes of a CPU conversion (utils/console.py)
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its per-import INFO lines (FSDP, TE detection)
 
     from .config import ConversionError
 

@@ -46,6 +46,18 @@ def check_dataset_sizes(cfg: RunConfig, train: list, evals: list) -> None:
                     cfg.data.eval, len(evals), cfg.data.eval_prompts, len(evals))
 
 
+def load_tokenizer(model_dir, where: str):
+    """AutoTokenizer of a local model dir; a directory transformers cannot read one from is a ConfigError (one
+    line naming `where`), not a traceback."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{where}: {model_dir}: no usable tokenizer ({first})") from None
+
+
 def check_tokenizer(tokenizer, model_dir, prompts: list, where: str) -> None:
     """Refuse a model directory whose tokenizer is empty (a converter export without tokenizer files: transformers
     then loads a tokenizer that encodes nothing), or that has no chat template while the data is chat messages."""

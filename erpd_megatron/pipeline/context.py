@@ -377,10 +377,9 @@ def load_prompts(cfg: RunConfig, run: RunDir):
 
 
 def build_context(cfg: RunConfig) -> Context:
-    from transformers import AutoTokenizer
-
     from erpd_megatron.megatron.model import ModelConfig
-    from erpd_megatron.pipeline.checks import check_dataset_sizes, check_memory, check_prompt_lengths, check_tokenizer
+    from erpd_megatron.pipeline.checks import (check_dataset_sizes, check_memory, check_prompt_lengths,
+                                               check_tokenizer, load_tokenizer)
 
     run = RunDir(Path(cfg.run_dir))
     if cfg.reward.custom:  # a bad spec fails in one line now, not when the first batch is scored
@@ -396,7 +395,7 @@ def build_context(cfg: RunConfig) -> Context:
         check_memory(cfg, cfg.rollout.max_new_tokens + 1, len(evals))
         run.root.mkdir(parents=True, exist_ok=True)
         base = resolve_base(cfg, run)
-        tok = AutoTokenizer.from_pretrained(base)
+        tok = load_tokenizer(base, "model.base")
         check_tokenizer(tok, base, train + evals, "model.base")
         model_cfg = ModelConfig.from_hf(json.loads((base / "config.json").read_text()))
         ctx = Context(cfg=cfg, run=run, base_hf=base, tokenizer=tok, model_cfg=model_cfg,

@@ -284,11 +284,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from transformers import AutoTokenizer
-
     from erpd_megatron.config import RewardConfig, is_toy_base
     from erpd_megatron.data.prompts import load_prompts
-    from erpd_megatron.pipeline.checks import check_tokenizer
+    from erpd_megatron.pipeline.checks import check_tokenizer, load_tokenizer
     from erpd_megatron.rewards.router import make_router
     from erpd_megatron.rollout.engine import SamplingParams
 
@@ -300,8 +298,9 @@ def _run(args) -> int:
     router = make_router(rcfg, mode=args.reward_mode)  # a bad custom reward spec: one line before the model loads
     if any(router.route(p) == "code" for p in problems):
         router.backend("code")  # a missing sandbox fails here, before the model is loaded
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    check_tokenizer(tokenizer, args.tokenizer or args.model, problems, "--tokenizer" if args.tokenizer else "--model")
+    where = "--tokenizer" if args.tokenizer else "--model"
+    tokenizer = load_tokenizer(args.tokenizer or args.model, where)
+    check_tokenizer(tokenizer, args.tokenizer or args.model, problems, where)
     if args.sglang_url:
         from erpd_megatron.rollout.sglang_engine import SGLangEngine, SGLangError
 
