@@ -1,8 +1,9 @@
 """SGLangEngine against tests/fake_sglang_server.py, a subprocess speaking SGLang 0.5.x's wire format.
 
-No real SGLang server runs here (no GPU / sglang kernels on CI). What is real: the HTTP requests and
-their field names, the base64 ForkingPickler payloads with flattened-bucket metadata (decoded by
-sglang's own MultiprocessingSerializer / FlattenedTensorBucket when sglang is importable -- see
+The fast half: the real server runs in tests/test_sglang_real.py (minutes per start on a loaded machine),
+and what it taught is mirrored by the in-test server. What is real here: the HTTP requests and their
+field names, the base64 ForkingPickler payloads with flattened-bucket metadata (decoded by sglang's own
+MultiprocessingSerializer / FlattenedTensorBucket from the CPU SGLang environment --
 ``test_payloads_decode_with_real_sglang``), the gloo broadcast group built like sglang's, process
 restarts.
 """
