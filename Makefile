@@ -5,8 +5,17 @@ PY := $(VENV)/bin/python
 # First Python >= 3.12 found: python3.12 on PATH, else pyenv's 3.12.x.
 PYTHON312 := $(shell bash scripts/find_python312.sh)
 
-.PHONY: setup sglang-env test lint demo bench clean
-setup: $(VENV)/.installed
+.PHONY: setup sandbox-deps sglang-env test lint demo bench clean
+setup: $(VENV)/.installed sandbox-deps
+
+# Code rewards run model-written programs in bubblewrap with Debian's /usr/bin/python3 (docs/code_tasks.md).
+# Installed here when missing and we are root with apt; otherwise a warning (code rewards then refuse to run).
+sandbox-deps:
+	@if ! command -v bwrap >/dev/null || [ ! -x /usr/bin/python3 ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap python3 >/dev/null; \
+	  else echo "warning: bubblewrap or /usr/bin/python3 missing: code rewards will refuse to run (apt-get install bubblewrap python3)" >&2; fi; \
+	fi
 
 # sglang 0.5.23 on CPU in its own environment, for the real-server tests (pins: scripts/sglang_cpu/requirements.txt;
 # cached by a stamp keyed on them, so this is a no-op once built). Location: $(SGLANG_VENV), read by the tests.

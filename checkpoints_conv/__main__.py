@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
                    "carry-over between chunks is compared too")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from erpd_megatron.utils.console import configure, quiet_third_party
+
+    configure()  # progress bars only on a terminal
+    quiet_third_party()  # the known Apex / torch.distributed / megatron notes of a CPU conversion (utils/console.py)
 
     from .config import ConversionError
 
@@ -67,8 +71,12 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(verify(a.hf, a.mcore, a.tp, a.pp, a.batch, a.seq_len)), flush=True)
             return 0
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # bad input, a damaged checkpoint, a full disk: one line (erpd_megatron/utils/cli.py)
+        from erpd_megatron.utils.cli import is_user_error, one_line
+
+        if not (isinstance(e, ConversionError) or is_user_error(e)):
+            raise
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
     logging.getLogger("checkpoints_conv").info("%s done in %.1f s, peak RSS %.2f GiB", a.cmd, time.time() - t0, peak)

@@ -150,6 +150,27 @@ def without_mtp(hf_config: dict) -> dict:
     return out
 
 
+def find_hf_template(ckpt: Path) -> Path | None:
+    """The HF side files of a checkpoint: its own hf/ (an imported base), else the imported base of the run dir
+    it lives in (<run>/ckpt/<method>/iter_N -> <run>/base/iter_0000000/hf): tokenizer, chat template, generation
+    config, source dtypes (conversion.json) and the pass-through tensors (vision tower, MTP) a trainer
+    checkpoint does not hold."""
+    if (ckpt / "hf" / "config.json").is_file():
+        return ckpt / "hf"
+    for parent in ckpt.resolve().parents:
+        cand = parent / "base" / ITER0 / "hf"
+        if (cand / "config.json").is_file():
+            return cand
+    return None
+
+
+def generation_config(hf_config: dict) -> dict:
+    """A minimal generation_config.json (the template had none): the config's bos / eos / pad token ids."""
+    text = hf_config.get("text_config") if isinstance(hf_config.get("text_config"), dict) else hf_config
+    out = {k: text.get(k, hf_config.get(k)) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def export_mcore(mcore_dir: str, out_dir: str, dtype: str | None = None, hf_template: str | None = None,
                  overwrite: bool = False, max_shard_bytes: int = 5 * 2**30, drop_mtp: bool = False) -> Path:
     """drop_mtp: leave the `mtp.*` draft head out (and say so in config.json, see without_mtp). Training never
@@ -165,7 +186,10 @@ def export_mcore(mcore_dir: str, out_dir: str, dtype: str | None = None, hf_temp
         raise ConversionError(str(e)) from e
     mc = ModelConfig.from_dict(meta["model_cfg"])
     tp = int((meta.get("parallel") or {}).get("tp", 1))
-    tmpl = Path(hf_template) if hf_template else (path / "hf" if (path / "hf" / "config.json").is_file() else None)
+    tmpl = Path(hf_template) if hf_template else find_hf_template(path)
+    if tmpl is None:
+        log.warning("export: no HF template found for %s (no hf/ beside it, no run dir base/ above it): writing "
+                    "config.json and weights only, no tokenizer or chat template; give --hf-template BASE_DIR", path)
     hf_config = read_json(tmpl / "config.json") if tmpl else mc.to_hf()
     cc = ConvConfig.from_hf(hf_config).with_padded_vocab(mc.padded_vocab_size(tp))
     conv = read_json(tmpl / "conversion.json") if tmpl and (tmpl / "conversion.json").is_file() else {}
@@ -225,6 +249,8 @@ def export_mcore(mcore_dir: str, out_dir: str, dtype: str | None = None, hf_temp
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if tmpl:
             copy_side_files(tmpl, tmp)
+        if not (tmp / "generation_config.json").is_file():  # eos / pad for generate(), from the config
+            (tmp / "generation_config.json").write_text(json.dumps(generation_config(hf_config), indent=2) + "\n")
     log.info("exported %s -> %s", path, out_dir)
     return Path(out_dir)
 

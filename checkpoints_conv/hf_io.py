@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from erpd_megatron.utils.io import copy_file
+
 from .config import ConversionError
 
 INDEX = "model.safetensors.index.json"
@@ -234,6 +236,6 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     copied = []
     for name in SIDE_FILES:
         if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+            copy_file(src / name, dst / name)  # the umask's mode, not the source's
             copied.append(name)
     return copied

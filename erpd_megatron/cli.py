@@ -4,9 +4,11 @@
     erpd run --config X.yaml k=v   collect -> teachers -> signals -> students -> on-policy -> eval -> report
     erpd collect|teacher|signals|distill|onpolicy|iterate --config X.yaml k=v   one stage (resumable)
     erpd eval ...                  AVG@K / pass@K of a checkpoint on a JSONL benchmark
+    erpd reward --data D --responses R   score responses (math-verify or sandboxed code), one JSON line each
     erpd plan ...                  memory / layout planner
     erpd report RUN_DIR            rebuild summary.json, report.md, accuracy_vs_kl.png from a run dir
     erpd compare RUN_A RUN_B ...   one table and one plot over several runs (compare/compare.md)
+    erpd export RUN_DIR            the run's final policy as a HF directory (RUN_DIR/final)
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ COMMANDS = {
     "onpolicy": ("erpd_megatron.pipeline.run", "main_onpolicy", "on-policy baseline with the same rollout budget"),
     "iterate": ("erpd_megatron.pipeline.run", "main_iterate", "batch after batch, student -> next base"),
     "eval": ("erpd_megatron.rollout.eval", "main", "AVG@K / pass@K on a local JSONL benchmark"),
+    "reward": ("erpd_megatron.rewards.score_cli", "main", "score responses against a data set (math or sandboxed code)"),
     "plan": ("erpd_megatron.planner", "main", "per-GPU memory and step-time plan for a model + layout"),
     "report": ("erpd_megatron.pipeline.report", "main_report", "rebuild report.md and the plots of a run dir"),
     "compare": ("erpd_megatron.pipeline.report", "main_compare", "several runs' summaries in one table and plot"),
+    "export": ("erpd_megatron.pipeline.export", "main", "a run's final policy as a self-contained HF directory"),
 }
 
 

@@ -200,3 +200,33 @@ def get_model_config(name: str) -> dict:
         return copy.deepcopy(MODELS[name])
     except KeyError:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}") from None
+
+
+def load_hf_config(path: str) -> dict:
+    """An HF config.json, given as the file or as the model directory holding it; ValueError (one line) when it is
+    missing or not a JSON object."""
+    import json
+    import os
+
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    try:
+        with open(file) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file" if file == path else f"{path}: no config.json in it") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not a JSON config ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: not a JSON config (top level is {type(data).__name__})")
+    return data
+
+
+def resolve_model_config(spec: str) -> dict:
+    """The HF config of `spec`: an embedded model's name, else a config.json or a model directory."""
+    import os
+
+    if spec in MODELS:
+        return get_model_config(spec)
+    if os.sep in spec or os.path.exists(spec) or spec.endswith(".json"):
+        return load_hf_config(spec)
+    return get_model_config(spec)  # KeyError naming the known models

@@ -685,12 +685,10 @@ def check_or_raise(config: dict, layout: Layout, hardware: Hardware | None = Non
 
 # ----------------------------------------------------------------------------------------- CLI
 def _load_config(args) -> tuple[dict, str]:
-    if args.hf_config:
-        with open(args.hf_config) as f:
-            try:
-                return json.load(f), args.hf_config
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{args.hf_config}: not a JSON config ({e})") from None
+    if args.hf_config:  # the config.json or the model directory holding it
+        from erpd_megatron.model_shapes import load_hf_config
+
+        return load_hf_config(args.hf_config), args.hf_config
     from erpd_megatron.model_shapes import get_model_config
 
     return get_model_config(args.model), args.model
@@ -706,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "a launcher recipe's layout: python -m launchers plan RECIPE")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--model", default="qwen3-4b", help="embedded model name (erpd_megatron/model_shapes.py)")
-    src.add_argument("--hf-config", help="path to an HF config.json (instead of --model)")
+    src.add_argument("--hf-config", help="an HF config.json or the model directory holding it (instead of --model)")
     src.add_argument("--recipe", help=argparse.SUPPRESS)  # moved to the launchers: say so in one line
     d = Layout()
     for f, what in [("tp", "tensor-parallel size"), ("pp", "pipeline-parallel size"), ("dp", "data-parallel size"),

@@ -14,11 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from erpd_megatron.model_shapes import get_model_config
 from erpd_megatron.planner import LayoutError, Plan, check_or_raise
 from launchers.recipes import RECIPES, Recipe, apply_overrides, get_recipe
+
+
+def model_config(recipe: Recipe) -> tuple[dict, str]:
+    """(HF config, name) the planner checks: `model.base`'s config.json when that directory is readable here (the
+    model the job will train), else the recipe's `model` (an embedded model's name, or a config.json / model dir
+    path given as `model=...`). ValueError / KeyError in one line."""
+    from erpd_megatron.model_shapes import load_hf_config, resolve_model_config
+
+    base = recipe.overrides.get("model.base", "")
+    if base and base != "toy" and os.path.isfile(os.path.join(base, "config.json")):
+        return load_hf_config(base), base
+    return resolve_model_config(recipe.model), recipe.model
 
 
 def plan_recipe(recipe: Recipe) -> Plan:
@@ -30,22 +42,20 @@ def plan_recipe(recipe: Recipe) -> Plan:
         L.rollout_tp = recipe.rollout_servers.tp
         L.rollout_nodes = recipe.rollout_servers.nodes
         L.rollout_mem_fraction = recipe.rollout_servers.mem_fraction
-    return check_or_raise(get_model_config(recipe.model), L, recipe.hardware, name=recipe.model)
+    config, name = model_config(recipe)
+    return check_or_raise(config, L, recipe.hardware, name=name)
 
 
 def check_trainer_config(recipe: Recipe) -> None:
     """The trainer command's config (its preset + every trainer override) through the trainer's own loader, so a
     bad value (`teachers.ce.lr=-1`, an unknown key) is refused here, before a job waits in the queue for it.
-    Raises ConfigError (a ValueError) naming the field."""
-    from pathlib import Path
-
+    Raises ConfigError (a ValueError) naming the field. Presets are named (`--config micro`): the trainer finds
+    them in its own package, from any working directory."""
     from erpd_megatron.pipeline.demo import PRESET
     from erpd_megatron.pipeline.run import parse
 
     argv = recipe.trainer_argv()
     rest = argv[2:] if argv[:2] != ["erpd", "demo"] else ["--config", str(PRESET), *argv[2:]]
-    root = Path(__file__).resolve().parent.parent  # presets are named relative to the checkout
-    rest = [str(root / a) if not Path(a).is_absolute() and (root / a).is_file() else a for a in rest]
     parse(rest, " ".join(argv[:2]))
 
 
@@ -120,13 +130,16 @@ def main(argv: list[str] | None = None) -> int:
         slurm.validate(recipe)  # #SBATCH values, env names: refused before anything is written
         check_trainer_config(recipe)  # trainer keys and ranges, likewise
     except (KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
     if args.cmd == "plan":
         try:
             p = plan_recipe(recipe)
         except LayoutError as e:
             print(str(e), file=sys.stderr)
+            return 2
+        except (KeyError, ValueError) as e:  # an unknown model name, an unreadable config.json
+            print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
             return 2
         print(json.dumps(p.to_dict(), indent=2) if args.json else p.table())
         return 0
@@ -135,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     except LayoutError as e:
         print(f"refusing to launch {recipe.name}: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:  # the user's choice cannot work (executor, nodes): a user error, like the others
-        print(f"error: {e}", file=sys.stderr)
+    except (KeyError, ValueError) as e:  # the user's choice cannot work (executor, nodes, model): a user error
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # the submission itself failed (sbatch, nemo-run)
         print(f"error: {e}", file=sys.stderr)

@@ -18,10 +18,18 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 
 from erpd_megatron.planner import H100, Hardware, Layout
+
+
+def code_root() -> str:
+    """The directory holding the erpd_megatron and launchers packages this launcher runs from (a checkout, or
+    site-packages): what a job without a container runs, whatever the caller's working directory."""
+    return str(Path(__file__).resolve().parent.parent)
+
 
 #: the CPU recipes' machine (the 2-core CI runner): what the planner checks memory against
 CPU_HOST = Hardware(name="CPU (2 cores, 24 GiB)", memory_gib=24.0, reserved_gib=4.0, peak_tflops=0.1, mfu=0.3)
@@ -69,8 +77,8 @@ class SlurmSettings:
     code_dir: str = "/workspace/erpd-megatron"
     """where the repository is mounted in the container (the working directory of every task)"""
     host_code_dir: str = ""
-    """repository on the cluster's shared file system (default: the launch directory); the working
-    directory of every task when there is no container"""
+    """repository on the cluster's shared file system (default: the directory of the code running the launcher,
+    `code_root()`, wherever it is called from); the working directory of every task when there is no container"""
     python: str = ""
     """interpreter every task runs (the trainer as `PYTHON -m erpd_megatron.cli`, torchrun as
     `PYTHON -m torch.distributed.run`). Default: `python` / `torchrun` of the container's PATH; without a
@@ -152,7 +160,8 @@ class Recipe:
 
     @property
     def run_dir(self) -> str:
-        return os.path.join(self.run_root, self.name)
+        """Absolute (a relative run_root is the caller's directory's): the job's tasks start in the code dir."""
+        return os.path.abspath(os.path.join(self.run_root, self.name))
 
     @property
     def procs_per_task(self) -> int:
@@ -206,7 +215,7 @@ def cpu_micro() -> Recipe:
     """The CI-sized pipeline (erpd_megatron/presets/micro.yaml) on one CPU node: what the local Slurm tests
     submit. `torchrun=true tasks_per_node=2 layout.dp=2` makes it a two-task DP=2 gloo job."""
     return _cpu_recipe("cpu_micro", "micro preset (toy task) on CPU, one process; no GPU, no container",
-                       ["erpd", "run", "--config", "erpd_megatron/presets/micro.yaml"],
+                       ["erpd", "run", "--config", "micro"],
                        micro_batch=16, global_batch=64, seq_len=64)
 
 
@@ -229,7 +238,7 @@ def qwen3_4b_1node() -> Recipe:
         model="qwen3-4b",
         layout=Layout(tp=1, pp=1, dp=8, cp=1, micro_batch=1, global_batch=256, seq_len=8192, recompute="selective",
                       nodes=1, gpus_per_node=8, rollout="colocated", rollout_tp=1, rollout_mem_fraction=0.5),
-        trainer=["erpd", "run", "--config", "erpd_megatron/presets/qwen3_4b.yaml"],
+        trainer=["erpd", "run", "--config", "qwen3_4b"],
         overrides={"model.base": "/models/Qwen3-4B"},
         nodes=1,
     )
@@ -246,7 +255,7 @@ def qwen35_27b() -> Recipe:
         model="qwen3.5-27b",
         layout=Layout(tp=4, pp=2, dp=4, cp=1, micro_batch=1, global_batch=256, seq_len=8192, recompute="selective",
                       nodes=4, gpus_per_node=8, rollout="colocated", rollout_tp=4, rollout_mem_fraction=0.5),
-        trainer=["erpd", "run", "--config", "erpd_megatron/presets/qwen35_27b.yaml"],
+        trainer=["erpd", "run", "--config", "qwen35_27b"],
         overrides={"model.base": "/models/Qwen3.5-27B"},
         nodes=4,
         slurm=SlurmSettings(time="08:00:00"),

@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import sys
 
-from launchers.recipes import Recipe
+from launchers.recipes import Recipe, code_root
 
 #: variables the batch script (or Slurm) sets for each task: a `$NAME` / `${NAME}` of these inside an
 #: argument is expanded in the task; nothing else of an argument ever is ($(...), backticks, other $VARS)
@@ -97,7 +97,7 @@ def uses_container(recipe: Recipe) -> bool:
 def task_code_dir(recipe: Recipe) -> str:
     """Working directory of every task: the mounted checkout in a container, else the shared-FS checkout."""
     s = recipe.slurm
-    return s.code_dir if uses_container(recipe) else os.path.abspath(s.host_code_dir or os.getcwd())
+    return s.code_dir if uses_container(recipe) else os.path.abspath(s.host_code_dir or code_root())
 
 
 def task_python(recipe: Recipe) -> str:
@@ -133,7 +133,7 @@ def rollout_task_command(recipe: Recipe) -> str:
 
 def container_mounts(recipe: Recipe) -> list[str]:
     s = recipe.slurm
-    host_code = os.path.abspath(s.host_code_dir or os.getcwd())
+    host_code = os.path.abspath(s.host_code_dir or code_root())
     run_root = os.path.abspath(recipe.run_root)
     return [f"{host_code}:{s.code_dir}", f"{run_root}:{run_root}"] + list(s.container_mounts)
 

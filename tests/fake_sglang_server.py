@@ -23,6 +23,11 @@ imported only by the weight endpoints. What it checks and does:
   ([logprob, token_id, null] triples). The "model" is a formula of (prompt, seed, position), see
   ``fake_token``; ``--die-after K`` exits the process abruptly on the K-th /generate of the first
   incarnation (a marker file remembers that it already died once).
+- ``/generate`` with ``sampling_params.max_new_tokens == 0`` (prefill-only scoring, the weights-arrived guard):
+  needs ``--hf-config DIR`` (an HF config.json), whose transformers model (fp32, random init) holds every tensor
+  received so far; answers ``meta_info.input_token_logprobs`` for the input tokens from ``logprob_start_len`` on as
+  ``[logprob, token_id, null]`` with the first logprob null, as sglang 0.5.23 does (``[None] + logprobs[:-1]`` in
+  managers/scheduler_components/logprob_result_processor.py), from untempered logits.
 - ``/update_weights_from_tensor``: decodes every TP rank's base64 payload -- with sglang's own
   ``MultiprocessingSerializer`` + ``FlattenedTensorBucket`` when ``--use-sglang`` (and importable),
   else with an allowlisted unpickler -- and checks that all ranks agree.
@@ -85,6 +90,30 @@ class State:
         self.paused = False
         self.session = False
         self.released: set = set()
+        self._model = None
+        self.version_count = 0  # bumped by every weight update
+        self._loaded = 0  # how many of `weights` were last copied into the model
+
+    def model(self):
+        """The scoring model (``--hf-config``) with every tensor received so far (call under the lock)."""
+        import torch
+
+        if self._model is None:
+            if not self.args.hf_config:
+                raise ValueError("scoring (max_new_tokens=0) needs --hf-config")
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            torch.manual_seed(0)
+            self._model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.args.hf_config),
+                                                           dtype=torch.float32).eval()
+            self._loaded = -1
+        if self._loaded != self.version_count:
+            params = self._model.state_dict(keep_vars=True)
+            with torch.no_grad():
+                for name, t in self.weights.items():
+                    params[name].data.copy_(t.to(params[name].dtype))
+            self._loaded = self.version_count
+        return self._model
 
 
 def make_handler(state: State):
@@ -174,6 +203,8 @@ def make_handler(state: State):
             if sp.get("n", 1) != 1 or body.get("return_logprob") is not True:
                 return 400, {"error": "this fake serves n=1 with return_logprob only"}
             prompt = [int(t) for t in body["input_ids"]]
+            if int(sp.get("max_new_tokens", 1)) == 0:
+                return self._score(body, prompt)
             with state.lock:
                 state.n_generate += 1
                 count = state.n_generate
@@ -202,6 +233,26 @@ def make_handler(state: State):
                     "weight_version": version, "completion_tokens": len(ids), "cached_tokens": 0,
                     "output_token_logprobs": triples}
             return 200, {"text": " ".join(map(str, ids)), "output_ids": ids, "meta_info": meta}
+
+        def _score(self, body, prompt):
+            import torch
+
+            start = int(body.get("logprob_start_len", -1))
+            if not 0 <= start < len(prompt):
+                return 400, {"error": f"this fake scores with 0 <= logprob_start_len < {len(prompt)}, got {start}"}
+            with state.lock:
+                model = state.model()
+                with torch.no_grad():
+                    logits = model(input_ids=torch.tensor([prompt])).logits[0].float()
+                version = state.weight_version
+                state.events.append({"event": "score", "rid": body.get("rid")})
+            lp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(prompt[1:])[:, None]).squeeze(-1)
+            vals = [None] + lp[start:].tolist()  # the token at logprob_start_len gets none, as in sglang
+            meta = {"id": body.get("rid"), "finish_reason": {"type": "length", "length": 0}, "weight_version": version,
+                    "prompt_tokens": len(prompt), "completion_tokens": 0, "cached_tokens": 0,
+                    "input_token_logprobs": [[v, t, None] for v, t in zip(vals, prompt[start:])],
+                    "output_token_logprobs": []}
+            return 200, {"text": "", "output_ids": [], "meta_info": meta}
 
         def h_abort_request(self, body):
             self.log_event("abort_request", rid=body.get("rid"))
@@ -266,6 +317,7 @@ def make_handler(state: State):
             with state.lock:
                 for name, t in named:
                     state.weights[name] = t.clone()
+                state.version_count += 1
                 if version is not None:
                     state.weight_version = version
 
@@ -406,6 +458,7 @@ def main(argv=None):
     ap.add_argument("--protocol", choices=["0.5.23", "legacy"], default="0.5.23")
     ap.add_argument("--api-key", default="")
     ap.add_argument("--dp-size", type=int, default=1)
+    ap.add_argument("--hf-config", default="", help="HF model directory (config.json) of the scoring model")
     ap.add_argument("--model-type", choices=["qwen3", "llama"], default="qwen3")
     ap.add_argument("--start-delay", type=float, default=0.0, help="seconds before listening (a slow model load)")
     args = ap.parse_args(argv)

@@ -156,7 +156,8 @@ def test_erpd_vs_onpolicy_minimal(tmp_path):
     doc = _check_schema(tmp_path / "out" / "erpd_vs_onpolicy.json", "erpd_vs_onpolicy")
     assert doc["results"]["seeds"] == [1, 2] and len(doc["results"]["per_seed"]) == 2
     kinds = {n: m["kind"] for n, m in res["methods"].items()}
-    assert kinds == {"sapo": "teacher", "rft": "rft", "s1_sapo": "erpd", "onpolicy_grpo": "onpolicy"}
+    assert kinds == {"sapo": "teacher", "rft": "rft", "s1_sapo": "erpd", "onpolicy_grpo": "onpolicy",
+                     "sapo_promoted": "teacher_only"}
     for m in res["methods"].values():
         _check_spread(m["final_accuracy"])
         assert m["final_accuracy"]["n"] == 2
@@ -172,6 +173,16 @@ def test_erpd_vs_onpolicy_minimal(tmp_path):
     assert [(p["iteration"], p["step"], p["rollouts"]) for p in erpd] == [(0, 0, 8), (0, 2, 8), (1, 4, 16)]
     assert erpd[-1]["compute_s"] > erpd[1]["compute_s"] and erpd[-1]["rollouts"] == op[-1]["rollouts"]
     assert "s1_sapo" in res["paired_erpd_minus_onpolicy"] and "s1_sapo - rft" in res["paired_erpd_minus_rft"]
+    # the teacher promoted itself (no distillation, paper Table 2 (a) / (b)): its own run, a chain of its own
+    # checkpoints at the same rollouts; iteration 1 starts from the teacher's last checkpoint, not a student's
+    import json
+
+    solo = [c for c in res["curves"] if c["method"] == "sapo_promoted" and c["seed"] == 1][0]["points"]
+    assert [(p["iteration"], p["step"], p["rollouts"]) for p in solo] == [(0, 0, 8), (0, 2, 8), (1, 4, 16)]
+    promoted = json.loads((tmp_path / "work" / "seed_1_teacher_only" / "iter_0" / "promoted.json").read_text())
+    assert promoted["teacher"] == "sapo" and promoted["step"] == 2 and promoted["checkpoint"].endswith("iter_0000002")
+    assert not (tmp_path / "work" / "seed_1_teacher_only" / "ckpt" / "s1_sapo").exists()  # no student there
+    assert "s1_sapo - sapo_promoted" in res["paired_erpd_minus_teacher_only"]
 
 
 def test_erpd_vs_onpolicy_eval_points_kl_per_token(tmp_path):

@@ -216,3 +216,45 @@ def test_digest_check_files(tmp_path):
     assert problem.startswith("a content does not match its checksum")
     assert check_files(tmp_path, recs, content=False) == []  # same size: only the content check sees it
     assert check_files(tmp_path, {"a": 300}) == []  # a format-1 record (size only)
+
+
+def _fake_checkpoint(root, step):
+    """An iter_N directory with one file and a valid marker (enough for verification; no tensors)."""
+    from erpd_megatron.megatron import checkpoint as C
+    from erpd_megatron.utils.digest import digest_files, list_files
+
+    d = root / C.iter_dirname(step)
+    d.mkdir(parents=True)
+    (d / "shard.distcp").write_bytes(bytes(range(256)) * 4)
+    (d / C.MARKER).write_text(json.dumps({"format_version": 2, "step": step, "files": digest_files(d, list_files(d))}))
+    (root / C.LATEST).write_text(C.iter_dirname(step) + "\n")
+    return d
+
+
+@pytest.mark.parametrize("damage", ["invalid_utf8", "invalid_json", "wrong_shape"])
+def test_damaged_marker_falls_back_like_a_damaged_shard(tmp_path, monkeypatch, caplog, damage):
+    """Issue 25 row 2: one flipped byte in erpd_checkpoint.json (here an invalid UTF-8 byte) is a CheckpointError
+    naming the marker, and the resume falls back to the previous checkpoint (no UnicodeDecodeError traceback)."""
+    from erpd_megatron.megatron import checkpoint as C
+
+    _fake_checkpoint(tmp_path, 1)
+    newest = _fake_checkpoint(tmp_path, 2)
+    marker = newest / C.MARKER
+    data = bytearray(marker.read_bytes())
+    if damage == "invalid_utf8":
+        data[len(data) // 2] = 0xFF
+    elif damage == "invalid_json":
+        data[0] = ord("x")
+    else:
+        data = bytearray(b'{"files": [1, 2]}')
+    marker.write_bytes(bytes(data))
+    with pytest.raises(C.CheckpointError, match=rf"iter_0000002: {C.MARKER} is corrupt"):
+        C.verify_checkpoint_dir(str(newest))
+    with pytest.raises(C.CheckpointError, match=C.MARKER):
+        C.read_checkpoint_meta(str(tmp_path))  # follows `latest` to the damaged one
+    monkeypatch.setattr(C, "load_checkpoint", lambda engine, path, model_only=False: {"path": path})
+    with caplog.at_level(logging.WARNING):
+        got = C.load_latest_intact(None, str(tmp_path))
+    assert got["path"].endswith("iter_0000001")
+    assert f"iter_0000002 is damaged, resuming from iter_0000001 instead: checkpoint {newest}: {C.MARKER}" \
+        in caplog.text

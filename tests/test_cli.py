@@ -124,15 +124,19 @@ def test_user_errors_are_one_line_exit_2(tmp_path, bench):
         (["eval", "--benchmark", tmp_path / "none.jsonl", "--model", model], "none.jsonl: no such file"),
         (["eval", "--benchmark", bench, "--model", tmp_path], "no config.json"),
         (["run", f"run_dir={tmp_path / 'r'}", "teachers.ce.lr=-1e-4"], "teachers.ce.lr=-0.0001 is out of range"),
-        (["run", f"run_dir={tmp_path / 'r'}", "eval.k=0"], "eval.k=0 is out of range: allowed [1, inf)"),
-        (["teacher", "--config", "nope"], "--config nope: no such file and no such preset (presets: bench, demo, micro"),
-        (["run", f"run_dir={tmp_path / 'r'}", "model.base=/nonexistent"], "model.base: /nonexistent is not a Hugging"),
+        (["run", f"run_dir={tmp_path / 'r'}", "eval.k=0"], "eval.k=0 is out of range: allowed [1, 65536]"),
+        (["teacher", "--config", "nope"], "--config nope: no such file and no such preset (presets: bench, bench_long, demo, long, micro"),
+        (["run", f"run_dir={tmp_path / 'r'}", "model.base=/nonexistent", "data.eval=toy"],
+         "model.base: /nonexistent is not a Hugging"),
+        (["run", f"run_dir={tmp_path / 'r'}", f"model.base={model}"], "data.eval is not set: give a benchmark file"),
+        (["run", f"run_dir={tmp_path / 'r'}", "reward.custom=no_such_mod:f", "data.eval=toy", "model.base=toy"],
+         "reward.custom 'no_such_mod:f': importing no_such_mod failed"),
         (["run", f"run_dir={tmp_path / 'r'}", f"data.train={tmp_path / 'no.jsonl'}"], "data.train: "),
         (["run", f"run_dir={tmp_path / 'r'}", f"data.eval={tmp_path / 'no.jsonl'}"], "no.jsonl: prompt file not found"),
         (["run", "teacher.lr=1e-5"], "unknown key(s) ['teacher']"),
         (["plan", "--recipe", "nope"], "python -m launchers plan nope"),
         (["plan", "--model", "nope"], "unknown model 'nope'; known:"),
-        (["plan", "--hf-config", tmp_path / "none.json"], "No such file or directory"),
+        (["plan", "--hf-config", tmp_path / "none.json"], "none.json: no such file"),
     ]
     for argv, needle in cases:
         _one_line_exit_2(erpd(*argv), needle)
@@ -204,7 +208,17 @@ def test_judge_refusing_connections_is_counted_and_fails_the_command(tmp_path, b
         port = s.getsockname()[1]
     judge = ev.LLMJudge(f"http://127.0.0.1:{port}", timeout=5)
     assert judge("1+1", "2", "three") is None and judge.errors == 1 and "Connection" in judge.last_error
+    model, out = _stub_eval(tmp_path, monkeypatch)
+    rc = ev.main(["--benchmark", str(bench), "--model", str(model), "--k", "3", "--judge-url",
+                  f"http://127.0.0.1:{port}", "--out", str(out)])
+    t = json.loads(out.read_text())["total"]
+    assert t["judge_calls"] == 3 and t["judge_failures"] == 3 and "Connection" in t["judge_last_error"]
+    assert rc == 1
+    assert "all 3 judge calls failed" in capsys.readouterr().err
 
+
+def _stub_eval(tmp_path, monkeypatch):
+    """`erpd eval` with a stub engine that answers wrong (every sample goes to the judge); (model dir, out path)."""
     class Stub:  # the model answers wrong, so every sample goes to the judge
         def generate(self, prompt_ids, sampling):
             from erpd_megatron.rollout.engine import Sample
@@ -217,6 +231,13 @@ def test_judge_refusing_connections_is_counted_and_fails_the_command(tmp_path, b
 
     class Tok:
         pad_token_id = 0
+        chat_template = None
+
+        def __len__(self):  # not empty (erpd eval refuses a model dir whose tokenizer is)
+            return 8
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [1]}
 
         def decode(self, ids, skip_special_tokens=True):
             return "\\boxed{3}"
@@ -234,17 +255,54 @@ def test_judge_refusing_connections_is_counted_and_fails_the_command(tmp_path, b
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: Tok())
     monkeypatch.setattr("erpd_megatron.rollout.local_engine.LocalEngine.from_pretrained", lambda *a, **k: Stub())
     monkeypatch.setattr("erpd_megatron.rewards.math.MathReward", lambda **k: Reward())
-    monkeypatch.setattr("erpd_megatron.data.prompts.encode_prompts", lambda tok, items, instruction=None: [[1]] * len(items))
+    monkeypatch.setattr("erpd_megatron.data.prompts.encode_prompts", lambda tok, items, instruction=None, **k: [[1]] * len(items))
     model = tmp_path / "hf"
     model.mkdir()
     (model / "config.json").write_text("{}")
-    out = tmp_path / "res.json"
-    rc = ev.main(["--benchmark", str(bench), "--model", str(model), "--k", "3", "--judge-url",
-                  f"http://127.0.0.1:{port}", "--out", str(out)])
+    return model, tmp_path / "res.json"
+
+
+@pytest.mark.parametrize("reply, failed", [
+    ('{"choices": null}', True), ("[]", True), ('{"choices": [{"message": {"content": 5}}]}', True),
+    ('{"choices": [{"message": null}]}', True), ('{"choices": [{"message": {"content": "CORRECT"}}]}', False),
+])
+def test_judge_reply_of_another_shape_is_a_failed_call(tmp_path, bench, monkeypatch, capsys, reply, failed):
+    """Issue 25 row 13: valid JSON of the wrong shape from the judge is counted as a failed call (like an outage):
+    no TypeError traceback, the result JSON is written, the command exits 1 when every call failed."""
+    import http.server
+    import threading
+
+    from erpd_megatron.rollout import eval as ev
+
+    class Judge(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = reply.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        model, out = _stub_eval(tmp_path, monkeypatch)
+        rc = ev.main(["--benchmark", str(bench), "--model", str(model), "--k", "2", "--judge-url",
+                      f"http://127.0.0.1:{server.server_address[1]}", "--out", str(out)])
+    finally:
+        server.shutdown()
     t = json.loads(out.read_text())["total"]
-    assert t["judge_calls"] == 3 and t["judge_failures"] == 3 and "Connection" in t["judge_last_error"]
-    assert rc == 1
-    assert "all 3 judge calls failed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and t["judge_calls"] == 2
+    if failed:
+        assert rc == 1 and t["judge_failures"] == 2 and "ValueError: reply" in t["judge_last_error"]
+        assert "all 2 judge calls failed" in err
+    else:
+        assert rc == 0 and t["judge_failures"] == 0 and t["judge_flips"] == 2
 
 
 def test_eval_unreachable_sglang_is_a_one_line_error(tmp_path, bench, monkeypatch, capsys):

@@ -45,7 +45,7 @@ def test_save_and_reload_roundtrip(tmp_path):
         (["teachers.ce.lr=-1e-4"], "teachers.ce.lr=-0.0001 is out of range: allowed (0, 1]"),
         (["teachers.ce.lr=.nan"], "teachers.ce.lr=nan is out of range"),
         (["students.s1_ce.lr=.inf"], "students.s1_ce.lr=inf is out of range"),
-        (["eval.k=0"], "eval.k=0 is out of range: allowed [1, inf)"),
+        (["eval.k=0"], "eval.k=0 is out of range: allowed [1, 65536]"),
         (["rollout.max_new_tokens=0"], "rollout.max_new_tokens=0 is out of range"),
         (["rollout.top_p=1.5"], "rollout.top_p=1.5 is out of range: allowed (0, 1]"),
         (["data.prompts_per_batch=0"], "data.prompts_per_batch=0 is out of range"),
@@ -141,3 +141,74 @@ def test_the_error_messages_own_example_loads():
         load_config(None, ["teachers.ce"])
     example = re.search(r"e\.g\. (\S+)\)", str(e.value)).group(1)
     assert load_config(None, [example]).teachers["ce"].lr == 1e-5
+
+
+def test_duplicate_yaml_key_names_the_key_and_both_lines(tmp_path):
+    """Issue 25 row 10: PyYAML keeps the last of two equal keys silently; a config refuses them."""
+    f = tmp_path / "dup.yaml"
+    f.write_text("seed: 1\nteachers:\n  ce:\n    lr: 1.0e-4\n    steps: 4\n    lr: 0.5\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: duplicate key 'lr' at line 6 \(first at line 4\)"):
+        load_config(str(f))
+    f.write_text("seed: 1\neval: {k: 2}\nseed: 2\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'seed' at line 3 \(first at line 1\)"):
+        load_config(str(f))
+    with pytest.raises(ConfigError, match=r"override teachers: duplicate key 'ce' at line 1"):
+        load_config(None, ["teachers={ce: {lr: 1.0e-4}, ce: {lr: 0.5}}"])
+
+
+def test_yaml_aliases_and_oversized_configs_are_refused_fast(tmp_path):
+    """Issue 25 row 11: "billion laughs" (nested aliases) refused at the alias, before anything is expanded; a file
+    over 1 MiB or with over 100k values refused before it is built; a huge text field named; errors stay short."""
+    import time
+
+    from erpd_megatron.utils import strict_yaml
+    from erpd_megatron.utils.cli import one_line
+
+    laughs = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    f = tmp_path / "laughs.yaml"
+    f.write_text("x:\n  " + laughs.replace("\n", "\n  ") + "\ndata:\n  instruction: *i\n")  # 9^9 strings
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"laughs.yaml: alias \*a at line 3: aliases are not allowed"):
+        load_config(str(f))
+    with pytest.raises(ConfigError, match=r"override data.instruction: alias \*a at line 1"):
+        load_config(None, ["data.instruction=[&a [x, x], *a, *a]"])
+    big = tmp_path / "big.yaml"
+    big.write_text("data:\n  instruction: " + "x" * (10 * 2**20) + "\n")  # 10 MB
+    with pytest.raises(ConfigError, match=r"big.yaml: 10485782 bytes, more than the 1048576 a config may have"):
+        load_config(str(big))
+    many = tmp_path / "many.yaml"
+    many.write_text("rollout:\n  sglang_urls: [" + ",".join(["u"] * 300_000) + "]\n")
+    with pytest.raises(ConfigError, match=r"many.yaml: more than 100000 values \(at line 2\)"):
+        load_config(str(many))
+    assert time.perf_counter() - t0 < 20  # each refused in about a second (a 3M-element list took ~30 s to build)
+    long_ = tmp_path / "long.yaml"
+    long_.write_text("data:\n  instruction: " + "x" * 1_000_000 + "\n")  # 1 MB: within the file cap
+    with pytest.raises(ConfigError, match=r"^data.instruction is 1000000 characters long: at most 65536$"):
+        load_config(str(long_))
+    with pytest.raises(ConfigError, match=r"^rollout.sglang_urls has 5000 items: at most 4096$"):
+        load_config(None, ["rollout.sglang_urls=[" + ",".join(["u"] * 5000) + "]"])
+    assert strict_yaml.load("a: [1, 2]\nb: {c: x}\n") == {"a": [1, 2], "b": {"c": "x"}}
+    # an error quoting a huge value is cut to one line of at most 1500 characters
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.prompts_per_batch=[" + ",".join(["1"] * 4000) + "]"])
+    assert len(str(e.value)) > 10_000
+    cut = one_line(str(e.value) + "\nsecond line")
+    assert len(cut) < 1600 and "\n" not in cut and "characters cut" in cut and cut.endswith("second line")
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("teachers.ce.steps=1000000000000", "teachers.ce.steps=1000000000000 is out of range: allowed [0, 999999]"),
+    ("students.s1_ce.steps=1000000", "students.s1_ce.steps=1000000 is out of range: allowed [0, 999999]"),
+    ("rollout.n_samples=1000000000", "rollout.n_samples=1000000000 is out of range: allowed [1, 65536]"),
+    ("eval.k=1000000000", "eval.k=1000000000 is out of range: allowed [1, 65536]"),
+    ("rollout.max_new_tokens=1000000000", "rollout.max_new_tokens=1000000000 is out of range: allowed [1, 1048576]"),
+    ("iterations=4000000", "iterations=4000000 is out of range: allowed [1, 999999]"),
+])
+def test_upper_bounds(override, needle):
+    """Issue 25 rows 7 and 9: values meaningful only up to a limit are refused above it (steps: the eval files'
+    6-digit step numbers), before any compute; the memory a batch needs is checked against the machine later
+    (tests/test_data_checks.py::test_batch_larger_than_memory_is_refused_naming_the_field)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in str(e.value)

@@ -103,3 +103,46 @@ def test_fp8_refused_without_transformer_engine():
 def test_gdn_kernels_in_gpu_extra():
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
     assert any(dep.startswith("fla-core") for dep in extra)  # fla.ops.gated_delta_rule (gated_delta_rule.py)
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+def test_model_fp8_reaches_the_model_build(world_of_one, monkeypatch, fp8):
+    """config model.fp8 -> Context.new_policy -> PolicyEngine -> build_model: the build options carry FP8 (the build
+    itself is intercepted: FP8 needs TE), and the engine pads for FP8 from them."""
+    from erpd_megatron.config import load_config
+    from erpd_megatron.megatron import engine as engine_mod
+    from erpd_megatron.megatron.model import ModelConfig
+    from erpd_megatron.megatron.parallel import ParallelConfig
+    from erpd_megatron.pipeline.context import Context
+
+    seen = []
+
+    class Built(Exception):
+        pass
+
+    def build_model(cfg, par, opts):
+        seen.append((opts.fp8, opts.fp8_recipe))
+        raise Built
+
+    monkeypatch.setattr(engine_mod, "build_model", build_model)
+    cfg = load_config(None, [f"model.fp8={str(fp8).lower()}"])
+    mcfg = ModelConfig(family="qwen3", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                       head_dim=8, ffn_hidden_size=64)
+    ctx = Context(cfg=cfg, run=None, base_hf=None, tokenizer=None, model_cfg=mcfg, _par=ParallelConfig())
+    with pytest.raises(Built):
+        ctx.new_policy(init=Path("unused"))
+    assert seen == [("hybrid" if fp8 else None, "delayed")]
+    assert ctx.build_opts().fp8 == ("hybrid" if fp8 else None)
+
+
+def test_model_fp8_refused_on_cpu_before_anything_starts(tmp_path, capsys):
+    from erpd_megatron.megatron.model import have_te
+    from erpd_megatron.pipeline import run
+
+    if torch.cuda.is_available() and have_te():
+        pytest.skip("CPU behaviour")
+    rc = run.main_collect(["model.fp8=true", f"run_dir={tmp_path / 'r'}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("erpd collect: error: model.fp8=true needs ") and "set model.fp8=false" in err
+    assert not (tmp_path / "r").exists()  # refused before the run directory was written

@@ -84,8 +84,7 @@ def test_sbatch_27b_lines(tmp_path):
                  "--container-mounts=", "/models:/models"]:
         assert flag in srun, flag
     for flag in ["torchrun --nnodes=4 --nproc-per-node=8", '--node-rank="${SLURM_PROCID}"',
-                 '--rdzv-endpoint="${MASTER_ADDR}":"${MASTER_PORT}"', "-m erpd_megatron.cli run --config "
-                 "erpd_megatron/presets/qwen35_27b.yaml", "model.tp=4 model.pp=2 model.dp=4",
+                 '--rdzv-endpoint="${MASTER_ADDR}":"${MASTER_PORT}"', "-m erpd_megatron.cli run --config qwen35_27b", "model.tp=4 model.pp=2 model.dp=4",
                  f"run_dir={tmp_path / 'runs' / 'qwen35_27b'}"]:
         assert flag in srun, flag
     assert 'scontrol requeue "$SLURM_JOB_ID"' in text and "trap " in text and "SLURM_RESTART_COUNT" in text
@@ -117,13 +116,14 @@ def test_recipes_carry_sglang_settings_to_a_valid_trainer_config():
     """Colocated recipes pass the layout's SGLang TP / memory fraction / server count / offload to the
     trainer, whose config accepts them; the disaggregated one attaches over NCCL instead."""
     from erpd_megatron.config import load_config, validate
+    from erpd_megatron.pipeline.run import config_path
     from erpd_megatron.rollout.sglang_engine import launch_spec
 
     cfgs = {}
     for name in ("qwen3_4b_1node", "qwen35_27b", "qwen35_27b_disagg"):
         r = get_recipe(name)
         items = [f"{k}={v}" for k, v in r.trainer_overrides().items() if k != "run_dir"]
-        cfgs[name] = load_config(r.trainer[3], [i.replace("$ROLLOUT_URLS", "[http://r1:30000]") for i in items])
+        cfgs[name] = load_config(config_path(r.trainer[3]), [i.replace("$ROLLOUT_URLS", "[http://r1:30000]") for i in items])
         validate(cfgs[name])
     import dataclasses
 
@@ -392,3 +392,51 @@ def test_cpu_recipe_has_no_gpu_account_or_container_lines(tmp_path, monkeypatch)
     r = apply_overrides(r, ["gpus_per_node=4", "slurm.account=acc"])
     text = slurm.render_sbatch(r)
     assert "#SBATCH --gpus-per-node=4" in text and "#SBATCH --account=acc" in text
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_launch_from_another_directory_uses_the_package_code_and_preset_names(tmp_path, monkeypatch, capsys):
+    """Called from a folder outside the checkout: the job runs the launcher's own code dir (cd + PYTHONPATH), names
+    its preset (the trainer finds it in its package), and the run dir is the caller's relative run_root, absolute."""
+    monkeypatch.chdir(tmp_path)
+    for var in ("ERPD_CONTAINER_IMAGE", "ERPD_RUN_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    assert launch_main(["run", "qwen3_4b_1node", "--executor", "sbatch", "--dryrun", "run_root=runs"]) == 0
+    script = capsys.readouterr().out.strip().splitlines()[0]
+    assert script == str(tmp_path / "runs" / "qwen3_4b_1node" / "slurm" / "qwen3_4b_1node.sbatch")
+    text = open(script).read()
+    assert f"cd {REPO} && exec" in text and f"PYTHONPATH={REPO}" in text and str(tmp_path) + "/runs" in text
+    assert "--config qwen3_4b " in text and "erpd_megatron/presets" not in text
+
+
+def test_planner_reads_model_base_config_and_model_errors_are_one_line(tmp_path, capsys):
+    """`model.base=<dir>` plans that model (not the recipe's built-in one); `model=<config.json | dir>` works;
+    an unknown name or a missing file is one line, exit 2, never a traceback."""
+    from erpd_megatron.model_shapes import get_model_config
+
+    big = tmp_path / "Qwen3-8B"
+    big.mkdir()
+    cfg = get_model_config("qwen3-4b")
+    cfg.update(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32)
+    (big / "config.json").write_text(json.dumps(cfg))
+    assert launch_main(["plan", "qwen3_4b_1node", "--json"]) == 0  # the recipe's own 4B fits its layout
+    assert launch_main(["plan", "qwen3_4b_1node", "--json", f"model.base={big}"]) == 2  # the 8B given does not
+    assert "memory: stage 0 needs" in capsys.readouterr().err
+    assert launch_main(["plan", "qwen3_4b_1node", "--json", f"model.base={big}", "layout.tp=2"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["model"] == str(big) and planned["total_params"] > 7e9
+    assert launch_main(["plan", "qwen3_4b_1node", "--json", f"model={big / 'config.json'}", "layout.tp=2"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_params"] == planned["total_params"]
+    for item, needle in ((f"model={tmp_path / 'none.json'}", "none.json: no such file"),
+                         ("model=qwen9", "unknown model 'qwen9'")):
+        assert launch_main(["plan", "qwen3_4b_1node", item]) == 2
+        err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+        assert len(err) == 1 and needle in err[0], err
+    from erpd_megatron.planner import main as plan_main
+
+    assert plan_main(["--hf-config", str(big), "--json"]) in (0, 2)  # the model dir, not only its config.json
+    assert json.loads(capsys.readouterr().out)["total_params"] == planned["total_params"]
+    assert plan_main(["--hf-config", str(tmp_path)]) == 2
+    assert "no config.json in it" in capsys.readouterr().err

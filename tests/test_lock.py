@@ -42,8 +42,12 @@ def test_stale_locks_are_taken_over(tmp_path, caplog):
         L.release(path)
     run = tmp_path / "torn"
     run.mkdir()
-    (run / L.LOCK_NAME).write_text('{"pid": 12')  # killed while writing the lock
-    L.release(L.acquire(run))
+    (run / L.LOCK_NAME).write_text('{"pid": 12')  # an older erpd killed while writing its lock
+    with pytest.raises(L.RunDirLocked, match="being locked by another process"):  # young: maybe being written
+        L.acquire(run)
+    old = os.path.getmtime(run / L.LOCK_NAME) - L.UNREADABLE_GRACE_S - 1
+    os.utime(run / L.LOCK_NAME, (old, old))
+    L.release(L.acquire(run))  # old and unreadable: stale
 
 
 def test_other_host_refused_with_how_to_remove(tmp_path):
@@ -87,3 +91,61 @@ def test_second_erpd_run_refused(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"is in use by pid {os.getpid()}" in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in run.iterdir()) == [L.LOCK_NAME]  # refused before anything was written
+
+
+def _racer(barrier, results, trials, root):
+    """One of several processes: at each trial all are released at one instant onto the same run dir."""
+    for t in range(trials):
+        barrier.wait()
+        try:
+            path = L.acquire(f"{root}/t{t}")
+            results.put((t, os.getpid(), True))
+        except L.RunDirLocked:
+            path = None
+            results.put((t, os.getpid(), False))
+        barrier.wait()  # every racer has tried: the winner lets go only now
+        if path is not None:
+            L.release(path)
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["empty_dir", "stale_lock"])
+def test_simultaneous_acquire_has_one_winner(tmp_path, stale):
+    """Issue 25 row 1: racers released by a barrier at one instant, many trials; exactly one wins each, also when
+    they all find a stale lock to take over (read-decide-remove-create under the run dir's flock)."""
+    import multiprocessing as mp
+
+    racers, trials = 4, 100
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for t in range(trials):
+        (tmp_path / f"t{t}").mkdir()
+        if stale:
+            _write(tmp_path / f"t{t}", pid=dead.pid)
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(racers), ctx.Queue()
+    procs = [ctx.Process(target=_racer, args=(barrier, results, trials, str(tmp_path))) for _ in range(racers)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=60) for _ in range(racers * trials)]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    winners = {t: sum(ok for tt, _, ok in got if tt == t) for t in range(trials)}
+    assert all(n == 1 for n in winners.values()), {t: n for t, n in winners.items() if n != 1}
+    assert not any(p.name != L.LOCK_NAME for t in range(trials) for p in (tmp_path / f"t{t}").iterdir())
+
+
+def test_file_system_without_hard_links_falls_back_to_o_excl(tmp_path, monkeypatch):
+    import errno
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(L.os, "link", no_links)
+    run = tmp_path / "run"
+    path = L.acquire(run)
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert sorted(p.name for p in run.iterdir()) == [L.LOCK_NAME]  # no temp file left
+    with pytest.raises(L.RunDirLocked, match="in use by"):
+        L.acquire(run)
+    L.release(path)

@@ -9,7 +9,7 @@ import torch
 from erpd_megatron.algorithms import losses as L
 
 torch.set_num_threads(1)
-AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]  # and seq-mean-token-sum-norm: own tests
 
 
 def make_batch(seed=0, B=5, T=12, spread=0.5, nan_pad=True):
@@ -263,11 +263,29 @@ def test_kl_penalty_hand_values():
     assert k1[0, :2].tolist() == pytest.approx([d, 0.0])
     assert k2[0, :2].tolist() == pytest.approx([d * d / 2, 0.0])
     assert k3[0, :2].tolist() == pytest.approx([0.5 + d - 1, 0.0])  # exp(-d) + d - 1
-    assert L.kl_penalty(lp, ref, "k1")[0, 2].item() == 10.0  # d = 40 clamped to 10
+    assert L.kl_penalty(lp, ref, "k1")[0, 2].item() == 40.0  # k1 is never clamped (verl / slime clamp only k3)
+    assert L.kl_penalty(lp, ref, "k2")[0, 2].item() == 800.0  # nor is k2: 40^2 / 2
+    assert L.kl_penalty(lp, ref, "k3")[0, 2].item() == 10.0  # k3 = 39 + e^-40 clamped to 10
     assert L.kl_penalty(lp, ref, "k3", clamp=5.0)[0, 2].item() == 5.0
     assert L.kl_penalty(ref, lp, "k3", clamp=None)[0, 2].item() == pytest.approx(math.expm1(20) - 20)  # exp arg clamped
     with pytest.raises(ValueError, match="estimator"):
         L.kl_penalty(lp, ref, "k4")
+
+
+@pytest.mark.parametrize("d", [5.0, 8.0, 12.0, -5.0, -8.0, -12.0])
+def test_kl_penalty_gradient_far_from_ref(d):
+    """d/dlp of each estimator at |d| = 5, 8, 12 (d = lp - lp_ref), hand-derived: k1 -> 1, k2 -> d (it pulls
+    hardest where the policy is farthest: a clamp at 10 used to make it exactly 0 for |d| > 4.47), k3 -> 1 - e^-d
+    while k3 = e^-d + d - 1 <= 10, and exactly 0 where the clamp at 10 binds (d = 12: k3 = 11.00001; every d <= -5:
+    k3 = e^5 - 6 = 142.4 and up)."""
+    lp0, ref = -3.0, -3.0 - d
+    k3_value = math.exp(-d) + d - 1
+    expected = {"k1": 1.0, "k2": d, "k3": 0.0 if k3_value > 10 else 1.0 - math.exp(-d)}
+    for est, want in expected.items():
+        lp = torch.tensor([[lp0]], dtype=torch.float64, requires_grad=True)
+        L.kl_penalty(lp, torch.tensor([[ref]], dtype=torch.float64), est).sum().backward()
+        assert lp.grad.item() == pytest.approx(want, rel=1e-12, abs=1e-15), est
+    assert (k3_value > 10) == (d in (12.0, -5.0, -8.0, -12.0))  # the cases above cover both sides of the clamp
 
 
 def test_entropy_from_logits_reference():
@@ -386,6 +404,25 @@ def test_aggregate_hand_values():
     assert L.aggregate(x, m, "token-mean").item() == pytest.approx(10 / 4)
     assert L.aggregate(x, m, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
     assert L.aggregate(x, m, "seq-mean-token-sum").item() == pytest.approx((6 + 4) / 2)
+    # Dr. GRPO / verl's seq-mean-token-sum-norm: token sums over a constant C (not each length), mean over the
+    # sequences with a response: ((1 + 2 + 3) / 8 + 4 / 8) / 2 = 0.625 with C = 8; C defaults to the width, 4
+    assert L.aggregate(x, m, "seq-mean-token-sum-norm", norm_len=8).item() == pytest.approx(0.625)
+    assert L.aggregate(x, m, "seq-mean-token-sum-norm").item() == pytest.approx(1.25)
+    with pytest.raises(ValueError, match="norm_len"):
+        L.aggregate(x, m, "seq-mean-token-sum-norm", norm_len=0)
+
+
+def test_token_sum_norm_gradient_is_length_independent():
+    """Under seq-mean-token-sum-norm every token of every response gets the same gradient weight 1 / (n_seq C),
+    whatever its response's length (Dr. GRPO's point: no 1/|y| length bias); seq-mean-token-mean gives 1/|y|."""
+    lp = torch.zeros(2, 6, dtype=torch.float64, requires_grad=True)
+    m = torch.tensor([[0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1]])
+    adv = -torch.ones(2, 6, dtype=torch.float64)  # loss -r A = r, d/dlp = r = 1 at lp = old
+    loss, _ = L.grpo_loss(lp, torch.zeros(2, 6, dtype=torch.float64), adv, m, agg="seq-mean-token-sum-norm",
+                          norm_len=10)
+    loss.backward()
+    assert lp.grad[m.bool()].tolist() == pytest.approx([1 / 20] * 7)
+    assert lp.grad[~m.bool()].abs().sum().item() == 0.0
 
 
 def test_bf16_inputs_compute_in_float32():
@@ -512,6 +549,20 @@ def test_teacher_agg_default_resolves_per_loss(loss, expected):
     # an explicit setting still wins
     explicit = teacher_objective(TeacherConfig(loss=loss, agg="seq-mean-token-sum"))(lp, mb)[0].item()
     assert explicit == pytest.approx(by_agg["seq-mean-token-sum"], abs=1e-12)
+
+
+def test_teacher_token_sum_norm_uses_the_response_cap():
+    """agg: seq-mean-token-sum-norm divides by teachers.*.agg_norm_len, or by the rollout's max_new_tokens when that
+    is 0: the objective equals seq-mean-token-sum / C for exactly that C."""
+    from erpd_megatron.config import TeacherConfig
+    from erpd_megatron.pipeline.objectives import teacher_objective
+
+    lp, mb = _teacher_mb(seed=13)
+    plain = L.grpo_loss(lp, mb["old_logprobs"], mb["advantages"], mb["response_mask"], agg="seq-mean-token-sum")[0]
+    t = TeacherConfig(loss="grpo", agg="seq-mean-token-sum-norm")
+    assert teacher_objective(t, max_new_tokens=40)(lp, mb)[0].item() == pytest.approx(plain.item() / 40, abs=1e-12)
+    t.agg_norm_len = 7
+    assert teacher_objective(t, max_new_tokens=40)(lp, mb)[0].item() == pytest.approx(plain.item() / 7, abs=1e-12)
 
 
 def test_cispo_teacher_keeps_no_lower_clip():

@@ -128,3 +128,37 @@ def test_bench_plots_label_seeds_draw_median_and_keep_legends_off_the_data(tmp_p
     plots.weight_sync(tmp_path)
     fig = captured[-1]
     assert _legend_outside(fig, fig.axes[0])
+
+
+def test_compare_styles_distinct_bases_once_and_flat_plot_not_zoomed(tmp_path, captured):
+    """erpd compare: every (run, method) series has its own colour x marker, runs of the same base on the same
+    eval set share one base marker, different bases get different ones; a flat plot keeps a 10-point y axis."""
+    a = _synthetic_run(tmp_path / "a")
+    runs = {}
+    for name, model in (("r1", "m1"), ("r2", "m1"), ("r3", "m2")):
+        runs[name] = {**json.loads(json.dumps(a)), "setup": {"model": model, "eval": "e.jsonl", "train": "t"}}
+    runs["r3"]["base"]["accuracy"] = 0.2
+    table = report.compare_table(runs)  # every compare table names each run's model, train set and eval set
+    assert "| run | model | train set | eval set |" in table and "| r3 | m2 | t | e.jsonl (K = n/a) |" in table
+    styles = report.series_styles(runs)
+    assert len(styles) == 9 and len(set(styles.values())) == 9
+    many = {f"r{i}": a for i in range(8)}  # 24 series: colours come round, the pairs still differ
+    assert len(set(report.series_styles(many).values())) == 24
+    assert [(g[0], g[2]) for g in report.base_groups(runs)] == [("base m1", ["r1", "r2"]), ("base m2", ["r3"])]
+    report.plot_summaries(runs, tmp_path / "c.png")
+    ax_k = captured[-1].axes[1]
+    bases = [ln for ln in ax_k.lines if ln.get_marker() in report.BASE_MARKERS]
+    assert len(bases) == 2 and bases[0].get_marker() != bases[1].get_marker()
+    pairs = [(ln.get_color(), ln.get_marker()) for ln in ax_k.lines if ln.get_label().startswith("r")]
+    assert len(pairs) == len(set(pairs)) == 9
+    # a flat run: every accuracy 0 -> the axis shows 0..10 %, not a 0.1 % zoom
+    flat = json.loads(json.dumps(a))
+    flat["base"]["accuracy"] = 0.0
+    for m in flat["methods"].values():
+        for c in m["curve"]:
+            c["accuracy"] = 0.0
+    report.plot_summaries({"flat": flat}, tmp_path / "f.png")
+    lo, hi = captured[-1].axes[0].get_ylim()
+    assert lo <= 0.0 and hi >= 0.1 and hi - lo < 0.2
+    assert report.y_limits([0.4, 0.41]) is not None and report.y_limits([0.2, 0.5]) is None
+    assert report.y_limits([1.0, 1.0])[1] >= 1.0 and report.y_limits([1.0, 1.0])[0] <= 0.9

@@ -17,9 +17,30 @@ def test_seq_multiple_rules():
     assert seq_multiple(ParallelConfig(), fp8=False) == 1
     assert seq_multiple(ParallelConfig(tp=4, sp=True), fp8=False) == 4
     assert seq_multiple(ParallelConfig(), fp8=True) == 16
-    assert seq_multiple(ParallelConfig(tp=8, sp=True), fp8=True) == 16
+    assert seq_multiple(ParallelConfig(tp=8, sp=True), fp8=True) == 64
     assert seq_multiple(ParallelConfig(tp=6, sp=True), fp8=True) == 48
     assert seq_multiple(ParallelConfig(tp=4, sp=False), fp8=False) == 1
+
+
+def _te_fp8_ok(rows: int) -> bool:
+    """Transformer Engine's `assert_dim_for_fp8_exec` on a GEMM input's leading dims (the last, hidden, is the
+    model's): their product divisible by 8."""
+    return rows % 8 == 0
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+@pytest.mark.parametrize("t", [1, 3, 17, 33, 47, 101, 1001, 4097])
+def test_sp_fp8_padding_gives_te_whole_local_rows(tp, t):
+    """SP + FP8, micro-batch of 1, odd lengths: every TP rank's local rows (s / tp) * b before the all-gather and the
+    gathered rows s * b pass TE's FP8 check, s splits evenly over the ranks, and s is the shortest such length."""
+    from erpd_megatron.megatron.engine import padded_length
+
+    par = ParallelConfig(tp=tp, sp=True)
+    s = padded_length(t, seq_multiple(par, fp8=True))
+    assert s >= t and s % tp == 0
+    for b in (1, 2, 3):
+        assert _te_fp8_ok(s // tp * b) and _te_fp8_ok(s * b)
+    assert not any(u % tp == 0 and _te_fp8_ok(u // tp) for u in range(t, s))  # b = 1: nothing shorter works
 
 
 @pytest.fixture

@@ -176,8 +176,11 @@ def test_strategy1_over_mse_teacher_warns_and_bench_pairs_strong_teacher(caplog)
 
     mse = ["teachers.mse.loss=mse", "students.s1_ce.teacher=mse"]
     cases = [(mse, True), ([*mse, "students.s1_ce.strategies=[2]"], False), ([], False)]
+    from erpd_megatron import config
+
     for overrides, warns in cases:
         caplog.clear()
+        config._WARNED.clear()  # said once per process: another test may have said it already
         with caplog.at_level(logging.WARNING, logger="erpd.config"):
             load_config(overrides=overrides)
         assert ("strategy 1 over the MSE teacher 'mse'" in caplog.text) == warns, overrides
@@ -281,3 +284,146 @@ def test_unlearned_step_auto_needs_a_checkpoint_before_the_teachers():
         load_config(overrides=[*base, "teachers.mse.steps=10", "teachers.mse.save_every=10"])
     with pytest.raises(ConfigError, match="strategy 2 needs an unlearned checkpoint"):
         load_config(overrides=[*base, "students.s2.unlearned_step=0"])
+
+
+# ----------------------------------------------------------------------------- strategy 2 tuned as the paper does (issue 22)
+def test_unlearned_and_teacher_refs_validated():
+    from erpd_megatron.config import ConfigError, load_config
+
+    base = ["teachers.mse.loss=mse", "teachers.mse.steps=16", "teachers.mse.save_every=4",
+            "teachers.u.loss=mse", "teachers.u.steps=4", "teachers.u.save_every=2", "teachers.u.lr=1e-3",
+            "students.s2.strategies=[2]"]
+    cfg = load_config(overrides=[*base, "students.s2.teacher=mse@8", "students.s2.unlearned=u@2"])
+    s = cfg.students["s2"]
+    assert (s.teacher, s.teacher_step, s.unlearned) == ("mse", 8, "u@2")  # stored resolved
+    load_config(overrides=[*base, "students.s2.teacher=mse", "students.s2.unlearned=u"])  # u's last checkpoint
+    # the run's own last step is a checkpoint even when it is not a multiple of save_every
+    load_config(overrides=[*base, "teachers.u.steps=5", "students.s2.teacher=mse", "students.s2.unlearned=u@5"])
+    for bad, msg in ((["students.s2.teacher=mse", "students.s2.unlearned=v@2"], "not a configured teacher"),
+                     (["students.s2.teacher=mse", "students.s2.unlearned=u@3"], "not a saved step of teacher 'u'"),
+                     (["students.s2.teacher=mse@6", "students.s2.unlearned=u@2"], "not a saved step of teacher 'mse'"),
+                     (["students.s2.teacher=mse@8", "students.s2.teacher_step=4"], "disagree"),
+                     (["students.s2.teacher=mse", "students.s2.unlearned=u@x"], "integer step"),
+                     (["students.s2.teacher=mse", "students.s2.strategies=[1]", "students.s2.unlearned=u@2"],
+                      "strategy 2 is not in strategies")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config(overrides=[*base, *bad])
+
+
+def _s2_ctx(tmp_path, overrides):
+    """A fake run over one 4-row fixed batch: each checkpoint's policy returns known per-token log-probs
+    lp[b, t] = -(step / 10) (t + 1) - [run == "u"] 0.01 (t + 1)^2 (plus -1 on negatives), so any other pair of
+    checkpoints gives a different whitened signal."""
+    from types import SimpleNamespace
+
+    from erpd_megatron.config import load_config
+    from erpd_megatron.data.rollout_store import RolloutRecord, RolloutStore
+    from erpd_megatron.pipeline.rundir import RunDir
+
+    cfg = load_config(overrides=overrides)
+    run = RunDir(tmp_path)
+    store = RolloutStore(run.rollouts)
+    rewards = [1.0, 0.0, 1.0, 0.0]
+    store.write_batch(0, [RolloutRecord(prompt_ids=[5, 6], response_ids=[7, 8, 9, 10], behaviour_logprobs=[-0.5] * 4,
+                                        reward=r, group_id=i // 2) for i, r in enumerate(rewards)])
+    shape = store.load_tensors(0)["input_ids"].shape
+    store.add_columns(0, {"old_logprobs": torch.full(shape, -0.5)})
+    loaded = []
+
+    def lp_of(method, step):
+        t = torch.arange(shape[1], dtype=torch.float32)[None, :] + 1
+        neg = (torch.tensor(rewards)[:, None] <= 0.5).float()
+        return (-(step / 10) * t - (0.01 * t**2 if method == "u" else 0.0) - neg).expand(shape).clone()
+
+    class Policy:
+        def __init__(self, method, step):
+            self.method, self.step = method, step
+
+        def forward_logprobs(self, tensors):
+            return lp_of(self.method, self.step)
+
+    def new_policy(init):  # .../ckpt/<method>/iter_0000016
+        loaded.append((init.parent.name, int(init.name.rsplit("_", 1)[1])))
+        return Policy(*loaded[-1])
+
+    from erpd_megatron.megatron.checkpoint import iter_dirname
+
+    for name, t in cfg.teachers.items():  # the saved checkpoints' directories (what keep_last could prune)
+        for step in range(t.save_every, t.steps + 1, t.save_every):
+            (run.ckpt(name) / iter_dirname(step)).mkdir(parents=True)
+    ctx = SimpleNamespace(cfg=cfg, run=run, is_main=True, barrier=lambda: None, new_policy=new_policy,
+                          release=lambda p: None, tokenizer=SimpleNamespace(pad_token_id=0))
+    return ctx, store, lp_of, loaded
+
+
+S2_BASE = ["teachers.mse.loss=mse", "teachers.mse.steps=16", "teachers.mse.save_every=4",
+           "teachers.u.loss=mse", "teachers.u.steps=4", "teachers.u.save_every=2", "teachers.u.negative_weight=8",
+           "students.s2.strategies=[2]", "students.s2.teacher=mse", "students.s2.unlearned=u@2"]
+
+
+def test_strategy2_signal_uses_the_named_checkpoints(tmp_path):
+    """students.s2.unlearned=u@2 (a run of its own), teacher mse (last = 16): the signal is exactly
+    whiten(lp(mse@16) - lp(u@2)), not the ratio with any other checkpoint (u@4, the dip of mse, ...)."""
+    from erpd_megatron.algorithms import signals as S
+    from erpd_megatron.pipeline.stages import build_signals, compute_signals, load_batch, signal_columns
+
+    ctx, store, lp_of, loaded = _s2_ctx(tmp_path, S2_BASE)
+    s = ctx.cfg.students["s2"]
+    cols = signal_columns(ctx, s, 0)
+    assert {k: v[0] for k, v in cols.items()} == {"lp_mse_s16": "teacher", "lp_u_s2": "unlearned"}
+    compute_signals(ctx, 0)
+    assert ("mse", 16) in loaded and ("u", 2) in loaded
+    batch = load_batch(ctx, store, 0, list(cols))
+    (sig,) = build_signals(ctx, s, batch, 0)
+    mask = batch["response_mask"]
+    want = S.make_signal((lp_of("mse", 16) - lp_of("u", 2)) * mask, mask, positive_samples=batch["rewards"] > 0.5)
+    other = S.make_signal((lp_of("mse", 16) - lp_of("u", 4)) * mask, mask, positive_samples=batch["rewards"] > 0.5)
+    assert torch.allclose(sig, want, atol=1e-6) and not torch.allclose(sig, other, atol=1e-3)
+
+
+def test_strategy2_logprob_curves_per_checkpoint(tmp_path):
+    """compute_signals writes, for both ends' runs, the positives' / negatives' mean token log-prob on the whole
+    fixed batch at every saved checkpoint (step 0 = the base's old_logprobs): the fake's values, by construction."""
+    import json
+    import shutil
+
+    from erpd_megatron.megatron.checkpoint import iter_dirname
+    from erpd_megatron.pipeline.stages import compute_signals
+
+    ctx, store, lp_of, _ = _s2_ctx(tmp_path, S2_BASE)
+    shutil.rmtree(ctx.run.ckpt("mse") / iter_dirname(8))  # pruned by checkpoint.keep_last: left out of the curve
+    compute_signals(ctx, 0)
+    mask = store.load_tensors(0)["response_mask"].bool()
+    for run, steps in (("mse", [4, 12, 16]), ("u", [2, 4])):
+        rec = json.loads((tmp_path / "iter_0" / f"logprobs_{run}.json").read_text())
+        assert sorted(map(int, rec["curve"])) == [0, *steps]
+        assert rec["curve"]["0"] == {"pos": pytest.approx(-0.5), "neg": pytest.approx(-0.5)}
+        for st in steps:
+            lp = lp_of(run, st)
+            assert rec["curve"][str(st)]["pos"] == pytest.approx(lp[0][mask[0]].mean().item(), abs=1e-6)
+            assert rec["curve"][str(st)]["neg"] == pytest.approx(lp[1][mask[1]].mean().item(), abs=1e-6)
+    assert json.loads((tmp_path / "iter_0" / "logprobs_u.json").read_text())["negative_weight"] == 8.0
+
+
+def test_strategy2_report_names_both_ends_and_the_choice(tmp_path):
+    """The report's strategy-2 section: each student's pi_T / pi_U (run@step, lr, negative weight), the student with
+    the best last-step accuracy marked, and the split named (a selection only on a *_val split)."""
+    from erpd_megatron.config import load_config
+    from erpd_megatron.pipeline.report import strategy2_lines, strategy2_summary
+    from erpd_megatron.pipeline.rundir import RunDir
+
+    cfg = load_config(overrides=[*S2_BASE, "teachers.u.lr=1e-3", "students.s2b.strategies=[2]",
+                                 "students.s2b.teacher=mse@12", "students.s2b.unlearned=u", "data.eval=toy_val"])
+    run = RunDir(tmp_path)
+    for m, acc in (("s2", 0.40), ("s2b", 0.45)):
+        run.write_eval(m, 4, {"avg_at_k": acc - 0.1})
+        run.write_eval(m, 8, {"avg_at_k": acc})
+    s2 = strategy2_summary(run, cfg)
+    assert s2["chosen"] == "s2b" and s2["is_validation"]
+    assert s2["students"]["s2"] == {"teacher": "mse@16", "unlearned": "u@2", "unlearned_lr": 1e-3,
+                                    "unlearned_negative_weight": 8.0, "accuracy": 0.40}
+    assert s2["students"]["s2b"]["teacher"] == "mse@12" and s2["students"]["s2b"]["unlearned"] == "u@4"
+    text = "\n".join(strategy2_lines(s2))
+    assert "| s2b (chosen) | mse@12 | u@4 |" in text and "toy_val" in text
+    cfg.data.eval = "toy"
+    assert "NOT a validation split" in "\n".join(strategy2_lines(strategy2_summary(run, cfg)))

@@ -106,6 +106,7 @@ def jobs(cluster, toy_base, tmp_path_factory):
         plan["requeue_sbatch"] = ("sbatch", _recipe(root, "requeue_sbatch", base, *MICRO))
     try:
         out = {name: (r, _submit(r, ex)) for name, (ex, r) in plan.items()}
+        out["anywhere"] = _submit_from_elsewhere(root / "elsewhere", base)
     finally:
         sys.stdin.close()
         sys.stdin = stdin
@@ -114,6 +115,30 @@ def jobs(cluster, toy_base, tmp_path_factory):
         os.environ.pop("NEMORUN_HOME", None)
     else:
         os.environ["NEMORUN_HOME"] = old_home
+
+
+def _submit_from_elsewhere(cwd: Path, base: str) -> tuple[Path, str]:
+    """`python -m launchers run cpu_micro --executor sbatch` as a user types it in a folder outside the checkout:
+    no code dir, no interpreter, a relative run_root. Returns (run dir, job id)."""
+    cwd.mkdir()
+    cmd = [sys.executable, "-m", "launchers", "run", "cpu_micro", "--executor", "sbatch", "run_root=runs",
+           "name=anywhere", "slurm.container_image=", "slurm.account=", "slurm.partition=", base, *MICRO]
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "SLURM_CONF": os.environ[
+        "SLURM_CONF"]})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return cwd / "runs" / "anywhere", json.loads(out.stderr.strip().splitlines()[-1])["job_id"]
+
+
+def test_launched_from_outside_the_checkout(cluster, jobs):
+    """The job submitted from a temporary folder runs the launcher's own code (cd + PYTHONPATH to it), finds its
+    preset by name and writes its run under the caller's folder: the micro run completes."""
+    run, job = jobs["anywhere"]
+    s = _wait(cluster, job)
+    log = "\n".join(p.read_text(errors="replace") for p in sorted(run.rglob("*.out")))
+    assert s["state"] == "COMPLETED", f"{s}\n{log[-4000:]}"
+    script = (run / "slurm" / "anywhere.sbatch").read_text()
+    assert f"cd {REPO} && exec" in script and "--config micro " in script
+    assert "ce" in json.loads((run / "summary.json").read_text())["methods"]
 
 
 def _state(job: str) -> dict:

@@ -23,9 +23,14 @@ def test_step_line_fields_period_and_negative_kl_note():
          "perf/tokens_per_s": 12345.6, "policy/kl_fwd_k1_seq_batch": 0.2}
     line = console.step_line("ce", 3, 10, m, eta_s=75)
     assert line == "[ce] step 3/10 | loss 0.5 | kl/tok 0.0123 | ent 1.25 | gnorm 3 | tok/s 12346 | eta 1:15"
+    console._NOTED.clear()
     neg = console.step_line("s1", 1, 2, {**m, "policy/kl_fwd_k1_seq_batch": -0.01})
     assert "k1 kl/seq -0.01 < 0" in neg and "unbiased" in neg
-    assert console.kl_note(-1e-3) and not console.kl_note(0.0)
+    again = console.step_line("s1", 2, 2, {**m, "policy/kl_fwd_k1_seq_batch": -0.02})
+    assert "k1 kl/seq -0.02 < 0)" in again and "unbiased" not in again  # the explanation once per run
+    assert not console.kl_note(-1e-3) and not console.kl_note(0.0)
+    console._NOTED.clear()
+    assert console.kl_note(-1e-3) and not console.kl_note(-1e-3)
     console.configure(log_every=4)
     try:
         assert [s for s in range(1, 11) if console.should_print(s, 10)] == [4, 8, 10]  # and always the last

@@ -16,7 +16,7 @@ Sources (details and deviations in docs/algorithms.md):
   ce_loss         implicit PRM cross-entropy (paper eqs. 2-3; Yuan et al. 2025a).
   mse_loss        the paper's MSE "unlearning" loss (eq. 10).
   distill_loss    stage 2: PPO clip with the token signal as advantage (eq. 9) + optional KL / entropy terms.
-  kl_penalty      k1/k2/k3 estimators (Schulman, "Approximating KL divergence", 2020), clamped.
+  kl_penalty      k1/k2/k3 estimators (Schulman, "Approximating KL divergence", 2020); only k3 is clamped.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .common import as_mask, check_tensor, item, masked_mean, per_token, upcast, zero_outside
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 # Each policy loss's default aggregation (what agg="auto" in the config resolves to): SAPO's objective
 # averages tokens within a response, then responses; GRPO / PPO / CISPO / distill use DAPO's token-mean.
 DEFAULT_AGG = {"grpo": "token-mean", "ppo": "token-mean", "cispo": "token-mean", "distill": "token-mean",
@@ -45,16 +45,22 @@ LossOut = tuple[Tensor, dict[str, float]]
 # --------------------------------------------------------------------------------------------
 # aggregation and input handling
 # --------------------------------------------------------------------------------------------
-def aggregate(x: Tensor, mask: Tensor, agg: str = "token-mean") -> Tensor:
+def aggregate(x: Tensor, mask: Tensor, agg: str = "token-mean", norm_len: int | None = None) -> Tensor:
     """Reduce a per-token [B, T] tensor to a scalar over the masked tokens.
 
-    token-mean:          sum_{b,t} m x / sum_{b,t} m                  (DAPO-style, every token weighs the same)
-    seq-mean-token-mean: mean_b [ sum_t m x / sum_t m ]                (GRPO / SAPO paper form)
-    seq-mean-token-sum:  mean_b [ sum_t m x ]
-    The sequence means run over sequences with at least one masked token. An empty mask gives 0.
+    token-mean:              sum_{b,t} m x / sum_{b,t} m              (DAPO-style, every token weighs the same)
+    seq-mean-token-mean:     mean_b [ sum_t m x / sum_t m ]            (GRPO / SAPO paper form)
+    seq-mean-token-sum:      mean_b [ sum_t m x ]
+    seq-mean-token-sum-norm: mean_b [ sum_t m x ] / C                  (Dr. GRPO: a constant C, not |y_b|)
+    C = `norm_len` (Dr. GRPO's MAX_TOKENS, the response length cap); None = mask.shape[-1], verl's default,
+    which in this project's [prompt + response] layout is the padded width, NOT constant across batches: the
+    pipeline passes the configured cap. The sequence means run over sequences with at least one masked token.
+    An empty mask gives 0.
     """
     if agg not in AGG_MODES:
         raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+    if norm_len is not None and norm_len <= 0:
+        raise ValueError(f"norm_len must be > 0 (the constant divisor of seq-mean-token-sum-norm), got {norm_len}")
     m = mask.to(x.dtype)
     if agg == "token-mean":
         return zero_outside(x, m).sum() / m.sum().clamp(min=1)
@@ -62,6 +68,8 @@ def aggregate(x: Tensor, mask: Tensor, agg: str = "token-mean") -> Tensor:
     seq = zero_outside(x, m).sum(-1)
     if agg == "seq-mean-token-mean":
         seq = seq / tokens.clamp(min=1)
+    elif agg == "seq-mean-token-sum-norm":
+        seq = seq / float(norm_len if norm_len is not None else mask.shape[-1])
     nonempty = (tokens > 0).to(x.dtype)
     return (seq * nonempty).sum() / nonempty.sum().clamp(min=1)
 
@@ -150,6 +158,7 @@ def grpo_loss(
     eps_high: float = 0.28,
     dual_clip: float | None = None,
     agg: str = "token-mean",
+    norm_len: int | None = None,
     name: str = "grpo",
 ) -> LossOut:
     """PPO/GRPO clipped surrogate: L = agg_t max(-r A, -clip(r, 1-eps_low, 1+eps_high) A), r = exp(lp - lp_old).
@@ -159,7 +168,7 @@ def grpo_loss(
     """
     lp, old, adv, m = _policy_inputs(logprobs, old_logprobs, advantages, mask)
     pg, metrics = _ppo_clip(lp, old, adv, m, eps_low, eps_high, dual_clip, name)
-    loss = aggregate(pg, m, agg)
+    loss = aggregate(pg, m, agg, norm_len)
     metrics[f"{name}/loss"] = item(loss)
     return loss, metrics
 
@@ -173,6 +182,7 @@ def sapo_loss(
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
     agg: str = "seq-mean-token-mean",
+    norm_len: int | None = None,
 ) -> LossOut:
     """SAPO: L = -agg_t f(r) A with the soft gate f(r) = sigmoid(tau (r - 1)) * 4 / tau.
 
@@ -186,7 +196,7 @@ def sapo_loss(
     tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
     p = torch.sigmoid(tau * (ratio - 1.0))
     gate = p * 4.0 / tau
-    loss = aggregate(-gate * adv, m, agg)
+    loss = aggregate(-gate * adv, m, agg, norm_len)
     pd = p.detach()
     metrics = {
         "sapo/loss": item(loss),
@@ -206,6 +216,7 @@ def cispo_loss(
     eps_low: float | None = None,
     eps_high: float = 0.28,
     agg: str = "token-mean",
+    norm_len: int | None = None,
 ) -> LossOut:
     """CISPO: L = -agg_t sg(clip(r, 1-eps_low, 1+eps_high)) A lp.
 
@@ -217,7 +228,7 @@ def cispo_loss(
     log_ratio, ratio = _ratio(lp, old)
     lo = None if eps_low is None else 1.0 - eps_low
     weight = ratio.detach().clamp(min=lo, max=1.0 + eps_high)
-    loss = aggregate(-weight * adv * lp, m, agg)
+    loss = aggregate(-weight * adv * lp, m, agg, norm_len)
     r = ratio.detach()
     metrics = {
         "cispo/loss": item(loss),
@@ -407,8 +418,10 @@ def kl_penalty(
     """Per-token estimate of KL(pi_theta || pi_ref) on tokens sampled from pi_theta (or close to it).
 
     With d = lp - lp_ref:  k1 = d,  k2 = d^2 / 2,  k3 = exp(-d) + d - 1  (>= 0, low variance).
-    The result is clamped to [-clamp, clamp] (k3's exp explodes on outlier tokens). With `mask`,
-    positions outside it are 0 and only masked positions are validated.
+    Only k3 is clamped to [-clamp, clamp] (its exp explodes on outlier tokens), as verl's `low_var_kl` and
+    slime's `low_var_kl` do; k1 and k2 are never clamped: a clamp would zero their gradient exactly where the
+    policy is farthest from the reference (k2's gradient d would vanish for |d| > sqrt(2 clamp)).
+    With `mask`, positions outside it are 0 and only masked positions are validated.
     """
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
@@ -427,8 +440,8 @@ def kl_penalty(
     else:
         nd = (-d).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         kl = torch.expm1(nd) - nd
-    if clamp is not None:
-        kl = kl.clamp(-clamp, clamp)
+        if clamp is not None:
+            kl = kl.clamp(-clamp, clamp)
     return kl if m is None else zero_outside(kl, m)
 
 
@@ -456,6 +469,7 @@ def distill_loss(
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
     agg: str = "token-mean",
+    norm_len: int | None = None,
 ) -> LossOut:
     """Stage-2 loss (paper eq. 9): PPO clip with the whitened token signal as per-token advantage,
     ratio against pi_old, + kl_coef * KL(pi_theta || pi_ref) - entropy_coef * H.
@@ -465,19 +479,19 @@ def distill_loss(
     """
     lp, old, adv, m = _policy_inputs(logprobs, old_logprobs, advantages, mask)
     pg, metrics = _ppo_clip(lp, old, adv, m, eps_low, eps_high, dual_clip, "distill")
-    pg_loss = aggregate(pg, m, agg)
+    pg_loss = aggregate(pg, m, agg, norm_len)
     loss = pg_loss
     metrics["distill/pg_loss"] = item(pg_loss)
     if kl_coef != 0.0:
         ref = old_logprobs if ref_logprobs is None else ref_logprobs
-        kl = aggregate(kl_penalty(logprobs, ref, kl_estimator, mask=mask), m, agg)
+        kl = aggregate(kl_penalty(logprobs, ref, kl_estimator, mask=mask), m, agg, norm_len)
         loss = loss + kl_coef * kl
         metrics["distill/kl_loss"] = item(kl)
     if entropy_coef != 0.0 and entropy is None:
         raise ValueError("entropy_coef != 0 needs the per-token entropy tensor (entropy=...)")
     if entropy is not None:
         check_tensor("entropy", entropy, shape=logprobs.shape, mask=m)
-        ent = aggregate(zero_outside(upcast(entropy), m), m, agg)
+        ent = aggregate(zero_outside(upcast(entropy), m), m, agg, norm_len)
         loss = loss - entropy_coef * ent
         metrics["distill/entropy"] = item(ent)
     metrics["distill/loss"] = item(loss)

@@ -20,7 +20,8 @@ What is reported (the paper's Table 4 comparison, at toy scale):
   ERPD - RFT.
 Noise: +-1 to 3 points at this eval size; a difference within the seed spread is not a result.
 
-    python -m erpd_megatron.bench.erpd_vs_onpolicy [--seeds 1 2 3] [--out docs/benchmarks] [overrides ...]
+    python -m erpd_megatron.bench.erpd_vs_onpolicy [--seeds 1 2 3] [--out docs/benchmarks] [--preset bench_long]
+        [overrides ...]
 """
 
 from __future__ import annotations
@@ -134,7 +135,47 @@ def _promoted(cfg) -> str:
     return cfg.iterate.promote or next(iter(cfg.students))
 
 
-def analyse_seed(cfg, run_root: Path, stages: list[dict]) -> dict:
+def teacher_chain(cfg, run_root: Path, stages: list[dict], teacher: str) -> dict:
+    """The curve of a teacher promoted ITSELF over the iterations (no distillation; the paper's Table 2 (a) / (b)
+    control), from its own run: iteration i's points count (i + 1) fixed batches; compute seconds = the collects and
+    teacher runs so far (the step-0 point of a later iteration, the promoted teacher itself, is left out)."""
+    from erpd_megatron.pipeline.stages import method_name
+
+    per_batch = cfg.data.prompts_per_batch * cfg.rollout.n_samples
+    steps = cfg.teachers[teacher].steps
+    pts = []
+    for i in range(cfg.iterations):
+        before = sum(_stage_s(stages, "collect", iteration=j) + _stage_s(stages, "train_teachers", teacher, j)
+                     for j in range(i)) + _stage_s(stages, "collect", iteration=i)
+        start = _stage_start(stages, "train_teachers", teacher, i)
+        for p in _eval_points(run_root, method_name(teacher, i)):
+            if i > 0 and p["step"] == 0:
+                continue
+            pts.append({**p, "iteration": i, "step": i * steps + p["step"], "rollouts": per_batch * (i + 1),
+                        "compute_s": before + _since(p, start)})
+    for p in pts:
+        p.pop("clock_s", None)
+    return {"kind": "teacher_only", "points": pts}
+
+
+def teacher_only_config(cfg, run_dir: Path):
+    """The same preset reduced to the teacher of the promoted ERPD student, promoted itself each iteration (no
+    student, no on-policy baseline, no RFT control): same base, same seed, so the same fixed batches as long as the
+    chains agree (batch 0 is identical; later batches are sampled by each chain's own base)."""
+    import copy
+
+    from erpd_megatron.config import validate
+
+    t = copy.deepcopy(cfg)
+    teacher = cfg.students[_promoted(cfg)].teacher
+    t.teachers = {teacher: t.teachers[teacher]}
+    t.students, t.onpolicy, t.run_dir = {}, None, str(run_dir)
+    t.iterate.promote, t.iterate.fallback, t.iterate.online_steps = teacher, "", 0
+    validate(t)
+    return t, teacher
+
+
+def analyse_seed(cfg, run_root: Path, stages: list[dict], extra_curves: dict | None = None) -> dict:
     """Per-seed curves (rollouts, compute seconds) and the Table-4 style numbers.
 
     With `iterations` > 1 a method's curve chains its runs over the batches: iteration i's points count
@@ -190,6 +231,7 @@ def analyse_seed(cfg, run_root: Path, stages: list[dict]) -> dict:
         for p in c["points"]:
             p.pop("clock_s", None)
 
+    curves.update(extra_curves or {})
     op_pts = curves[op_name]["points"]
     target = op_pts[-1]["accuracy"]
 
@@ -226,17 +268,32 @@ def analyse_seed(cfg, run_root: Path, stages: list[dict]) -> dict:
             "curves": curves}
 
 
-def run_seed(seed: int, work: Path, base_dir: Path, overrides: list[str], log=print) -> dict:
-    from erpd_megatron.config import load_config, save_config
+def rft_name(lr: float) -> str:
+    """rft_lr3e-4, rft_lr1p5e-4: no dot (a dot would split the override key)."""
+    m, e = f"{lr:e}".split("e")
+    return f"rft_lr{float(m):g}e{int(e)}".replace(".", "p")
+
+
+def rft_lr_overrides(cfg, lrs) -> list[str]:
+    """Overrides adding one RFT control per learning rate (`rft_lr<lr>`: the preset's `rft` teacher at that lr), so
+    a run on the validation split (data.eval=toy_val / long_val) can choose the RFT lr (issue 22, C4)."""
+    r = cfg.teachers["rft"]
+    return [f"teachers.{rft_name(lr)}.{k}={v}" for lr in lrs
+            for k, v in (("loss", "sft"), ("steps", r.steps), ("mini_batch_size", r.mini_batch_size),
+                         ("save_every", r.save_every), ("lr", lr))]
+
+
+def preset_path(preset: str | Path | None) -> Path:
+    """A preset name of erpd_megatron/presets ("bench", "bench_long") or a YAML path; None = bench.yaml."""
+    if preset is None:
+        return PRESET
+    p = Path(preset)
+    return p if p.suffix in (".yaml", ".yml") else PRESET.with_name(f"{preset}.yaml")
+
+
+def _run_pipeline(cfg) -> tuple[float, _ComputeClock]:
     from erpd_megatron.pipeline.run import ALL, _pipeline
 
-    run_dir = work / f"seed_{seed}"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # the pipeline resumes finished work: a stale dir would skip the measurement
-    cfg = load_config(str(PRESET), [*overrides, f"seed={seed}", f"run_dir={run_dir}"])
-    if cfg.model.base == "toy":
-        shutil.copytree(base_dir, run_dir / "hf_base")
-    save_config(cfg, run_dir / "config.yaml")
     clock = _ComputeClock()
     undo = _instrument(clock)
     t = time.perf_counter()
@@ -244,9 +301,36 @@ def run_seed(seed: int, work: Path, base_dir: Path, overrides: list[str], log=pr
         _pipeline(cfg, ALL)
     finally:
         undo()
-    wall = time.perf_counter() - t
-    res = analyse_seed(cfg, run_dir, clock.stages)
-    res.update(seed=seed, wall_s=wall, eval_s=clock.eval_s, run_dir=str(run_dir))
+    return time.perf_counter() - t, clock
+
+
+def run_seed(seed: int, work: Path, base_dir: Path, overrides: list[str], log=print, preset: Path = PRESET,
+             teacher_only: bool = True) -> dict:
+    from erpd_megatron.config import load_config, save_config
+    from erpd_megatron.pipeline.context import TOY_BASES
+
+    run_dir = work / f"seed_{seed}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # the pipeline resumes finished work: a stale dir would skip the measurement
+    cfg = load_config(str(preset), [*overrides, f"seed={seed}", f"run_dir={run_dir}"])
+    if cfg.model.base in TOY_BASES:
+        shutil.copytree(base_dir, run_dir / "hf_base")
+    save_config(cfg, run_dir / "config.yaml")
+    wall, clock = _run_pipeline(cfg)
+    extra, eval_s = {}, clock.eval_s
+    if teacher_only and cfg.iterations > 1:  # the teacher promoted itself: its own run dir beside
+        tdir = work / f"seed_{seed}_teacher_only"
+        if tdir.exists():
+            shutil.rmtree(tdir)
+        tcfg, teacher = teacher_only_config(cfg, tdir)
+        if tcfg.model.base in TOY_BASES:
+            shutil.copytree(base_dir, tdir / "hf_base")
+        save_config(tcfg, tdir / "config.yaml")
+        twall, tclock = _run_pipeline(tcfg)
+        wall, eval_s = wall + twall, eval_s + tclock.eval_s
+        extra[f"{teacher}_promoted"] = teacher_chain(tcfg, tdir, tclock.stages, teacher)
+    res = analyse_seed(cfg, run_dir, clock.stages, extra)
+    res.update(seed=seed, wall_s=wall, eval_s=eval_s, run_dir=str(run_dir))
     m = res["methods"]
     log(f"[{NAME}] seed {seed}: base {res['base_accuracy']:.3f}; " + "; ".join(
         f"{n} {v['final_accuracy']:.3f} (KL/seq {v['final_kl'] or 0:.4f}, KL/token {v['final_kl_token'] or 0:.5f}, "
@@ -293,31 +377,48 @@ def aggregate(per_seed: list[dict]) -> dict:
         f"{n} - {r}": {"accuracy_diff": spread([s["methods"][n]["final_accuracy"] - s["methods"][r]["final_accuracy"]
                                                 for s in per_seed])}
         for n in paired for r in rfts}
+    # ERPD against iterating its teacher itself (no distillation; paper Table 2 (a) / (b)): accuracy and KL
+    solo = [n for n in methods if per_seed[0]["methods"][n]["kind"] == "teacher_only"]
+    out["paired_erpd_minus_teacher_only"] = {
+        f"{n} - {t}": {
+            "accuracy_diff": spread([s["methods"][n]["final_accuracy"] - s["methods"][t]["final_accuracy"]
+                                     for s in per_seed]),
+            "kl_ratio": spread([s["methods"][n]["final_kl"] / s["methods"][t]["final_kl"]
+                                for s in per_seed if s["methods"][t]["final_kl"]])}
+        for n in paired for t in solo}
     return out
 
 
 def run(out_dir=None, *, seeds=(1, 2, 3), overrides: list[str] = (), work_dir: str | Path | None = None,
-        log=print) -> dict:
+        log=print, preset: str | Path | None = None, teacher_only: bool = True, rft_lrs=()) -> dict:
     import torch
 
     from erpd_megatron.config import load_config
+    from erpd_megatron.pipeline.context import TOY_BASES
 
     torch.set_num_threads(1)
-    work = Path(work_dir) if work_dir is not None else DEFAULT_WORK
+    preset = preset_path(preset)
+    name = NAME if preset == PRESET else f"{NAME}_{preset.stem}"  # bench_long writes its own JSON
+    work = Path(work_dir) if work_dir is not None else DEFAULT_WORK.with_name(name)
     work.mkdir(parents=True, exist_ok=True)
-    cfg0 = load_config(str(PRESET), list(overrides))
-    rec = Recorder(NAME, {"preset": str(PRESET.relative_to(REPO_ROOT)), "overrides": list(overrides),
+    cfg0 = load_config(str(preset), list(overrides))
+    if rft_lrs:
+        overrides = [*overrides, *rft_lr_overrides(cfg0, rft_lrs)]
+        cfg0 = load_config(str(preset), overrides)
+    rec = Recorder(name, {"preset": str(preset.relative_to(REPO_ROOT)) if preset.is_relative_to(REPO_ROOT)
+                          else str(preset), "overrides": list(overrides),
                           "seeds": list(seeds), "work_dir": str(work),
                           "rollouts_per_fixed_batch": cfg0.data.prompts_per_batch * cfg0.rollout.n_samples,
                           "eval": {"prompts": cfg0.data.eval_prompts, "k": cfg0.eval.k, "every": cfg0.eval.every}})
     base_dir = work / "hf_base"
     t = time.perf_counter()
-    if cfg0.model.base == "toy":  # one warm-up shared by all seeds (copied into each run dir)
-        from erpd_megatron.toy.warmup import ensure_base_model
+    if cfg0.model.base in TOY_BASES:  # one warm-up shared by all seeds (copied into each run dir)
+        from erpd_megatron.toy import warmup
 
-        ensure_base_model(base_dir, log=lambda m: None)
+        warmup.ensure_base_model(base_dir, getattr(warmup, TOY_BASES[cfg0.model.base]), log=lambda m: None)
     warmup_s = time.perf_counter() - t
-    per_seed = [run_seed(s, work, base_dir, list(overrides), log=log) for s in seeds]
+    per_seed = [run_seed(s, work, base_dir, list(overrides), log=log, preset=preset, teacher_only=teacher_only)
+                for s in seeds]
     results = {"seeds": list(seeds), "base_warmup_s": warmup_s, **aggregate(per_seed),
                "per_seed": [{k: v for k, v in s.items() if k != "curves"} for s in per_seed],
                "curves": [{"seed": s["seed"], "method": n, "kind": c["kind"], "points": c["points"]}
@@ -336,10 +437,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--work", default=None, help=f"run dirs (default {DEFAULT_WORK})")
-    ap.add_argument("overrides", nargs="*", help="section.field=value on top of presets/bench.yaml")
+    ap.add_argument("--work", default=None, help=f"run dirs (default {DEFAULT_WORK}[_<preset>])")
+    ap.add_argument("--preset", default=None, help="bench (default: the toy task) | bench_long (the long task) | a "
+                                                   "YAML path")
+    ap.add_argument("--no-teacher-only", action="store_true",
+                    help="skip the control that promotes the teacher itself (no distillation; Table 2 (a) / (b))")
+    ap.add_argument("--rft-lrs", type=float, nargs="*", default=(),
+                    help="add one RFT control per lr (choose the RFT lr on the validation split: data.eval=toy_val)")
+    ap.add_argument("overrides", nargs="*", help="section.field=value on top of the preset")
     a = ap.parse_args(argv)
-    run(a.out, seeds=a.seeds, overrides=a.overrides, work_dir=a.work)
+    run(a.out, seeds=a.seeds, overrides=a.overrides, work_dir=a.work, preset=a.preset,
+        teacher_only=not a.no_teacher_only, rft_lrs=a.rft_lrs)
 
 
 if __name__ == "__main__":

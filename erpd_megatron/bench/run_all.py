@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "train_throughput_demo": ("train_throughput", ["--model", "demo"]),
     "logprob_throughput_demo": ("logprob_throughput", ["--model", "demo"]),
     "weight_sync": ("weight_sync", []),
+    "code_sandbox": ("code_sandbox", []),
     "sglang_vs_local": ("sglang_vs_local", []),
     "erpd_vs_onpolicy": ("erpd_vs_onpolicy", []),
 }

@@ -94,7 +94,7 @@ def run(out_dir, *, repeats: int = 3, prompts: int = 8, n: int = 4, max_new_toke
         update_s: dict[str, list[float]] = {k: [] for k in engines}
         gen_tps: dict[str, list[float]] = {k: [] for k in engines}
         try:
-            for name, eng in engines.items():  # warm-up: first update and first batch outside the timing
+            for eng in engines.values():  # warm-up: first update and first batch outside the timing
                 eng.update_weights(iter([bucket]), version=0)
                 eng.generate(prompt_ids[:2], SamplingParams(n=1, max_new_tokens=4, seed=0))
             for r in range(repeats):

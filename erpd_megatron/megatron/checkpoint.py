@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from erpd_megatron.utils.io import atomic_write_text
+from erpd_megatron.utils.io import atomic_write_text, follow_umask
 
 if TYPE_CHECKING:
     from erpd_megatron.megatron.engine import PolicyEngine
@@ -246,6 +246,7 @@ def _write_rng(path: str) -> None:
 
     try:
         save_file(_rng_state(), path)
+        follow_umask(path)  # safetensors creates its files 0600
     except OSError as e:
         from erpd_megatron.utils.io import named_os_error
 
@@ -293,9 +294,7 @@ def resolve_checkpoint_dir(path: str) -> str:
 
 
 def read_checkpoint_meta(path: str) -> dict:
-    path = resolve_checkpoint_dir(path)
-    with open(os.path.join(path, MARKER)) as f:
-        return json.load(f)
+    return verify_checkpoint_dir(resolve_checkpoint_dir(path))
 
 
 def verify_checkpoint_dir(path: str) -> dict:
@@ -310,14 +309,25 @@ def verify_checkpoint_dir(path: str) -> dict:
             f"checkpoint {path} is incomplete: no {MARKER} completion marker (the save was interrupted, "
             "or this is not an erpd checkpoint)"
         )
-    try:
-        with open(marker) as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {path}: {MARKER} is corrupt ({e})") from e
+    meta = _read_marker(marker, path)
     from erpd_megatron.utils.digest import check_files
 
     _raise_problems(path, check_files(path, meta.get("files", {}), content=False))
+    return meta
+
+
+def _read_marker(marker: str, path: str) -> dict:
+    """The marker's JSON; any damage (invalid UTF-8 or JSON, another shape: a flipped byte) is a CheckpointError
+    naming it, so `load_latest_intact` falls back as for a damaged shard."""
+    try:
+        with open(marker, "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+        files = meta["files"] if isinstance(meta, dict) else None
+        if not isinstance(files, dict) or not all(
+                isinstance(r, int) or (isinstance(r, dict) and isinstance(r.get("size"), int)) for r in files.values()):
+            raise ValueError("not an object with a 'files' map of sizes")
+    except (ValueError, RecursionError, KeyError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"checkpoint {path}: {MARKER} is corrupt ({type(e).__name__}: {str(e)[:200]})") from None
     return meta
 
 
@@ -407,21 +417,27 @@ def load_checkpoint(engine: PolicyEngine, path: str, model_only: bool = False) -
 
 
 def _init_empty_optimizer_state(optimizer) -> None:
-    """Give a never-stepped Adam its state tensors (zeros, step 0) so megatron can build the loading
-    state dict: DistributedOptimizer.state_dict() reads every param's 'step' when neither TE nor apex
-    is installed (distrib_optimizer.py:837-839) and fails on an empty state. The loaded values
-    replace these in place."""
-    inner = [getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [optimizer])]
-    for opt in inner:
-        if opt is None:
+    """Give a never-stepped Adam the state tensors megatron builds its loading state dict from (the loaded values
+    replace them in place), as megatron-core 0.19.2 does itself: its Adam `init_state_fn` (optimizer/__init__.py:
+    588-594) creates `exp_avg` and `exp_avg_sq` only. TE's FusedAdam (what megatron uses whenever Transformer Engine
+    is importable; apex's alike) keeps the step count in the param group, and its state_dict() looks up a dtype for
+    every per-parameter state key (`name_to_dtype_map`: exp_avg, exp_avg_sq, master_param), so a per-parameter
+    `step` there is a KeyError on every resume that loads the optimizer. Only torch's Adam(W), megatron's fallback
+    without TE and apex, gets a per-parameter `step` (zero) too: DistributedOptimizer.state_dict() then reads every
+    param's 'step' (distrib_optimizer.py:837-839) and fails on a state without one."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
             continue
-        for group in opt.param_groups:
+        torch_adam = isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+        for group in inner.param_groups:
             for p in group["params"]:
-                st = opt.state[p]
+                st = inner.state[p]
                 if len(st) == 0:
-                    st["step"] = torch.zeros((), dtype=torch.float32)
                     st["exp_avg"] = torch.zeros_like(p.data)
                     st["exp_avg_sq"] = torch.zeros_like(p.data)
+                    if torch_adam:
+                        st["step"] = torch.zeros((), dtype=torch.float32)
 
 
 def _load_sharded(sd: dict, path: str) -> dict:

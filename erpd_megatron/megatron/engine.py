@@ -81,17 +81,28 @@ class OptimConfig:
 
 
 def seq_multiple(par: ParallelConfig, fp8: bool) -> int:
-    """Multiple the (trimmed) sequence length of every micro-batch is padded to.
+    """Multiple the (trimmed) sequence length of every micro-batch is padded to (`padded_length`).
 
     Sequence parallelism splits the sequence dimension over the TP ranks (megatron's scatter_to_sequence_parallel
-    _region needs s % tp == 0); Transformer Engine's FP8 GEMMs need the token dimension divisible by 8 / 16
-    (16 covers both). lcm of what applies; 1 when neither is on."""
+    _region needs s % tp == 0). Transformer Engine's FP8 GEMMs need the product of an input's leading dims divisible
+    by 8 (`assert_dim_for_fp8_exec`): without SP that is s * b, padded to 16 (covers 8, as before); with SP the TE
+    linears check their *local* input before the sequence all-gather, (s / tp) * b rows, so s is padded to a
+    multiple of 8 * tp: then (s / tp) % 8 == 0 for any micro-batch size b (lcm(16, tp) left tp = 4, b = 1 at 4 rows
+    per 16 tokens). lcm of what applies; 1 when neither is on. MXFP8 / blockwise recipes (32 / 128 blocks) are not
+    covered."""
     m = 1
     if par.sp:
         m = math.lcm(m, par.tp)
     if fp8:
         m = math.lcm(m, 16)
+        if par.sp:
+            m = math.lcm(m, 8 * par.tp)
     return m
+
+
+def padded_length(t: int, multiple: int) -> int:
+    """`t` tokens rounded up to `multiple` (`seq_multiple`): the sequence length every micro-batch runs at."""
+    return math.ceil(t / multiple) * multiple
 
 
 #: OptimConfig fields baked into megatron's optimizer at construction; `PolicyEngine.reset` cannot change them
@@ -240,8 +251,9 @@ class PolicyEngine:
         """Make this engine what a fresh `PolicyEngine(..., optim_cfg)` is, apart from its weights (load them next,
         `load(path, model_only=True)`, which also refreshes the optimizer's main params from them).
 
-        Cleared: Adam's moments and step counts (torch keeps them in `optimizer.state[param]`; a fresh megatron
-        optimizer starts with that dict empty), the grad buffers, `step`, `trainer_state`. Set: the OptimConfig
+        Cleared: Adam's moments and step counts (torch keeps them in `optimizer.state[param]`, TE's / apex's FusedAdam
+        its step count in each param group, `group["step"]`; a fresh megatron optimizer has neither), the grad buffers,
+        `step`, `trainer_state`. Set: the OptimConfig
         (LR, warm-up, micro-batch size: read at each step), the temperature, and what megatron copied from the
         construction-time config into its param groups and config: `max_lr` / `min_lr` (also the keys that pair a
         checkpoint's param groups with the engine's on a full load), betas, eps, lr, weight decay. What differs
@@ -258,6 +270,9 @@ class PolicyEngine:
         for opt in self._optimizers():
             opt.optimizer.state.clear()  # torch Adam(W): exp_avg, exp_avg_sq and step of every main param
             for g in opt.optimizer.param_groups:  # as megatron's _get_param_groups sets them (no overrides here)
+                # FusedAdam's step count (bias correction), set by its first step; a torch Adam group carries one
+                # only after a checkpoint load (megatron writes it there) and never reads it
+                g.pop("step", None)
                 g.update(max_lr=o.lr, min_lr=o.min_lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
             opt.config.lr, opt.config.min_lr, opt.config.weight_decay = o.lr, o.min_lr, o.weight_decay
         self._zero_grads()
@@ -299,7 +314,7 @@ class PolicyEngine:
         t_used = int(am.sum(1).max().item()) if B else 1
         t_used = max(t_used, 2)
         t_used = min(T, t_used)
-        t_run = math.ceil(t_used / self.seq_multiple) * self.seq_multiple
+        t_run = padded_length(t_used, self.seq_multiple)
         dp, mbs = self.par.dp, self.optim_cfg.micro_batch_size
         if for_train:
             if B % dp:

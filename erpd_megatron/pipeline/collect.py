@@ -26,17 +26,16 @@ def batch_prompts(ctx, index: int, n: int) -> list:
 
 def sample_batch(ctx, store: RolloutStore, batch: int, prompts: list, version, seed: int) -> None:
     """Generate n samples per prompt with the engine's current weights, score, write batch `batch`."""
-    from erpd_megatron.data.prompts import encode_prompts
     from erpd_megatron.rollout.engine import SamplingParams
 
     r = ctx.cfg.rollout
-    prompt_ids = encode_prompts(ctx.tokenizer, prompts, instruction=ctx.cfg.data.instruction or None)
+    prompt_ids = ctx.encode(prompts)
     sp = SamplingParams(n=r.n_samples, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
                         seed=seed)
     with stage("collect"):  # also on-policy training's per-step sampling
         samples = ctx.engine.generate(prompt_ids, sp)
         texts = [ctx.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-        rewards = ctx.reward.score_batch(texts, [prompts[s.prompt_index].answer for s in samples])
+        rewards = ctx.reward.score_batch(texts, [prompts[s.prompt_index] for s in samples])
     params = {"n": r.n_samples, "temperature": r.temperature, "top_p": r.top_p, "max_new_tokens": r.max_new_tokens,
               "seed": seed}
     records = [
@@ -49,6 +48,9 @@ def sample_batch(ctx, store: RolloutStore, batch: int, prompts: list, version, s
     store.write_batch(batch, records)
     acc = sum(rewards) / max(len(rewards), 1)
     log.info("batch %d: %d samples, mean reward %.3f", batch, len(records), acc)
+    failures = {k: v for k, v in ctx.reward.last_stats.reasons.items() if k not in ("passed", "wrong_answer")}
+    if failures:  # counted like the math judge's timeouts: timeouts, sandbox kills, no code block, ...
+        log.info("batch %d: reward failures by reason %s", batch, dict(sorted(failures.items())))
 
 
 def add_policy_logprobs(ctx, store: RolloutStore, batch: int, column: str, policy) -> None:

@@ -7,8 +7,10 @@ resharding path, `rollout/weight_sync.py`). On one CPU process everything lives 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,9 @@ class Context:
     """Released PolicyEngines `new_policy` may hand out again (model.reuse_engines)."""
     engines_built: int = 0
     """PolicyEngines `new_policy` built (not reused) in this process."""
+    syncs: int = 0
+    """Weight syncs to the rollout engine in this process (the weight check names them)."""
+    _probe: object = None
 
     # ------------------------------------------------------------------ parallel / ranks
     @property
@@ -92,11 +97,23 @@ class Context:
 
     @property
     def reward(self):
+        """RewardRouter: each record's reward (math-verify, sandboxed code, custom) by its data_source / tests;
+        `score_batch(texts, prompts)`."""
         if self._reward is None:
-            from erpd_megatron.rewards.math import MathReward
+            from erpd_megatron.rewards.router import make_router
 
-            self._reward = MathReward(num_workers=2, timeout_s=5.0, mode=self.cfg.rollout.reward_mode)
+            self._reward = make_router(self.cfg.reward, mode=self.cfg.rollout.reward_mode)
         return self._reward
+
+    def encode(self, prompts: list) -> list[list[int]]:
+        """Token ids of prompts as the engine sees them (data.instruction / system / chat_template_kwargs)."""
+        from erpd_megatron.config import is_toy_base
+        from erpd_megatron.data.prompts import encode_prompts, resolve_instruction
+
+        d = self.cfg.data
+        instruction = resolve_instruction(d.instruction, toy=is_toy_base(str(self.base_hf)))
+        return encode_prompts(self.tokenizer, prompts, instruction=instruction,
+                              system=d.system or None, chat_template_kwargs=d.chat_template_kwargs)
 
     def close(self) -> None:
         if self._reward is not None:
@@ -121,7 +138,7 @@ class Context:
         engine = self._take_idle(optim) if self.cfg.model.reuse_engines else None
         if engine is None:
             with stage("model_build"):
-                engine = PolicyEngine(self.model_cfg, par, optim, seed=self.cfg.seed,
+                engine = PolicyEngine(self.model_cfg, par, optim, self.build_opts(), seed=self.cfg.seed,
                                       temperature=self.cfg.rollout.temperature)
             self.engines_built += 1
         else:
@@ -131,11 +148,19 @@ class Context:
             engine.load(path, model_only=True)
         return engine
 
+    def build_opts(self):
+        """BuildOptions of every Megatron model of the run (policies and critic): `model.fp8` selects Transformer
+        Engine's FP8 (hybrid format, delayed scaling), which needs the TE spec (CUDA + TE; the CLI refuses it
+        otherwise, `checks.check_environment`)."""
+        from erpd_megatron.megatron.model import BuildOptions
+
+        return BuildOptions(fp8="hybrid" if self.cfg.model.fp8 else None)
+
     def _take_idle(self, optim):
         """An idle engine whose model, layout and construction-time optimizer settings fit, or None."""
         from erpd_megatron.megatron.engine import PolicyEngine, reuse_key
 
-        want = reuse_key(self.model_cfg, self.par, optim)  # what new_policy would build
+        want = reuse_key(self.model_cfg, self.par, optim, self.build_opts())  # what new_policy would build
         for i, e in enumerate(self._idle):
             if type(e) is PolicyEngine and e.reuse_key() == want:
                 return self._idle.pop(i)
@@ -194,7 +219,8 @@ class Context:
         return Path(json.loads(marker.read_text())["checkpoint"])
 
     def push_weights(self, policy, version) -> None:
-        """Megatron -> rollout engine through the resharding path (TP gather, PP broadcast, HF names)."""
+        """Megatron -> rollout engine through the resharding path (TP gather, PP broadcast, HF names); then, with
+        `rollout.verify_weights`, the check that the weights arrived (`verify_sync`). Every rank calls it."""
         from erpd_megatron.rollout.weight_sync import iter_hf_buckets
         from erpd_megatron.utils.timing import stage
 
@@ -207,6 +233,31 @@ class Context:
             else:  # non-zero ranks still take part in the collectives
                 for _ in buckets:
                     pass
+        self.syncs += 1
+        if self.cfg.rollout.verify_weights:
+            self.verify_sync(policy, version)
+
+    def verify_sync(self, policy, version) -> dict:
+        """The weights-arrived guard (rollout/weight_check.py): the engine's log-probs on the first
+        `rollout.verify_weights_seqs` training prompts (at least one per SGLang server) against the trainer's;
+        raises WeightSyncMismatch on every rank on a mismatch. Timed as the "weight_verify" stage."""
+        from erpd_megatron.rollout.weight_check import check_sync
+        from erpd_megatron.utils.timing import stage
+
+        r = self.cfg.rollout
+        with stage("weight_verify"):
+            if self._probe is None:
+                from erpd_megatron.data.prompts import encode_prompts
+                from erpd_megatron.rollout.weight_check import make_probe
+
+                servers = (len(r.sglang_urls) or r.sglang_num_servers) if r.engine == "sglang" else 1
+                n = max(r.verify_weights_seqs, servers)
+                ids = encode_prompts(self.tokenizer, self.train_prompts[:n], instruction=self.cfg.data.instruction or None)
+                self._probe = make_probe(ids, n)
+            engine = self.engine if self.is_main else None
+            return check_sync(policy, engine, self._probe, sync=self.syncs, version=version,
+                              engine_dtype=getattr(engine, "dtype", None), mean_tol=r.verify_weights_tol,
+                              is_main=self.is_main)
 
 
     def _push_per_gpu(self, policy, version) -> bool:
@@ -246,28 +297,54 @@ def _import_in_process(hf: Path, out: Path) -> None:
         import_hf(str(hf), str(out), tp=1, pp=1, overwrite=True)
     except ConversionError as e:
         raise RuntimeError(f"importing the base policy failed: {e}") from e
+    except BaseException as e:  # torch DCP raises CheckpointException, a BaseException
+        if isinstance(e, KeyboardInterrupt | SystemExit):
+            raise
+        from erpd_megatron.utils.io import disk_full_error
+
+        # the partial output is gone already (import_hf writes a temp dir, renamed at the end); the import
+        # writes about as many bytes as the HF weights hold
+        need = sum(f.stat().st_size for f in Path(hf).iterdir() if f.suffix in (".safetensors", ".bin"))
+        full = disk_full_error(e, out, need_bytes=need, doing="importing the base policy")
+        if full is None:
+            raise
+        raise full from e
+
+
+# model.base names of the locally warmed bases -> their WarmupConfig in toy/warmup.py
+TOY_BASES = {"toy": "DEMO_BASE", "toy_long": "LONG_BASE"}
+# data.train / data.eval names of the synthetic tasks -> their module in erpd_megatron/toy/ (train draws come from
+# the training partition whichever name; "*_val" evaluates on the validation split, the plain name on the test split)
+TOY_DATA = {"toy": "task", "toy_val": "task", "long": "chain", "long_val": "chain",
+            "toy_code": "code_task", "toy_code_val": "code_task"}
 
 
 def resolve_base(cfg: RunConfig, run: RunDir) -> Path:
-    """HF directory of the base policy; "toy" warms up the tiny Qwen3 model (cached in the run dir)."""
-    if cfg.model.base == "toy":
-        from erpd_megatron.toy.warmup import ensure_base_model
+    """HF directory of the base policy; "toy" / "toy_long" warm up the tiny Qwen3 model on the toy / long task
+    (cached in the run dir and in the shared cache)."""
+    if cfg.model.base in TOY_BASES:
+        from erpd_megatron.toy import warmup
         from erpd_megatron.utils.console import header
 
-        header("toy base policy", "supervised warm-up on first use, cached after")
-        return ensure_base_model(run.root / "hf_base", log=logging.getLogger("erpd.warmup").info)  # above the bar
+        header(f"{cfg.model.base} base policy", "supervised warm-up on first use, cached after")
+        return warmup.ensure_base_model(run.root / "hf_base", getattr(warmup, TOY_BASES[cfg.model.base]),
+                                        log=logging.getLogger("erpd.warmup").info)  # above the bar
+    if cfg.model.base == "toy_code":  # the toy code task's base (toy/code_base.py), warmed on first use
+        from erpd_megatron.toy.code_base import warmup_code_base
+
+        return warmup_code_base(run.root / "hf_base", log=logging.getLogger("erpd.warmup").info)
     p = Path(cfg.model.base)
     if not (p / "config.json").exists():
         raise FileNotFoundError(f"model.base: {p} is not a Hugging Face checkpoint directory (no config.json)")
     return p
 
 
-def _load_field(field_name: str, path: str) -> list:
+def _load_field(cfg: RunConfig, field_name: str, path: str) -> list:
     """Prompts of a user-given file; an error names the config field as well as the file and row."""
     from erpd_megatron.data.prompts import PromptDataError, load_prompts
 
     try:
-        return load_prompts(path)
+        return load_prompts(path, cfg.data.prompt_key, cfg.data.answer_key)
     except PromptDataError as e:
         raise PromptDataError(f"{field_name}: {e}") from None
 
@@ -277,19 +354,22 @@ def load_prompts(cfg: RunConfig, run: RunDir):
     user-given file has loaded: a malformed file leaves nothing behind."""
     from erpd_megatron.data.prompts import load_prompts as _load
 
-    loaded = {w: _load_field(f"data.{w}", s) for w, s in (("train", cfg.data.train), ("eval", cfg.data.eval))
-              if s not in ("toy", "toy_val")}
+    loaded = {w: _load_field(cfg, f"data.{w}", s) for w, s in (("train", cfg.data.train), ("eval", cfg.data.eval))
+              if s not in TOY_DATA}
     paths = []
     for which, spec, n in (("train", cfg.data.train, cfg.data.prompts_per_batch * max(cfg.iterations, 1) * 4),
                            ("eval", cfg.data.eval, cfg.data.eval_prompts)):
-        if spec in ("toy", "toy_val"):  # toy_val: the toy's validation split (tuning), disjoint from "toy"
-            from erpd_megatron.toy import task
+        if spec in TOY_DATA:  # *_val: the task's validation split (tuning), disjoint from its test split
+            import importlib
 
+            task = importlib.import_module(f"erpd_megatron.toy.{TOY_DATA[spec]}")
             path = run.root / "data" / f"{spec}_{which}.jsonl"
             if not path.exists():
                 draw = task.train_problems if which == "train" else \
-                    task.validation_problems if spec == "toy_val" else task.eval_problems
-                task.write_jsonl(draw(n, seed=cfg.seed), path)
+                    task.validation_problems if spec.endswith("_val") else task.eval_problems
+                split = "train" if which == "train" else "validation" if spec.endswith("_val") else "eval"
+                # at most the whole task: check_dataset_sizes then refuses too few, as for a JSONL file
+                task.write_jsonl(draw(min(n, task.pool_size(split)), seed=cfg.seed), path)
             spec = str(path)
         paths.append(spec)
     train, evals = (loaded[w] if w in loaded else _load(p) for w, p in zip(("train", "eval"), paths))
@@ -300,21 +380,58 @@ def build_context(cfg: RunConfig) -> Context:
     from transformers import AutoTokenizer
 
     from erpd_megatron.megatron.model import ModelConfig
-    from erpd_megatron.pipeline.checks import check_dataset_sizes, check_prompt_lengths
+    from erpd_megatron.pipeline.checks import check_dataset_sizes, check_memory, check_prompt_lengths, check_tokenizer
 
     run = RunDir(Path(cfg.run_dir))
-    if cfg.model.base != "toy":  # a wrong path fails before the toy data files are written
-        resolve_base(cfg, run)
-    train, evals = load_prompts(cfg, run)  # bad data fails here, before the warm-up or any training
-    check_dataset_sizes(cfg, train, evals)
-    run.root.mkdir(parents=True, exist_ok=True)
-    base = resolve_base(cfg, run)
-    tok = AutoTokenizer.from_pretrained(base)
-    model_cfg = ModelConfig.from_hf(json.loads((base / "config.json").read_text()))
-    used = train[: cfg.data.prompts_per_batch * cfg.iterations] + evals
-    check_prompt_lengths(cfg, tok, used, model_cfg.max_position_embeddings)
-    return Context(cfg=cfg, run=run, base_hf=base, tokenizer=tok, model_cfg=model_cfg,
-                   train_prompts=train, eval_prompts=evals)
+    if cfg.reward.custom:  # a bad spec fails in one line now, not when the first batch is scored
+        from erpd_megatron.rewards.custom import load_function
+
+        load_function(cfg.reward.custom)
+    with _undo_if_refused(run.root):  # a refused run leaves nothing behind (the lock removes the empty dir)
+        if cfg.model.base not in (*TOY_BASES, "toy_code"):  # a wrong path fails before the toy data files are written
+            resolve_base(cfg, run)
+        train, evals = load_prompts(cfg, run)  # bad data fails here, before the warm-up or any training
+        check_dataset_sizes(cfg, train, evals)
+        # the batch's memory: a lower bound (every prompt has a token) before the warm-up, exact once tokenized
+        check_memory(cfg, cfg.rollout.max_new_tokens + 1, len(evals))
+        run.root.mkdir(parents=True, exist_ok=True)
+        base = resolve_base(cfg, run)
+        tok = AutoTokenizer.from_pretrained(base)
+        check_tokenizer(tok, base, train + evals, "model.base")
+        model_cfg = ModelConfig.from_hf(json.loads((base / "config.json").read_text()))
+        ctx = Context(cfg=cfg, run=run, base_hf=base, tokenizer=tok, model_cfg=model_cfg,
+                      train_prompts=train, eval_prompts=evals)
+        ctx.train_prompts, ctx.eval_prompts, longest = check_prompt_lengths(cfg, ctx.encode, train, evals,
+                                                                            model_cfg.max_position_embeddings)
+        check_memory(cfg, min(model_cfg.max_position_embeddings, longest + cfg.rollout.max_new_tokens),
+                     len(ctx.eval_prompts))
+    return ctx
+
+
+#: what `build_context` writes before the run is accepted (toy data files, the toy base's warm-up)
+_PRE_ACCEPT = ("data", "hf_base")
+
+
+@contextlib.contextmanager
+def _undo_if_refused(root: Path):
+    """On a user error (utils/cli.py: bad config or data, a full disk) remove what the block added under
+    `_PRE_ACCEPT`, so the refused run leaves the run dir as it found it; an earlier run's files stay."""
+    from erpd_megatron.utils.cli import is_user_error
+
+    def entries() -> set[Path]:
+        return {p for d in _PRE_ACCEPT if (root / d).is_dir() for p in [root / d, *(root / d).iterdir()]}
+
+    before = entries()
+    try:
+        yield
+    except Exception as e:
+        if is_user_error(e):
+            for p in sorted(entries() - before, key=lambda p: -len(p.parts)):  # files before their directory
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        raise
 
 
 class Timer:

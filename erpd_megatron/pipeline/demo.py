@@ -6,6 +6,7 @@ students over CE and SAPO, a strategy-2 student over MSE, on-policy GRPO (3,840 
 path on 512 held-out test problems (`data.eval=toy_val`: the validation split, for tuning), report (docs/demo.md).
 Rerunning resumes; `erpd demo run_dir=runs/demo2` starts elsewhere; any key of the preset
 can be overridden (`erpd demo teachers.ce.lr=1e-5`); `erpd demo --print-config` prints the resolved config.
+`erpd demo --config long` runs the long-reasoning task instead (presets/long.yaml, docs/toy_task.md).
 """
 
 from __future__ import annotations
@@ -22,10 +23,14 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         build_parser("erpd demo", config="demo").print_help()  # the same flags, overrides, presets and sections as `erpd run`
         return 0
-    rc = main_run(["--config", str(PRESET), *argv])
+    # `erpd demo --config long`: another preset (the long-reasoning task); the last --config wins
+    preset = [] if any(a == "--config" or a.startswith("--config=") for a in argv) else ["--config", str(PRESET)]
+    rc = main_run([*preset, *argv])
     if rc or "--print-config" in argv:
         return rc
-    run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("run_dir=")), "runs/demo")
+    from erpd_megatron.pipeline.run import parse
+
+    run_dir = parse([*preset, *argv], "erpd demo")[0].run_dir
     print(f"\nERPD demo finished: report at {Path(run_dir) / 'report.md'} "
           f"(summary.json and accuracy_vs_kl.png beside it)")
     return rc

@@ -38,18 +38,18 @@ def evaluate_policy(ctx, method: str, step: int, policy=None) -> dict | None:
 
 
 def _evaluate_engine(ctx) -> dict:
-    from erpd_megatron.data.prompts import encode_prompts
     from erpd_megatron.rollout.engine import SamplingParams
     from erpd_megatron.rollout.eval import pass_at_k
 
     e = ctx.cfg.eval
     prompts = ctx.eval_prompts
-    prompt_ids = encode_prompts(ctx.tokenizer, prompts, instruction=ctx.cfg.data.instruction or None)
+    prompt_ids = ctx.encode(prompts)
     sp = SamplingParams(n=e.k, temperature=e.temperature, top_p=e.top_p,
                         max_new_tokens=ctx.cfg.rollout.max_new_tokens, seed=ctx.cfg.seed + 10_007)
     samples = ctx.engine.generate(prompt_ids, sp)
     texts = [ctx.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-    rewards = ctx.reward.score_batch(texts, [prompts[s.prompt_index].answer for s in samples])
+    rewards = ctx.reward.score_batch(texts, [prompts[s.prompt_index] for s in samples])
+    reward_stats = ctx.reward.last_stats.as_dict()
     kl = _reverse_kl(ctx, prompt_ids, samples, e.temperature)
     per_problem: dict[int, list[float]] = {}
     for s, r in zip(samples, rewards):
@@ -63,6 +63,7 @@ def _evaluate_engine(ctx) -> dict:
         "kl": kl,
         "mean_length": sum(len(s.response_ids) for s in samples) / max(len(samples), 1),
         "per_problem": {str(prompts[i].id): v for i, v in sorted(per_problem.items())},
+        "reward_stats": reward_stats,  # items per reward kind, every sample's reason counted
     }
 
 

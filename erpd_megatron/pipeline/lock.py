@@ -7,11 +7,19 @@ started later) and taken over with a warning; a lock from another host cannot be
 message says how to remove it, except for a requeued Slurm job (same job id, higher SLURM_RESTART_COUNT: the
 earlier attempt is over, wherever it ran). Under torchrun the launching process holds the lock for its ranks
 (`ERPD_RUN_LOCK` in their environment); when torchrun is called directly, rank 0 takes it.
+
+Races: the lock file never exists half-written (the owner is written to a private temp file, then hard-linked
+into place: link fails if the name exists), and the read-decide-remove-create of a stale lock runs under an
+flock on the run dir, so of several processes started at one instant exactly one gets the lock
+(tests/test_lock.py::test_simultaneous_acquire_has_one_winner). An unreadable lock (written by an older erpd,
+or damaged) counts as held while it is younger than `UNREADABLE_GRACE_S`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -26,6 +34,7 @@ log = logging.getLogger("erpd.lock")
 
 LOCK_NAME = ".erpd.lock"
 ENV = "ERPD_RUN_LOCK"
+UNREADABLE_GRACE_S = 10.0
 
 
 class RunDirLocked(ConfigError):
@@ -42,7 +51,10 @@ def _start_ticks(pid: int) -> int | None:
 
 
 def _alive(owner: dict) -> bool:
-    pid = int(owner.get("pid", -1))
+    try:
+        pid = int(owner.get("pid", -1))
+    except (TypeError, ValueError):
+        return False
     if pid <= 0:
         return False
     try:
@@ -56,8 +68,65 @@ def _alive(owner: dict) -> bool:
 
 
 def _owner_text(owner: dict) -> str:
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("time", 0)))
+    try:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(owner.get("time", 0))))
+    except (TypeError, ValueError, OverflowError, OSError):
+        since = "?"
     return f"pid {owner.get('pid')} on host {owner.get('host')} (since {since}, `{owner.get('cmd', '?')}`)"
+
+
+@contextlib.contextmanager
+def _dir_flock(root: Path):
+    """Exclusive flock on the run dir for the take-over's read-decide-remove-create (released by the kernel
+    if the process dies). Where the file system has no flock (some NFS mounts) the block runs without it."""
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _read_owner(path: Path) -> dict | None:
+    """The lock's owner; {} when gone, unreadable and old (stale); None when unreadable but young (held)."""
+    try:
+        owner = json.loads(path.read_bytes().decode())
+        if isinstance(owner, dict):
+            return owner
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, RecursionError):
+        pass
+    try:
+        age = time.time() - path.stat().st_mtime
+    except OSError:
+        return {}
+    return {} if age > UNREADABLE_GRACE_S else None
+
+
+def _create(path: Path, me: dict) -> bool:
+    """Create `path` holding `me`, atomically: it appears complete or not at all. False if it exists."""
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        try:
+            os.link(tmp, path)  # fails with FileExistsError if any lock is there
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            # no hard links on this file system: O_EXCL, written after creation (read as held while young)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 def acquire(run_dir: str | os.PathLike) -> Path:
@@ -68,30 +137,26 @@ def acquire(run_dir: str | os.PathLike) -> Path:
     me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
           "start_ticks": _start_ticks(os.getpid()), "cmd": " ".join(sys.argv[:3]),
           "slurm_job": os.environ.get("SLURM_JOB_ID"), "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0")}
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            try:
-                owner = json.loads(path.read_text() or "{}")
-            except (OSError, json.JSONDecodeError):
-                owner = {}  # torn (killed while writing it) or vanished: treat as stale
+    with _dir_flock(root):
+        for _ in range(3):
+            if _create(path, me):
+                return path
+            owner = _read_owner(path)
+            if owner is None:
+                raise RunDirLocked(f"run_dir {root} is being locked by another process ({path} is not readable "
+                                   f"yet); if none runs, delete {path}")
             requeued = me["slurm_job"] is not None and owner.get("slurm_job") == me["slurm_job"] \
                 and owner.get("slurm_restart") != me["slurm_restart"]
             if owner.get("host") not in (None, me["host"]) and not requeued:
                 raise RunDirLocked(f"run_dir {root} is in use by {_owner_text(owner)}; if no erpd process runs "
-                                   f"there any more, delete {path}") from None
+                                   f"there any more, delete {path}")
             if owner and not requeued and _alive(owner):
                 raise RunDirLocked(f"run_dir {root} is in use by {_owner_text(owner)}: wait for it to finish, "
-                                   "or use another run_dir") from None
+                                   "or use another run_dir")
             log.warning("run_dir %s: removing the stale lock of %s (that process is gone)", root,
                         _owner_text(owner) if owner else "an unknown process")
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return path
     raise RunDirLocked(f"run_dir {root}: could not take {path} (another process keeps recreating it)")
 
 
@@ -100,7 +165,7 @@ def release(path: Path) -> None:
     try:
         if json.loads(path.read_text()).get("pid") == os.getpid():
             path.unlink()
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, AttributeError):
         pass
 
 

@@ -88,9 +88,11 @@ def resolve_agg(loss: str, agg: str) -> str:
     return L.DEFAULT_AGG[loss] if agg == "auto" else agg
 
 
-def teacher_objective(t: TeacherConfig):
-    """Stage-1 loss of a teacher run."""
+def teacher_objective(t: TeacherConfig, max_new_tokens: int | None = None):
+    """Stage-1 loss of a teacher run. `max_new_tokens` (the rollout's response cap) is the constant divisor of
+    seq-mean-token-sum-norm unless `t.agg_norm_len` sets one."""
     name = t.loss
+    norm_len = t.agg_norm_len or max_new_tokens
 
     if name in ("ce", "mse"):
         fn = L.ce_loss if name == "ce" else L.mse_loss
@@ -115,6 +117,7 @@ def teacher_objective(t: TeacherConfig):
               "ppo": dict(eps_low=t.eps_low, eps_high=t.eps_high, agg=agg),
               "sapo": dict(tau_pos=t.tau_pos, tau_neg=t.tau_neg, agg=agg),
               "cispo": dict(eps_high=t.eps_high, agg=agg)}[name]
+        hp["norm_len"] = norm_len
         fn = L.get_loss(name)
 
         def loss_fn(lp, mb, entropy=None):
@@ -139,7 +142,7 @@ def distill_objective(s: DistillConfig):
     return with_policy_metrics(loss_fn)
 
 
-def onpolicy_objective(o: OnPolicyConfig, t: TeacherConfig | None = None):
+def onpolicy_objective(o: OnPolicyConfig, t: TeacherConfig | None = None, max_new_tokens: int | None = None):
     """On-policy baseline: one update per fresh batch, so r = 1 and the clip never binds (kept for parity)."""
     t = t or TeacherConfig(loss=o.loss)  # agg "auto": the loss's own default
-    return teacher_objective(t)
+    return teacher_objective(t, max_new_tokens)

@@ -79,12 +79,79 @@ def methods_from_run(run: RunDir, cfg) -> dict[str, dict]:
     return out
 
 
-def build_summary(run: RunDir, methods: dict[str, dict]) -> dict:
-    """methods: name -> {"kind", "rollouts", "rollouts_per_step", "wall_s"} (see `methods_from_run`)."""
+def strategy2_summary(run: RunDir, cfg) -> dict | None:
+    """Strategy-2 students (both ends of their ratio, the unlearned run's lr and negative weight, their last
+    accuracy), the sweep's choice, and the positives' / negatives' mean log-prob per checkpoint of every run at
+    either end (iter_<i>/logprobs_<run>.json, written by stages.logprob_curve; paper Fig. 9). The choice is the
+    student with the best last-step accuracy on this run's eval split: a selection only when that split is a
+    validation split (data.eval ends in "_val"), and the report says which split it was."""
+    from erpd_megatron.config import checkpoint_ref
+    from erpd_megatron.pipeline.stages import method_name
+
+    students = {}
+    for it in range(cfg.iterations):
+        for name, s in cfg.students.items():
+            if 2 not in s.strategies:
+                continue
+            m = method_name(name, it)
+            res = run.eval_results(m)
+            rec_path = run.root / f"iter_{it}" / f"unlearned_{method_name(s.teacher, it)}.json"
+            if s.unlearned:
+                u, ustep = checkpoint_ref(s.unlearned)
+                ut = cfg.teachers[u]
+                ustep = ustep if ustep > 0 else ut.steps
+            else:
+                u, ut = s.teacher, cfg.teachers[s.teacher]
+                ustep = s.unlearned_step if s.unlearned_step > 0 else \
+                    (json.loads(rec_path.read_text())["step"] if rec_path.exists() else None)
+            students[m] = {"teacher": f"{s.teacher}@{s.teacher_step if s.teacher_step > 0 else cfg.teachers[s.teacher].steps}",
+                           "unlearned": f"{u}@{ustep}", "unlearned_lr": ut.lr,
+                           "unlearned_negative_weight": ut.negative_weight,
+                           "accuracy": res[max(res)]["avg_at_k"] if res else None}
+    if not students:
+        return None
+    curves = {p.name[len("logprobs_"):-len(".json")]: json.loads(p.read_text())
+              for p in sorted(run.root.glob("iter_*/logprobs_*.json"))}
+    scored = {k: v["accuracy"] for k, v in students.items() if v["accuracy"] is not None}
+    return {"eval_split": cfg.data.eval, "is_validation": cfg.data.eval.endswith("_val"),
+            "chosen": max(scored, key=scored.get) if scored else None, "students": students,
+            "logprob_curves": curves}
+
+
+def run_setup(cfg) -> dict:
+    """What a run's numbers are about: the model, the training set, the eval set (and how it was sampled)."""
+    return {"model": cfg.model.base, "train": cfg.data.train, "eval": cfg.data.eval, "eval_k": cfg.eval.k,
+            "eval_prompts": cfg.data.eval_prompts}
+
+
+def final_policy(run_root: Path, cfg) -> dict | None:
+    """The run's final policy: the student of the last iteration that `iterate.promote` names (default: the first
+    configured), at its latest checkpoint, the one a next iteration would start from (iter_<i>/promoted.json of
+    earlier iterations records the same choice). None while it has no checkpoint (or the config has no student)."""
+    from erpd_megatron.pipeline.stages import method_name
+
+    name = cfg.iterate.promote or next(iter(cfg.students), None)
+    if name is None:
+        return None
+    method = method_name(name, cfg.iterations - 1)
+    latest = run_root / "ckpt" / method / "latest"
+    if not latest.is_file():
+        return None
+    it = latest.read_text().strip()
+    return {"method": method, "step": int(it.rsplit("_", 1)[-1]), "checkpoint": str(run_root / "ckpt" / method / it)}
+
+
+def build_summary(run: RunDir, methods: dict[str, dict], cfg=None) -> dict:
+    """methods: name -> {"kind", "rollouts", "rollouts_per_step", "wall_s"} (see `methods_from_run`); `cfg`: the
+    run's config, for its setup (model, train / eval sets), final policy and the strategy-2 section
+    (`strategy2_summary`)."""
     base_eval = run.eval_results("base").get(0, {})
     summary = {"base": {"accuracy": base_eval.get("avg_at_k"), "pass_at_k": base_eval.get("pass_at_k"), "kl": 0.0,
                         "kl_token": 0.0, "mean_length": base_eval.get("mean_length")},
                "methods": {}}
+    if cfg is not None:
+        summary["setup"] = run_setup(cfg)
+        summary["final"] = final_policy(run.root, cfg)
     from erpd_megatron.utils.timing import summarize
 
     # wall seconds per stage over every invocation (exclusive: nested stages are not counted twice); None for a
@@ -113,6 +180,8 @@ def build_summary(run: RunDir, methods: dict[str, dict]) -> dict:
             "best": {"step": best["step"], "accuracy": best["accuracy"], "kl": best["kl"], "kl_token": best["kl_token"]},
             "curve": curve,
         }
+    if cfg is not None and (s2 := strategy2_summary(run, cfg)) is not None:
+        summary["strategy2"] = s2
     return summary
 
 
@@ -124,9 +193,10 @@ def write_report(run: RunDir, summary: dict, title: str = "ERPD run", kl: str = 
     plot = run.root / PLOT
     plot_summaries({title: summary}, plot, kl=kl, title=title)
     b = summary["base"]
-    lines = [
-        f"# {title}",
-        "",
+    lines = [f"# {title}", ""]
+    if summary.get("setup"):
+        lines += [f"{setup_line(summary['setup'])}.", ""]
+    lines += [
         f"Base policy: AVG@K {_pct(b['accuracy'])}, pass@K {_pct(b.get('pass_at_k'))}.",
         "",
         "| method | kind | rollouts | steps | AVG@K (last) | KL/token (last) | KL/seq (last) | best AVG@K (step, KL/token) "
@@ -155,6 +225,12 @@ def write_report(run: RunDir, summary: dict, title: str = "ERPD run", kl: str = 
     if _has_negative_kl(summary):
         lines += ["", "Some KL values are negative: the k1 estimator is unbiased but not >= 0, so a policy close to "
                       "the base can show a small negative estimate (sampling noise around 0, not a real KL < 0)."]
+    if summary.get("strategy2"):
+        lines += strategy2_lines(summary["strategy2"])
+    if summary.get("final"):
+        f = summary["final"]
+        lines += ["", f"Final policy: {f['method']} at step {f['step']} (`{f['checkpoint']}`); `erpd export "
+                      f"{run.root}` writes it as a Hugging Face directory (tokenizer and chat template included)."]
     if summary.get("stage_times"):
         from erpd_megatron.utils.timing import format_line
 
@@ -162,6 +238,30 @@ def write_report(run: RunDir, summary: dict, title: str = "ERPD run", kl: str = 
     path = run.root / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def strategy2_lines(s2: dict) -> list[str]:
+    split = f"`{s2['eval_split']}`" + ("" if s2["is_validation"] else
+                                       " (NOT a validation split: this is a report, not a selection)")
+    lines = ["", "## Strategy 2: pi_T / pi_U", "",
+             f"Signal log pi_T - log pi_U per student; accuracy = AVG@K at the last step on {split}.", "",
+             "| student | pi_T | pi_U | pi_U's lr | pi_U's negative weight | AVG@K (last) |", "|---|---|---|---|---|---|"]
+    for name, st in s2["students"].items():
+        mark = " (chosen)" if name == s2["chosen"] else ""
+        lines.append(f"| {name}{mark} | {st['teacher']} | {st['unlearned']} | {st['unlearned_lr']:g} | "
+                     f"{st['unlearned_negative_weight']:g} | {_pct(st['accuracy'])} |")
+    if s2["logprob_curves"]:
+        lines += ["", "Mean token log-prob of the fixed batch's positive / negative samples per checkpoint (paper "
+                      "Fig. 9; step 0 = the base):", ""]
+        for run, c in s2["logprob_curves"].items():
+            pts = ", ".join(f"{k}: {_f(v['pos'])} / {_f(v['neg'])}" for k, v in c["curve"].items())
+            lines.append(f"- **{run}** ({c['loss']}, lr {c['lr']:g}, negative weight {c['negative_weight']:g}): {pts}")
+    return lines
+
+
+def setup_line(setup: dict) -> str:
+    return (f"Model `{setup.get('model')}`, trained on `{setup.get('train')}`, evaluated on `{setup.get('eval')}` "
+            f"(first {setup.get('eval_prompts')} problems, K = {setup.get('eval_k')})")
 
 
 def _has_negative_kl(summary: dict) -> bool:
@@ -180,14 +280,54 @@ def _f(x, nd: int = 4) -> str:
 
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
-BASE_FILLS = ("k", "w", "0.6", "0.3")  # base stars in greys: the colours belong to the methods
+BASE_MARKERS = ("*", "p", "H", "8", "d")  # one shape per distinct base; filled grey: the colours are the methods'
+BASE_FILLS = ("k", "0.45", "0.7", "w")
 LINESTYLES = ("-", "--", ":", "-.")
+MIN_Y_SPAN = 0.10  # a flat plot shows 10 points of accuracy, not 0.1 % ticks around one value
+
+
+def series_styles(summaries: dict[str, dict]) -> dict[tuple[str, str], tuple[str, str]]:
+    """(run, method) -> (colour, marker), distinct for every series of the plot (up to 100): colour cycles through
+    matplotlib's ten, the marker moves on by one more each time the colours come round."""
+    out, k = {}, 0
+    for run_name, summary in summaries.items():
+        for name in summary["methods"]:
+            out[(run_name, name)] = (f"C{k % 10}", MARKERS[(k + k // 10) % len(MARKERS)])
+            k += 1
+    return out
+
+
+def base_groups(summaries: dict[str, dict]) -> list[tuple[str, float, list[str]]]:
+    """One entry per distinct base (model and eval set from the summaries' setup, and its accuracy), in order:
+    (label, accuracy, runs sharing it). Runs of the same base on the same eval set get one marker, not a stack."""
+    groups: dict[tuple, tuple[str, float, list[str]]] = {}
+    for run_name, summary in summaries.items():
+        acc = summary["base"]["accuracy"]
+        if acc is None:
+            continue
+        st = summary.get("setup") or {}
+        key = (st.get("model"), st.get("eval"), round(acc, 6)) if st else (run_name,)
+        label = f"base {st['model']}" if st else f"base ({run_name})"
+        groups.setdefault(key, (label, acc, []))[2].append(run_name)
+    return list(groups.values())
+
+
+def y_limits(values: list[float], min_span: float = MIN_Y_SPAN) -> tuple[float, float] | None:
+    """Accuracy axis limits that show at least `min_span` (inside [0, 1] where possible), None when the data
+    spans more already (matplotlib's own limits are then kept)."""
+    vals = [v for v in values if v is not None]
+    if not vals or max(vals) - min(vals) >= min_span:
+        return None
+    mid = (max(vals) + min(vals)) / 2
+    lo = min(max(0.0, mid - min_span / 2), 1.0 - min_span)
+    return lo - 0.01 * min_span, lo + min_span + 0.01 * min_span
 
 
 def plot_summaries(summaries: dict[str, dict], path: Path, kl: str = "token", title: str = "") -> Path:
     """Two panels: AVG@K vs rollouts consumed, AVG@K vs KL to the base; one summary (a run's report) or several
-    (`erpd compare`: one line style and base marker colour per run). Accuracy in %, the base a star, hollow
-    markers of a different shape per method so points at the same place stay visible, legend beside the axes."""
+    (`erpd compare`: one line style per run, a distinct colour x marker per series, one base marker per distinct
+    base). Accuracy in %, at least MIN_Y_SPAN shown; hollow markers so points at the same place stay visible,
+    legend beside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,24 +336,29 @@ def plot_summaries(summaries: dict[str, dict], path: Path, kl: str = "token", ti
 
     several = len(summaries) > 1
     fig, (ax_r, ax_k) = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
-    series = 0
+    styles = series_styles(summaries)
+    ys_all: list[float] = []
+    for gi, (label, base, runs) in enumerate(base_groups(summaries)):
+        if not several:
+            label = "base policy"
+        elif len(runs) > 1:
+            label += f" ({', '.join(runs)})"
+        for ax in (ax_r, ax_k):
+            ax.plot([0], [base], marker=BASE_MARKERS[gi % len(BASE_MARKERS)], ms=15 if gi == 0 else 12,
+                    color=BASE_FILLS[gi % len(BASE_FILLS)], mec="k", ls="none", zorder=5,
+                    label=label if ax is ax_k else None)
+            ax.axhline(base, color="grey", ls=":", lw=0.8, zorder=1)
+        ys_all.append(base)
     for ri, (run_name, summary) in enumerate(summaries.items()):
-        base = summary["base"]["accuracy"]
         ls = LINESTYLES[ri % len(LINESTYLES)] if several else "-"
-        if base is not None:
-            label = f"base ({run_name})" if several else "base policy"
-            for ax in (ax_r, ax_k):
-                ax.plot([0], [base], marker="*", ms=15, color=BASE_FILLS[ri % len(BASE_FILLS)], mec="k", ls="none",
-                        zorder=5, label=label if ax is ax_k else None)
-                ax.axhline(base, color="grey", ls=":", lw=0.8, zorder=1)
         methods = summary["methods"]
         dodge = _dodge(methods)
-        for mi, (name, m) in enumerate(methods.items()):
-            color, marker = f"C{series % 10}", MARKERS[mi % len(MARKERS)]
-            series += 1
+        for name, m in methods.items():
+            color, marker = styles[(run_name, name)]
             label = f"{run_name}: {name}" if several else name
             style = dict(color=color, marker=marker, ms=6, mfc="none", mew=1.4, ls=ls, lw=1.2, alpha=0.9, zorder=3)
             ys = [c["accuracy"] for c in m["curve"]]
+            ys_all += ys
             xr = [_rollouts(c, m) + dodge.get(name, 0.0) for c in m["curve"]]
             ax_r.plot(xr, ys, **style)
             ax_r.plot(xr[-1:], ys[-1:], marker=marker, ms=8, color=color, ls="none", zorder=4)  # last step
@@ -221,6 +366,9 @@ def plot_summaries(summaries: dict[str, dict], path: Path, kl: str = "token", ti
             if pts:
                 ax_k.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
                 ax_k.plot([pts[-1][0]], [pts[-1][1]], marker=marker, ms=8, color=color, ls="none", zorder=4)  # last
+    limits = y_limits(ys_all)
+    if limits is not None:
+        ax_r.set_ylim(*limits)  # shared with ax_k
     ax_r.set_xlabel("rollouts consumed (offline methods: their fixed batch, dodged sideways)")
     ax_k.set_xlabel(KL_LABEL[kl] + " (k1; < 0 is noise)")
     ax_r.set_ylabel("AVG@K (held-out)")
@@ -281,14 +429,20 @@ def write_run_report(run_dir: str | Path, kl: str | None = None) -> tuple[Path, 
     run_dir = Path(run_dir)
     cfg = _load_run_config(run_dir)
     run = RunDir(run_dir)
-    summary = build_summary(run, methods_from_run(run, cfg))
+    summary = build_summary(run, methods_from_run(run, cfg), cfg)
     path = write_report(run, summary, title=f"ERPD run `{cfg.run_dir}`", kl=kl or cfg.logging.report_kl)
     return path, summary
 
 
 def compare_table(summaries: dict[str, dict]) -> str:
-    """One markdown table: every method of every run, with its gain over its run's base."""
-    lines = ["| run | method | kind | rollouts | steps | AVG@K (last) | vs base | KL/token (last) | best AVG@K (step) |",
+    """Two markdown tables: what each run is (model, train set, eval set), then every method of every run with
+    its gain over its run's base."""
+    lines = ["| run | model | train set | eval set |", "|---|---|---|---|"]
+    for run_name, s in summaries.items():
+        st = s.get("setup") or {}
+        lines.append(f"| {run_name} | {st.get('model', 'n/a')} | {st.get('train', 'n/a')} | "
+                     f"{st.get('eval', 'n/a')} (K = {st.get('eval_k', 'n/a')}) |")
+    lines += ["", "| run | method | kind | rollouts | steps | AVG@K (last) | vs base | KL/token (last) | best AVG@K (step) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for run_name, s in summaries.items():
         base = s["base"]["accuracy"]
@@ -335,6 +489,8 @@ def main_compare(argv: list[str]) -> int:
         for name, d in zip(_run_names(dirs), dirs):
             f = d / "summary.json"
             summaries[name] = load_summary(f) if f.exists() else write_run_report(d)[1]
+            if "setup" not in summaries[name]:  # a summary written before it was recorded
+                summaries[name]["setup"] = run_setup(_load_run_config(d))
     except (FileNotFoundError, ValueError) as e:
         print(f"erpd compare: error: {e}", file=sys.stderr)
         return 2

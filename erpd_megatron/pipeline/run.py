@@ -100,7 +100,8 @@ def print_config(cfg: RunConfig) -> None:
 # function of (seed, step), so the finished steps are the ones an uninterrupted longer run would have made.
 GROWABLE = ("iterations", "teachers.*.steps", "students.*.steps", "onpolicy.steps")
 FREE = ("eval.every", "rollout.sglang_urls", "checkpoint.keep_last",  # what is evaluated / served / kept
-        "model.reuse_engines")  # how policies are built (same results)
+        "model.reuse_engines",  # how policies are built (same results)
+        "rollout.verify_weights", "rollout.verify_weights_seqs", "rollout.verify_weights_tol")  # a check only
 
 
 def _leaf_changes(old, new, path: str = "") -> list[tuple[str, object, object]]:
@@ -173,7 +174,16 @@ def _maybe_torchrun(cfg: RunConfig, argv: list[str], sub: str) -> int | None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
            "-m", "erpd_megatron.cli", sub, *argv]
     log.info("re-launching under torchrun: %s", " ".join(cmd))
-    return subprocess.call(cmd)
+    with subprocess.Popen(cmd) as p:
+        try:
+            return p.wait()
+        except KeyboardInterrupt:  # SIGTERM / SIGINT here (pipeline/stop.py): torchrun stops its ranks on SIGTERM
+            p.terminate()
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+            raise
 
 
 def _pipeline(cfg: RunConfig, stages: tuple[str, ...]) -> dict:
@@ -237,7 +247,7 @@ def _pipeline(cfg: RunConfig, stages: tuple[str, ...]) -> dict:
 
             console.header("report", str(ctx.run.root / "report.md"))
             timing.save(ctx.run.root)  # this invocation's times so far, read back by build_summary
-            summary = build_summary(ctx.run, methods_from_run(ctx.run, cfg))
+            summary = build_summary(ctx.run, methods_from_run(ctx.run, cfg), cfg)
             path = write_report(ctx.run, summary, title=f"ERPD run `{cfg.run_dir}`", kl=cfg.logging.report_kl)
             print(f"report: {path}")
             return summary
@@ -265,32 +275,41 @@ ALL = ("collect", "teacher", "signals", "distill", "onpolicy", "report")
 
 
 def _main(argv, sub: str, stages: tuple[str, ...]) -> int:
+    from erpd_megatron.utils.cli import error_exit, is_user_error
+
     try:  # before any heavy import (the data package pulls in pyarrow): --help / --print-config answer at once
         cfg, ns = parse(argv, f"erpd {sub}", stages=stages)
     except ConfigError as e:
-        print(f"erpd {sub}: error: {e}", file=sys.stderr)
-        return 2
+        return error_exit(f"erpd {sub}", e)
     if ns.print_config:
         print_config(cfg)
         return 0
-    from erpd_megatron.data.prompts import PromptDataError
-    from erpd_megatron.rollout.sglang_http import SGLangError
+    from erpd_megatron.pipeline.stop import Stopped, stop_on_signals
 
     try:
+        from erpd_megatron.pipeline.checks import check_environment
+
+        check_environment(cfg)  # model.fp8 on a machine without CUDA / TE: refused before anything starts
         from erpd_megatron.pipeline.context import setup_logging
 
         setup_logging()
         from erpd_megatron.pipeline.lock import run_dir_lock
 
-        with run_dir_lock(cfg.run_dir):  # one erpd process per run dir (torchrun's ranks share the launcher's)
+        # SIGTERM / SIGINT unwind like an error: the lock is released, the files are as after a kill (stop.py)
+        with stop_on_signals(), run_dir_lock(cfg.run_dir):  # one erpd per run dir (torchrun's ranks: the launcher's)
             rc = _maybe_torchrun(cfg, argv, sub)
             if rc is not None:
                 return rc
             check_resumable(cfg)
             _pipeline(cfg, stages)
-    except (ConfigError, PromptDataError, FileNotFoundError, SGLangError) as e:  # bad input, unreachable server
-        print(f"erpd {sub}: error: {e}", file=sys.stderr)
-        return 2
+    except Stopped as e:
+        print(f"erpd {sub}: stopped by {e}; the run dir is as after a kill: rerun the same command to resume",
+              file=sys.stderr)
+        return e.exit_code
+    except Exception as e:  # bad input, damaged files, a full disk, an unreachable server: one line (utils/cli.py)
+        if not is_user_error(e):
+            raise
+        return error_exit(f"erpd {sub}", e)
     return 0
 
 

@@ -8,6 +8,7 @@ in eval/<method>/. Iteration i > 0 prefixes methods with "it<i>_".
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
@@ -112,9 +113,9 @@ def train_teachers(ctx, iteration: int = 0, only: str | None = None) -> None:
             b["advantages"] = grpo_advantages(batch["rewards"], batch["group_ids"])
         elif t.loss == "ppo":
             b["advantages"] = critic_advantages(ctx, method, t, batch, iteration)
-        policy = train_loop(ctx, method, batch=b, loss_fn=objectives.teacher_objective(t), steps=t.steps,
-                            mini_batch_size=t.mini_batch_size, lr=t.lr, warmup_steps=t.warmup_steps,
-                            save_every=t.save_every, init=init, eval_fn=_eval_fn(ctx, method, iteration,
+        loss_fn = objectives.teacher_objective(t, ctx.cfg.rollout.max_new_tokens)
+        policy = train_loop(ctx, method, batch=b, loss_fn=loss_fn, steps=t.steps, mini_batch_size=t.mini_batch_size,
+                            lr=t.lr, warmup_steps=t.warmup_steps, save_every=t.save_every, init=init, eval_fn=_eval_fn(ctx, method, iteration,
                                                                                  t.init == "base"),
                             step_metrics=_teacher_metrics, early_stop_patience=t.early_stop_patience,
                             keep_steps=teacher_keep_steps(ctx.cfg, name))
@@ -125,11 +126,15 @@ def teacher_keep_steps(cfg, name: str) -> set[int] | None:
     """Checkpoint steps of teacher `name` that later stages read, which `checkpoint.keep_last` must keep: the
     unlearned step and an explicit teacher_step of its students, `init: name@step` of other teachers. None (keep
     all) when a strategy-2 student picks its unlearned checkpoint from the dip among every saved one."""
+    from erpd_megatron.config import checkpoint_ref
+
     keep = set()
     for s in cfg.students.values():
+        if s.unlearned and checkpoint_ref(s.unlearned)[0] == name and checkpoint_ref(s.unlearned)[1] > 0:
+            keep.add(checkpoint_ref(s.unlearned)[1])  # a named unlearned checkpoint (-1, the last, is kept anyway)
         if s.teacher != name or not {1, 2} & set(s.strategies):
             continue
-        if 2 in s.strategies:
+        if 2 in s.strategies and not s.unlearned:
             if s.unlearned_step <= 0:
                 return None
             keep.add(s.unlearned_step)
@@ -138,6 +143,9 @@ def teacher_keep_steps(cfg, name: str) -> set[int] | None:
     for t in cfg.teachers.values():
         if t.init != "base" and t.init.split("@")[0] == name:
             keep.add(int(t.init.split("@")[1]))
+    promoted, step = checkpoint_ref(cfg.iterate.promote) if cfg.iterate.promote else ("", -1)
+    if promoted == name and step > 0:  # a promoted teacher checkpoint is the next iteration's base
+        keep.add(step)
     return keep
 
 
@@ -152,7 +160,7 @@ def critic_advantages(ctx, method: str, t, batch: dict, iteration: int):
     ck = ctx.run.ckpt(method + "_critic")
     ctx.drop_idle()  # peak memory: the critic alone, as without engine reuse (the pool keeps idle policies)
     critic = ValueEngine(ctx.model_cfg, ctx.par, OptimConfig(lr=t.critic_lr, min_lr=t.critic_lr,
-                         micro_batch_size=ctx.cfg.model.micro_batch_size), seed=ctx.cfg.seed)
+                         micro_batch_size=ctx.cfg.model.micro_batch_size), ctx.build_opts(), seed=ctx.cfg.seed)
     if (ck / "latest").exists():
         critic.load(str(ck))
     else:
@@ -206,6 +214,18 @@ def dip_step(pos_logprob: dict[int, float]) -> int:
     if not pos_logprob:
         raise ValueError("no candidate checkpoint for the unlearned policy")
     return min(sorted(pos_logprob), key=lambda s: pos_logprob[s])
+
+
+def unlearned_ref(ctx, student, iteration: int) -> tuple[str, int]:
+    """Strategy 2's pi_U as (method, step): the checkpoint `student.unlearned` names ("<teacher>@<step>", a run of its
+    own; no step = that run's last), or else `unlearned_step` of the student's own teacher run."""
+    if student.unlearned:
+        from erpd_megatron.config import checkpoint_ref
+
+        name, step = checkpoint_ref(student.unlearned)
+        um = method_name(name, iteration)
+        return um, step if step > 0 else final_step(ctx.run.ckpt(um), ctx.cfg.teachers[name].steps)
+    return method_name(student.teacher, iteration), unlearned_step(ctx, student, iteration)
 
 
 def unlearned_step(ctx, student, iteration: int) -> int:
@@ -262,9 +282,8 @@ def signal_columns(ctx, student, iteration: int) -> dict[str, tuple]:
         step = _teacher_step(ctx, student, iteration)
         cols[_lp_column(tm, step)] = ("teacher", ckpt_at(ctx, tm, step))
     if 2 in student.strategies:
-        tm = method_name(student.teacher, iteration)
-        u = unlearned_step(ctx, student, iteration)
-        cols[_lp_column(tm, u)] = ("unlearned", ckpt_at(ctx, tm, u))
+        um, u = unlearned_ref(ctx, student, iteration)
+        cols[_lp_column(um, u)] = ("unlearned", ckpt_at(ctx, um, u))
     if 3 in student.strategies:
         import hashlib
 
@@ -273,7 +292,8 @@ def signal_columns(ctx, student, iteration: int) -> dict[str, tuple]:
 
 
 def compute_signals(ctx, iteration: int = 0) -> None:
-    """Precompute every needed log-prob column once (stage 2 never loads a teacher)."""
+    """Precompute every needed log-prob column once (stage 2 never loads a teacher), and for strategy 2 the
+    positives' / negatives' log-prob at every checkpoint of both ends' runs (`logprob_curves`)."""
     store = RolloutStore(ctx.run.rollouts)
     for student in ctx.cfg.students.values():
         for col, (_, path) in signal_columns(ctx, student, iteration).items():
@@ -281,6 +301,53 @@ def compute_signals(ctx, iteration: int = 0) -> None:
                 policy = ctx.new_policy(init=path)
                 add_policy_logprobs(ctx, store, iteration, col, policy)
                 ctx.release(policy)
+    from erpd_megatron.config import checkpoint_ref
+
+    runs = {}  # method -> teacher config name, for every run at either end of a strategy-2 ratio
+    for student in ctx.cfg.students.values():
+        if 2 in student.strategies:
+            runs[method_name(student.teacher, iteration)] = student.teacher
+            u = checkpoint_ref(student.unlearned)[0] if student.unlearned else student.teacher
+            runs[method_name(u, iteration)] = u
+    for method, teacher in runs.items():
+        logprob_curve(ctx, method, teacher, iteration)
+
+
+def logprob_curve(ctx, method: str, teacher: str, iteration: int) -> dict:
+    """Paper Fig. 5 / Fig. 9 view of a stage-1 run: the mean token log-prob of the fixed batch's positive and
+    negative samples at each saved checkpoint (step 0 = the base), computed on the whole batch (not a training
+    mini-batch) and written to iter_<i>/logprobs_<method>.json once. The columns stay in the store."""
+    import json
+
+    from erpd_megatron.algorithms.metrics import logprob_by_outcome
+    from erpd_megatron.utils.io import atomic_write_json
+
+    record = ctx.run.root / f"iter_{iteration}" / f"logprobs_{method}.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    t = ctx.cfg.teachers[teacher]
+    top = final_step(ctx.run.ckpt(method), t.steps)
+    store = RolloutStore(ctx.run.rollouts)
+    have = store.per_token_columns(iteration)
+    # checkpoint.keep_last may have pruned some: the curve covers the steps still on disk (or already computed)
+    steps = [st for st in sorted({*range(t.save_every, top + 1, t.save_every), top})
+             if _lp_column(method, st) in have or ckpt_at(ctx, method, st).exists()]
+    for step in steps:
+        if _lp_column(method, step) not in store.per_token_columns(iteration):
+            policy = ctx.new_policy(init=ckpt_at(ctx, method, step))
+            add_policy_logprobs(ctx, store, iteration, _lp_column(method, step), policy)
+            ctx.release(policy)
+    batch = load_batch(ctx, store, iteration, [_lp_column(method, s) for s in steps])
+    cols = {0: batch["old_logprobs"], **{s: batch[_lp_column(method, s)] for s in steps}}
+    curve = {}
+    for s, lp in cols.items():
+        by = logprob_by_outcome(lp, batch["response_mask"], batch["rewards"])
+        curve[str(s)] = {"pos": by["pos_logprob"], "neg": by["neg_logprob"]}
+    out = {"method": method, "loss": t.loss, "lr": t.lr, "negative_weight": t.negative_weight, "curve": curve}
+    if ctx.is_main:
+        atomic_write_json(record, out)
+    ctx.barrier()
+    return out
 
 
 def build_signals(ctx, student, batch: dict, iteration: int) -> list[torch.Tensor]:
@@ -340,23 +407,38 @@ def train_students(ctx, iteration: int = 0, only: str | None = None) -> None:
 
 
 def promote_student(ctx, iteration: int) -> dict:
-    """Choose the next iteration's base: `iterate.promote` (default: the first student), or `iterate.fallback`
-    when that student's teacher gained less than `iterate.min_teacher_gain` over the base; then optionally
-    `iterate.online_steps` on-policy steps from it (online / offline switching). Returns the bookkeeping."""
-    from erpd_megatron.utils.io import atomic_write_json
-
+    """Choose the next iteration's base: `iterate.promote` (default: the first student; a teacher "<name>[@<step>]"
+    promotes the teacher itself, without distillation, the paper's Table 2 (a) / (b) control), or
+    `iterate.fallback` when that student's teacher gained less than `iterate.min_teacher_gain` over the base; then
+    optionally `iterate.online_steps` on-policy steps from it (online / offline switching). Returns the bookkeeping."""
     it = ctx.cfg.iterate
     name = it.promote or next(iter(ctx.cfg.students))
     reason = "configured"
-    if it.fallback and it.min_teacher_gain > 0:
+    if name in ctx.cfg.students and it.fallback and it.min_teacher_gain > 0:
         base = ctx.run.eval_results(method_name("base", iteration))[0]["avg_at_k"]
         teacher = ctx.run.eval_results(method_name(ctx.cfg.students[name].teacher, iteration))
         gain = max(r["avg_at_k"] for r in teacher.values()) - base
         if gain < it.min_teacher_gain:
             name, reason = it.fallback, f"teacher gain {gain:+.3f} < {it.min_teacher_gain}: fallback"
-    method = method_name(name, iteration)
-    path = ckpt_at(ctx, method, final_step(ctx.run.ckpt(method), ctx.cfg.students[name].steps))
-    info = {"student": method, "reason": reason, "checkpoint": str(path)}
+    if name in ctx.cfg.students:
+        method = method_name(name, iteration)
+        path = ckpt_at(ctx, method, final_step(ctx.run.ckpt(method), ctx.cfg.students[name].steps))
+        return _promote(ctx, iteration, {"student": method, "reason": reason, "checkpoint": str(path)})
+    from erpd_megatron.config import checkpoint_ref
+
+    run, step = checkpoint_ref(name)  # the teacher itself (validated: a configured teacher, a saved step)
+    method = method_name(run, iteration)
+    step = step if step > 0 else final_step(ctx.run.ckpt(method), ctx.cfg.teachers[run].steps)
+    return _promote(ctx, iteration, {"teacher": method, "step": step, "reason": reason + " (teacher itself)",
+                                     "checkpoint": str(ckpt_at(ctx, method, step))})
+
+
+def _promote(ctx, iteration: int, info: dict) -> dict:
+    """Record the next base (`info["checkpoint"]`), after the optional online phase from it."""
+    from erpd_megatron.utils.io import atomic_write_json
+
+    it = ctx.cfg.iterate
+    path = Path(info["checkpoint"])
     if it.online_steps:
         online = method_name(f"online_{iteration}", iteration)
         train_onpolicy(ctx, iteration, init=path, steps=it.online_steps, method=online)
@@ -408,7 +490,8 @@ def train_onpolicy(ctx, iteration: int = 0, init=None, steps: int | None = None,
     from erpd_megatron.config import TeacherConfig
 
     t = TeacherConfig(loss=o.loss)  # agg "auto": sapo seq-mean-token-mean, grpo / ppo / cispo token-mean
-    policy = train_loop(ctx, method, batch=None, next_batch=next_batch, loss_fn=objectives.onpolicy_objective(o, t),
+    loss_fn = objectives.onpolicy_objective(o, t, ctx.cfg.rollout.max_new_tokens)
+    policy = train_loop(ctx, method, batch=None, next_batch=next_batch, loss_fn=loss_fn,
                         steps=steps, mini_batch_size=o.prompts_per_step * ctx.cfg.rollout.n_samples, lr=o.lr,
                         save_every=1, eval_every=max(1, steps // 4), init=init or ctx.base_ckpt(iteration),
                         eval_fn=_eval_fn(ctx, method, iteration, True))

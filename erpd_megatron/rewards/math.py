@@ -200,12 +200,25 @@ def score(response: Any, gold: Any, mode: Mode = "loose", timeout_s: float = 5.0
 # ----------------------------------------------------------------------------- worker pool
 
 
-def _worker_main(conn, soft_timeout_s: float) -> None:
-    """Spawned worker: import + warm up math-verify, say 'ready', then score items until EOF/None."""
+def _math_scorer(args: tuple, soft_timeout_s: float) -> tuple[float, str | None]:
+    value, timed_out = _score_with_alarm(*args, soft_timeout_s)
+    return value, "timeout" if timed_out else None
+
+
+def _worker_main(conn, soft_timeout_s: float, custom: str | None = None) -> None:
+    """Spawned worker: build its scorer (math-verify, warmed up; or the custom reward `custom`, see
+    rewards/custom.py), say 'ready', then score items until EOF/None. An item is (index, args); the answer is
+    (value, outcome) with outcome None, "timeout" or the failure's reason."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     _quiet_math_verify()
     try:
-        _score_with_alarm("\\boxed{\\frac{1}{2}}", "0.5", "loose", 30.0)  # lazy imports (antlr, sympy)
+        if custom is None:
+            _score_with_alarm("\\boxed{\\frac{1}{2}}", "0.5", "loose", 30.0)  # lazy imports (antlr, sympy)
+            scorer = _math_scorer
+        else:
+            from erpd_megatron.rewards.custom import worker_scorer
+
+            scorer = worker_scorer(custom)
         conn.send(("ready", None, None))
         parent = os.getppid()
         while True:
@@ -216,9 +229,8 @@ def _worker_main(conn, soft_timeout_s: float) -> None:
             msg = conn.recv()
             if msg is None:
                 return
-            idx, response, gold, mode = msg
-            value, timed_out = _score_with_alarm(response, gold, mode, soft_timeout_s)
-            conn.send(("done", idx, (value, timed_out)))
+            idx, args = msg
+            conn.send(("done", idx, scorer(args, soft_timeout_s)))
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return
 
@@ -240,10 +252,13 @@ class BatchStats:
     items: int = 0
     soft_timeouts: int = 0  # worker's own deadline fired: scored 0, worker kept
     killed: int = 0  # worker overran the hard deadline (or died): killed, replaced, item scored 0
+    errors: dict[str, int] = field(default_factory=dict)
+    """items whose scorer failed (scored 0), by reason: an exception's class name, "bad return" (custom reward)"""
 
 
-class MathReward:
-    """Batch math-verify reward over a small spawn-context process pool.
+class RewardPool:
+    """A small spawn-context process pool that scores items under a per-item wall-clock deadline; the shared
+    machinery of MathReward and rewards/custom.py's CustomReward (`custom`: its "module:function" spec).
 
     `timeout_s` is the wall-clock budget per item, measured from the moment a ready worker gets it:
     past it the parent kills the worker and starts a new one. `soft_timeout_s` (default 0.8 * timeout_s)
@@ -252,35 +267,35 @@ class MathReward:
     Scripts using it need the usual `if __name__ == "__main__":` guard (spawn re-imports __main__).
     """
 
+    what = "reward"
+
     def __init__(
         self,
         num_workers: int = 2,
         timeout_s: float = 5.0,
-        mode: Mode = "loose",
         soft_timeout_s: float | None = None,
         startup_timeout_s: float = 180.0,
+        custom: str | None = None,
     ):
-        if mode not in MODES:
-            raise ValueError(f"reward mode must be one of {MODES}, got {mode!r}")
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.num_workers = num_workers
         self.timeout_s = float(timeout_s)
-        self.mode: Mode = mode
         self.soft_timeout_s = _SOFT_FRACTION * self.timeout_s if soft_timeout_s is None else float(soft_timeout_s)
         self.startup_timeout_s = startup_timeout_s
+        self.custom = custom
         self.last_stats = BatchStats()
         self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker] = []
         self._closed = False
 
     # -- lifecycle
-    def start(self) -> MathReward:
+    def start(self):
         """Start the workers now (otherwise the first `score_batch` does)."""
         if self._closed:
-            raise RuntimeError("MathReward is closed")
+            raise RuntimeError(f"{type(self).__name__} is closed")
         while len(self._workers) < self.num_workers:
             self._workers.append(self._spawn())
         return self
@@ -288,7 +303,8 @@ class MathReward:
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
-            target=_worker_main, args=(child, self.soft_timeout_s), daemon=True, name="erpd-math-reward"
+            target=_worker_main, args=(child, self.soft_timeout_s, self.custom), daemon=True,
+            name=f"erpd-{self.what.replace(' ', '-')}"
         )
         proc.start()
         child.close()
@@ -320,7 +336,7 @@ class MathReward:
             self._kill(w)
         self._workers = []
 
-    def __enter__(self) -> MathReward:
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -333,11 +349,9 @@ class MathReward:
             pass
 
     # -- scoring
-    def score_batch(self, responses: list[Any], golds: list[Any]) -> list[float]:
-        """Score responses[i] against golds[i]; returns floats in {0.0, 1.0}, in order."""
-        if len(responses) != len(golds):
-            raise ValueError(f"score_batch: {len(responses)} responses but {len(golds)} golds")
-        n = len(responses)
+    def score_items(self, items: list[tuple]) -> list[float]:
+        """Score every item (the scorer's argument tuple) in the pool; floats in order, 0.0 for any failure."""
+        n = len(items)
         if n == 0:
             return []
         self.start()
@@ -349,14 +363,8 @@ class MathReward:
             for w in self._workers:  # hand out work to idle, ready workers
                 if w.ready and w.item is None and pending:
                     i = pending.popleft()
-                    msg = (
-                        i,
-                        _coerce_text(responses[i], MAX_RESPONSE_CHARS, "tail"),
-                        _coerce_text(golds[i], MAX_GOLD_CHARS, "head"),
-                        self.mode,
-                    )
                     try:
-                        w.conn.send(msg)
+                        w.conn.send((i, items[i]))
                     except (OSError, BrokenPipeError):
                         pending.appendleft(i)
                         self._replace(w, stats, count=False)
@@ -370,6 +378,9 @@ class MathReward:
             for w in list(self._workers):
                 self._poll(w, results, stats, now)
         self.last_stats = stats
+        if stats.errors:
+            logger.warning("%s: %d of %d items failed and scored 0 (%s)", self.what, sum(stats.errors.values()), n,
+                           ", ".join(f"{k}: {v}" for k, v in sorted(stats.errors.items())))
         return results
 
     def _poll(self, w: _Worker, results: list[float], stats: BatchStats, now: float) -> None:
@@ -379,9 +390,12 @@ class MathReward:
                 if kind == "ready":
                     w.ready = True
                 elif kind == "done" and idx == w.item:
-                    value, timed_out = payload
+                    value, outcome = payload
                     results[idx] = float(value)
-                    stats.soft_timeouts += int(timed_out)
+                    if outcome == "timeout":
+                        stats.soft_timeouts += 1
+                    elif outcome:
+                        stats.errors[outcome] = stats.errors.get(outcome, 0) + 1
                     w.item = None
         except (EOFError, OSError):
             self._replace(w, stats)  # died (OOM kill, segfault): its item stays 0
@@ -391,20 +405,48 @@ class MathReward:
         elif not w.ready and not w.proc.is_alive():
             self._replace(w, stats, count=False, startup_failure=True)
         elif not w.ready and now - w.started_at > self.startup_timeout_s:
-            raise RuntimeError(f"math reward worker did not start within {self.startup_timeout_s:.0f} s")
+            raise RuntimeError(f"{self.what} worker did not start within {self.startup_timeout_s:.0f} s")
 
     def _replace(self, w: _Worker, stats: BatchStats, count: bool = True, startup_failure: bool = False) -> None:
         if startup_failure:
             code = w.proc.exitcode
             self._kill(w)
             raise RuntimeError(
-                f"math reward worker exited during start-up (exit code {code}); "
+                f"{self.what} worker exited during start-up (exit code {code}); "
                 "is math-verify installed, and does the calling script have a __main__ guard?"
             )
         self._kill(w)
         if count:
             stats.killed += 1
         self._workers[self._workers.index(w)] = self._spawn()
+
+
+class MathReward(RewardPool):
+    """Batch math-verify reward over a RewardPool (see there for the timeouts)."""
+
+    what = "math reward"
+
+    def __init__(
+        self,
+        num_workers: int = 2,
+        timeout_s: float = 5.0,
+        mode: Mode = "loose",
+        soft_timeout_s: float | None = None,
+        startup_timeout_s: float = 180.0,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"reward mode must be one of {MODES}, got {mode!r}")
+        super().__init__(num_workers, timeout_s, soft_timeout_s, startup_timeout_s)
+        self.mode: Mode = mode
+
+    def score_batch(self, responses: list[Any], golds: list[Any]) -> list[float]:
+        """Score responses[i] against golds[i] (a gold answer, or a data.prompts.Prompt: its `answer`); returns
+        floats in {0.0, 1.0}, in order."""
+        if len(responses) != len(golds):
+            raise ValueError(f"score_batch: {len(responses)} responses but {len(golds)} golds")
+        return self.score_items([(_coerce_text(r, MAX_RESPONSE_CHARS, "tail"),
+                                  _coerce_text(getattr(g, "answer", g), MAX_GOLD_CHARS, "head"), self.mode)
+                                 for r, g in zip(responses, golds)])
 
 
 def make_reward(mode: Mode = "loose", num_workers: int = 2, timeout_s: float = 5.0) -> MathReward:

@@ -127,6 +127,13 @@ class RolloutEngine(abc.ABC):
     def update_weights(self, buckets: Iterable[WeightBucket], version: int | str | None = None) -> None:
         """Load HF-named full tensors, one bucket at a time; afterwards samples carry ``version``."""
 
+    @abc.abstractmethod
+    def score_logprobs(self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int],
+                       temperature: float = 1.0) -> list[list[float]]:
+        """Teacher-forced log-probs of the current weights: for each sequence, ``log softmax(logits / T)`` of its
+        tokens at positions ``prompt_lens[k]`` .. ``len - 1`` given the tokens before them (the weights-arrived
+        guard, ``rollout/weight_check.py``, compares them with the trainer's). ``prompt_lens[k] >= 1``."""
+
     def release_memory(self) -> None:  # noqa: B027 - optional for engines without accelerator memory
         """Free accelerator memory (weights + KV cache) so a colocated trainer can use it."""
 
@@ -150,3 +157,12 @@ class RolloutEngine(abc.ABC):
 def expand_requests(num_prompts: int, sampling: SamplingParams) -> list[tuple[int, int]]:
     """The (prompt_index, sample_index) pairs of one ``generate`` call, in output order."""
     return [(i, j) for i in range(num_prompts) for j in range(sampling.n)]
+
+
+def check_score_args(sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> None:
+    """``score_logprobs``' arguments: one prompt length per sequence, each in [1, len(sequence)]."""
+    if len(sequences) != len(prompt_lens):
+        raise ValueError(f"score_logprobs: {len(sequences)} sequences but {len(prompt_lens)} prompt lengths")
+    for k, (s, p) in enumerate(zip(sequences, prompt_lens)):
+        if not 1 <= int(p) <= len(s):
+            raise ValueError(f"score_logprobs: sequence {k} has {len(s)} tokens, prompt_len {p} is not in [1, {len(s)}]")

@@ -28,6 +28,7 @@ from erpd_megatron.rollout.engine import (
     Sample,
     SamplingParams,
     WeightBucket,
+    check_score_args,
     derive_seed,
     expand_requests,
 )
@@ -192,6 +193,25 @@ class LocalEngine(RolloutEngine):
         out = torch.zeros(input_ids.shape, dtype=torch.float32, device=self.device)
         out[:, 1:] = lp
         return out * attention_mask
+
+    @torch.no_grad()
+    def score_logprobs(self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int],
+                       temperature: float = 1.0) -> list[list[float]]:
+        """See ``RolloutEngine.score_logprobs``: one right-padded forward (``compute_logprobs``)."""
+        check_score_args(sequences, prompt_lens)
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, s in enumerate(sequences):
+            ids[r, :len(s)] = torch.tensor([int(t) for t in s], dtype=torch.long)
+            mask[r, :len(s)] = 1
+        lp = self.compute_logprobs(ids, mask, temperature).cpu()
+        return [lp[r, int(p):len(s)].tolist() for r, (s, p) in enumerate(zip(sequences, prompt_lens))]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's parameter dtype (the weight check's tolerance depends on it)."""
+        return next(self.model.parameters()).dtype
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()

@@ -48,7 +48,14 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from erpd_megatron.rollout import sglang_wire
-from erpd_megatron.rollout.engine import RolloutEngine, Sample, SamplingParams, derive_seed, expand_requests
+from erpd_megatron.rollout.engine import (
+    RolloutEngine,
+    Sample,
+    SamplingParams,
+    check_score_args,
+    derive_seed,
+    expand_requests,
+)
 from erpd_megatron.rollout.sglang_http import (  # noqa: F401 - re-exported
     NotFound,
     RetryableGeneration,
@@ -478,6 +485,51 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
                       api_key=self.api_key)
         except SGLangError:
             pass
+
+    # ------------------------------------------------------------------ scoring (the weights-arrived guard)
+    def score_logprobs(self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int],
+                       temperature: float = 1.0) -> list[list[float]]:
+        """See ``RolloutEngine.score_logprobs``. One ``POST /generate`` per sequence: ``input_ids``,
+        ``sampling_params.max_new_tokens = 0`` (prefill only), ``return_logprob`` and ``logprob_start_len =
+        prompt_len - 1``. sglang 0.5.23 answers ``meta_info.input_token_logprobs``, one ``[logprob, token_id, text]``
+        per input token from ``logprob_start_len`` on, the first one's logprob None
+        (managers/scheduler_components/logprob_result_processor.py: ``[None] + input_token_logprobs[:-1]``): entries
+        1.. are the tokens from ``prompt_len`` on. Their token ids are checked against the sequence. Sequence k goes
+        to live server k mod (live servers), so with as many sequences as servers every server is checked. sglang
+        computes prompt log-probs from untempered logits (layers/logprob_processor.py): temperature must be 1."""
+        self._check_open()
+        check_score_args(sequences, prompt_lens)
+        if temperature != 1.0:
+            raise ValueError("SGLangEngine.score_logprobs: sglang computes prompt log-probs from untempered logits; "
+                             f"temperature must be 1, got {temperature}")
+        live = self._live()
+        if not live:
+            raise RolloutError("no live SGLang server")
+        self._resume_released(MEMORY_TAGS)
+        try:
+            return [self._score_one(live[k % len(live)], [int(t) for t in seq], int(p), k)
+                    for k, (seq, p) in enumerate(zip(sequences, prompt_lens))]
+        finally:
+            if self.offload_tags and not self._closed:  # colocated: hand the memory back to the trainer
+                self.release_memory(self.offload_tags)
+
+    def _score_one(self, s: _Server, seq: list[int], prompt_len: int, k: int) -> list[float]:
+        body = {"rid": f"erpd{os.getpid()}-score{k}-{uuid.uuid4().hex[:6]}", "input_ids": seq,
+                "sampling_params": {"max_new_tokens": 0, "temperature": 1.0}, "return_logprob": True,
+                "logprob_start_len": prompt_len - 1, "stream": False}
+        where = f"{s.url}/generate (scoring sequence {k})"
+        status, data = http_json(s.url, "POST", "/generate", body, timeout=self.request_timeout, api_key=self.api_key)
+        if status != 200:
+            raise SGLangError(f"{where}: HTTP {status}: {data}")
+        entries = (data.get("meta_info") or {}).get("input_token_logprobs") if isinstance(data, dict) else None
+        if not isinstance(entries, list):
+            raise SGLangError(f"{where}: no meta_info.input_token_logprobs in the answer: {str(data)[:300]}")
+        want = seq[prompt_len - 1:]
+        got = [int(e[1]) for e in entries]
+        if got != want or any(e[0] is None for e in entries[1:]):
+            raise SGLangError(f"{where}: input_token_logprobs holds tokens {got[:8]}... ({len(got)}), expected "
+                              f"{want[:8]}... ({len(want)}) with a log-prob from the second on")
+        return [float(e[0]) for e in entries[1:]]
 
     # ------------------------------------------------------------------ control calls
     def pause(self) -> None:

@@ -231,6 +231,8 @@ class WeightUpdates:
         non-weight files of ``disk_template_dir`` (config, tokenizer) into ``disk_dir/v{version}``."""
         from safetensors.torch import save_file
 
+        from erpd_megatron.utils.io import copy_file, follow_umask
+
         out = Path(self.disk_dir) / f"v{version}"
         if out.exists():
             shutil.rmtree(out)
@@ -239,13 +241,14 @@ class WeightUpdates:
             for f in Path(self.disk_template_dir).iterdir():
                 if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".pt")) \
                         and f.name != "model.safetensors.index.json":
-                    shutil.copy2(f, out / f.name)
+                    copy_file(f, out / f.name)  # the umask's mode (run-dir rule), not the template's
         weight_map, total = {}, 0
         for k, bucket in enumerate(buckets):
             if not bucket:
                 continue
             fname = f"model-{k:05d}.safetensors"
             save_file({n: t.detach().contiguous().cpu() for n, t in bucket}, str(out / fname))
+            follow_umask(out / fname)  # safetensors creates its files 0600
             for n, t in bucket:
                 weight_map[n] = fname
                 total += t.numel() * t.element_size()

@@ -109,6 +109,15 @@ def heldout_pool(task: ToyTask = ToyTask()) -> list[Problem]:
     return list(_all_problems(task, heldout=True))
 
 
+def pool_size(split: str, task: ToyTask = ToyTask()) -> int:
+    """How many distinct problems `train_problems` / `eval_problems` / `validation_problems` ("train", "eval",
+    "validation") can return: asking for more is a ValueError."""
+    if split == "train":
+        return len(train_pool(task))
+    held = heldout_pool(task)
+    return sum(is_validation(p) == (split == "validation") for p in held)
+
+
 def _sample(pool: list[Problem], n: int, rng: random.Random, what: str) -> list[Problem]:
     if n > len(pool):
         raise ValueError(f"{what}: asked for {n} distinct problems, the task has only {len(pool)}")

@@ -32,9 +32,11 @@ from pathlib import Path
 
 import torch
 
+from erpd_megatron.toy import chain as chain_task
 from erpd_megatron.toy import task as toy_task
 from erpd_megatron.toy.sampling import generate, quiet_math_verify, score
 from erpd_megatron.toy.tokenizer import VOCAB, build_tokenizer
+from erpd_megatron.utils.io import copy_file, follow_umask
 
 WARMUP_JSON = "warmup.json"
 # Bumped when the recipe changes in a way the config dict does not capture (invalidates caches).
@@ -113,6 +115,37 @@ class WarmupConfig:
     model: dict = field(default_factory=dict)  # overrides of toy_model_config()
     schedule: str = "cosine"  # "cosine" (decay to min_lr_ratio) or "constant" (after the linear warm-up)
     recipe_version: int = RECIPE_VERSION
+    task: str = "toy"  # "toy" (a*b+c, toy/task.py) or "long" (chained arithmetic, toy/chain.py)
+
+
+def config_dict(cfg: WarmupConfig) -> dict:
+    """The cache key's content: every field, except `task` when it is "toy" (so bases cached before the long
+    task existed stay valid)."""
+    d = json.loads(json.dumps(asdict(cfg)))
+    if d.get("task") == "toy":
+        d.pop("task")
+    return d
+
+
+# Per task: (draw n training problems from an rng, held-out test problems, response cap in tokens).
+def _toy_train(rng: random.Random, n: int):
+    pool = toy_task.train_pool()
+    return [pool[rng.randrange(len(pool))] for _ in range(n)]
+
+
+def _long_train(rng: random.Random, n: int):
+    out = []
+    while len(out) < n:  # fresh problems, the training partition only
+        p = chain_task.random_problem(rng)
+        if not chain_task.is_heldout(p):
+            out.append(p)
+    return out
+
+
+TASKS = {
+    "toy": (_toy_train, toy_task.eval_problems, 40),
+    "long": (_long_train, chain_task.eval_problems, chain_task.ChainTask().max_response_tokens),
+}
 
 
 # The demo's base (docs/toy_task.md, DESIGN.md section 7): 3 layers, hidden 128, warmed at a CONSTANT lr.
@@ -121,6 +154,10 @@ class WarmupConfig:
 DEMO_MODEL = {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2, "head_dim": 32,
               "intermediate_size": 384}
 DEMO_BASE = WarmupConfig(steps=300, lr=2e-3, schedule="constant", model=DEMO_MODEL)
+# The long task's base (docs/toy_task.md, "The long task"): the demo's architecture with room for ~170-token
+# sequences, warmed at a constant lr and stopped mid-curve, where T = 1 accuracy is well below greedy.
+LONG_MODEL = {**DEMO_MODEL, "max_position_embeddings": 256}
+LONG_BASE = WarmupConfig(steps=300, lr=2e-3, schedule="constant", model=LONG_MODEL, batch_size=64, task="long")
 
 
 def _lr_at(step: int, cfg: WarmupConfig) -> float:
@@ -203,13 +240,16 @@ def _cached(out: Path, cfg: WarmupConfig) -> dict | None:
         data = json.loads(meta.read_text())
     except json.JSONDecodeError:
         return None
-    return data if data.get("config") == json.loads(json.dumps(asdict(cfg))) else None
+    return data if data.get("config") == config_dict(cfg) else None
 
 
 def warmup(out_dir: str | Path, cfg: WarmupConfig = WarmupConfig(), *, force: bool = False, log=_print) -> dict:
     """Train (or find cached) the toy base model in ``out_dir``; returns the warmup.json contents."""
     if cfg.schedule not in ("cosine", "constant"):
         raise ValueError(f"WarmupConfig.schedule: expected 'cosine' or 'constant', got {cfg.schedule!r}")
+    if cfg.task not in TASKS:
+        raise ValueError(f"WarmupConfig.task: expected one of {sorted(TASKS)}, got {cfg.task!r}")
+    draw_train, draw_eval, max_new = TASKS[cfg.task]
     out = Path(out_dir)
     if not force and (hit := _cached(out, cfg)) is not None:
         log(f"[toy.warmup] cached: {out} (acc T=1 {hit['final']['acc_t1']:.3f}, greedy {hit['final']['acc_greedy']:.3f})")
@@ -217,8 +257,7 @@ def warmup(out_dir: str | Path, cfg: WarmupConfig = WarmupConfig(), *, force: bo
     t0, c0 = time.perf_counter(), time.process_time()
     tokenizer = build_tokenizer()
     model_cfg = toy_model_config(**cfg.model)
-    pool = toy_task.train_pool()
-    heldout = toy_task.eval_problems(cfg.eval_prompts, seed=cfg.seed)
+    heldout = draw_eval(cfg.eval_prompts, seed=cfg.seed)
     rng = random.Random(f"toy-warmup-{cfg.seed}")
     curve = []
     with deterministic_cpu():
@@ -233,10 +272,11 @@ def warmup(out_dir: str | Path, cfg: WarmupConfig = WarmupConfig(), *, force: bo
 
         for step in progress(range(cfg.steps), desc="toy warm-up", unit="step"):
             if cfg.eval_every and step % cfg.eval_every == 0:
-                curve.append({"step": step, **evaluate(model, tokenizer, heldout, samples=cfg.eval_samples, seed=cfg.seed),
+                curve.append({"step": step, **evaluate(model, tokenizer, heldout, samples=cfg.eval_samples, seed=cfg.seed,
+                                                      max_new_tokens=max_new),
                               "wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(time.process_time() - c0, 2)})
                 log(f"[toy.warmup] {curve[-1]}")
-            batch = [pool[rng.randrange(len(pool))] for _ in range(cfg.batch_size)]
+            batch = draw_train(rng, cfg.batch_size)
             ids, attn, resp = _batch(*_encode_pairs(tokenizer, batch), tokenizer.pad_token_id)
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)
@@ -249,12 +289,13 @@ def warmup(out_dir: str | Path, cfg: WarmupConfig = WarmupConfig(), *, force: bo
                 log(f"[toy.warmup] step {step} loss {loss.item():.4f} lr {_lr_at(step, cfg):.2e} "
                     f"t {time.perf_counter() - t0:.1f}s cpu {time.process_time() - c0:.1f}s")
         train_s = time.perf_counter() - t0
-        final = {"step": cfg.steps, **evaluate(model, tokenizer, heldout, samples=cfg.eval_samples, seed=cfg.seed),
+        final = {"step": cfg.steps, **evaluate(model, tokenizer, heldout, samples=cfg.eval_samples, seed=cfg.seed,
+                                               max_new_tokens=max_new),
                  "wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(time.process_time() - c0, 2)}
         curve.append(final)
-    _save(model, tokenizer, out)
+    _save(model, tokenizer, out, max_new)
     result = {
-        "config": json.loads(json.dumps(asdict(cfg))),
+        "config": config_dict(cfg),
         "model_config": model_cfg,
         "num_params": sum(p.numel() for p in model.parameters()),
         "final": final,
@@ -273,16 +314,19 @@ def warmup(out_dir: str | Path, cfg: WarmupConfig = WarmupConfig(), *, force: bo
     return result
 
 
-def _save(model, tokenizer, out: Path) -> None:
+def _save(model, tokenizer, out: Path, max_new_tokens: int = 40) -> None:
     from transformers import GenerationConfig
 
     out.mkdir(parents=True, exist_ok=True)
     (out / WARMUP_JSON).unlink(missing_ok=True)  # written last: its presence marks a complete checkpoint
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=40)
+        do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+    for f in out.iterdir():  # safetensors writes 0600: the umask's mode, as every other file of a run dir
+        if f.is_file():
+            follow_umask(f)
 
 
 def cache_root() -> Path | None:
@@ -298,7 +342,7 @@ CACHE_VERSION = 1
 
 
 def cache_key(cfg: WarmupConfig) -> str:
-    blob = json.dumps({"version": CACHE_VERSION, **asdict(cfg)}, sort_keys=True)
+    blob = json.dumps({"version": CACHE_VERSION, **config_dict(cfg)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -315,13 +359,13 @@ def ensure_base_model(out_dir: str | Path, cfg: WarmupConfig = DEMO_BASE, log=_p
         out.mkdir(parents=True, exist_ok=True)
         for f in sorted(shared.iterdir(), key=lambda f: f.name == WARMUP_JSON):  # warmup.json last
             if f.is_file():
-                shutil.copy2(f, out / f.name)
+                copy_file(f, out / f.name)  # this process's umask, not the cache's modes
         log(f"[toy.warmup] copied cached base {shared} -> {out}")
     warmup(out, cfg, log=log)
     if shared is not None and _cached(shared, cfg) is None:
         try:
             tmp = shared.with_name(shared.name + f".tmp{os.getpid()}")
-            shutil.copytree(out, tmp, dirs_exist_ok=True)
+            shutil.copytree(out, tmp, dirs_exist_ok=True, copy_function=copy_file)
             os.replace(tmp, shared)
         except OSError as e:  # a read-only home or a concurrent writer: the run dir copy is enough
             log(f"[toy.warmup] could not fill the shared cache {shared}: {e}")

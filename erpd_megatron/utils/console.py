@@ -25,6 +25,10 @@ def configure(progress: str = "auto", log_every: int = 1) -> None:
     _STATE.update(progress=progress, log_every=max(int(log_every), 1))
     if progress == "never" or (progress == "auto" and not sys.stderr.isatty()):
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:  # imported already: the variable is read too late, say it directly
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
 
 
 def is_main() -> bool:
@@ -96,7 +100,7 @@ def step_line(method: str, step: int, steps: int, metrics: dict, eta_s: float | 
     line = " | ".join(parts)
     seq = metrics.get("policy/kl_fwd_k1_seq_batch")
     if seq is not None and seq < 0:
-        line += f"  (k1 kl/seq {_fmt(seq)} < 0: {NEGATIVE_KL_NOTE})"
+        line += f"  (k1 kl/seq {_fmt(seq)} < 0" + (f": {NEGATIVE_KL_NOTE})" if once(NEGATIVE_KL_NOTE) else ")")
     return line
 
 
@@ -112,9 +116,21 @@ def print_step(method: str, step: int, steps: int, metrics: dict, eta_s: float |
 NEGATIVE_KL_NOTE = "the k1 estimator is unbiased but not >= 0; a small negative value is sampling noise around 0"
 
 
+_NOTED: set[str] = set()
+
+
+def once(note: str) -> bool:
+    """True the first time `note` is asked about in this process (a run), False after: explanations that would
+    repeat on every line (the k1 note on each negative KL) are said once."""
+    if note in _NOTED:
+        return False
+    _NOTED.add(note)
+    return True
+
+
 def kl_note(kl: float | None) -> str:
-    """Suffix for a logged KL value: empty, or a note when the estimate is negative."""
-    return f" ({NEGATIVE_KL_NOTE})" if kl is not None and kl < 0 else ""
+    """Suffix for a logged KL value: the note on negative estimates the first time one shows, else empty."""
+    return f" ({NEGATIVE_KL_NOTE})" if kl is not None and kl < 0 and once(NEGATIVE_KL_NOTE) else ""
 
 
 # ----------------------------------------------------------------------------- logging and warnings

@@ -1,5 +1,5 @@
 """Wall time per pipeline stage (model build, checkpoint load / save, collect, train, signals, eval, weight
-sync), for the run summary.
+sync, the weight check after it), for the run summary.
 
 Sections nest (a teacher's "train" contains its checkpoint saves and evaluations, an evaluation its weight
 push), and each second is charged to the innermost open section only: the stage times are exclusive, so they
@@ -24,7 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 #: the stages the summary lists, in this order (others a caller names are listed after them)
-STAGES = ("model_build", "checkpoint_load", "checkpoint_save", "collect", "train", "signals", "eval", "weight_sync")
+STAGES = ("model_build", "checkpoint_load", "checkpoint_save", "collect", "train", "signals", "eval", "weight_sync",
+          "weight_verify")
 
 
 class StageClock:

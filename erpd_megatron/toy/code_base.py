@@ -1,0 +1,148 @@
+"""Tokenizer and warmed tiny base for the toy code task (`toy/code_task.py`), like `toy/tokenizer.py` + `toy/warmup.py`.
+
+    python -m erpd_megatron.toy.code_base --out runs/toy_code_base [--steps N --seed S]
+
+Tokenizer: character level over the task's alphabet (`0-9 f ( ) = ; x * +`), plus two whole tokens: the program's
+head "```python\\ndef f(x):return " and its closing fence "\\n```". A response is then, e.g.,
+`[HEAD] x * 3 + 1 [CLOSE] <|im_end|>`: the model writes the function body, the sandbox runs the whole program.
+Same special tokens, ids and chat template as the math toy.
+
+Base: the demo's model shape (3 layers, hidden 128) warmed by supervised fine-tuning on train functions at a
+constant lr (`WarmupConfig`, the math toy's recipe and determinism), stopped early enough to leave headroom.
+Its accuracy here is measured WITHOUT running programs: a response counts when it is exactly
+"def f(x):return x*A+B" with the right A and B (for this grammar what the hidden tests decide; an equivalent
+program written another way would count 0 here and 1 in the sandbox, so this is a lower bound). The pipeline
+scores with the real sandbox.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from erpd_megatron.toy import code_task
+from erpd_megatron.toy.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
+from erpd_megatron.toy.warmup import (
+    DEMO_MODEL,
+    WARMUP_JSON,
+    WarmupConfig,
+    _batch,
+    _cached,
+    _lr_at,
+    _prompt_ids,
+    _save,
+    build_model,
+    deterministic_cpu,
+    sft_loss,
+    toy_model_config,
+)
+
+HEAD = "```python\ndef f(x):return "
+CLOSE = "\n```"
+CODE_VOCAB = SPECIAL_TOKENS + list("0123456789") + list("f()=;x*+") + [HEAD, CLOSE]
+VOCAB_SIZE = 32  # padded to a multiple of 8 (TP-friendly), as the math toy's 24
+CODE_BASE = WarmupConfig(steps=300, lr=2e-3, schedule="constant", model={**DEMO_MODEL, "vocab_size": VOCAB_SIZE},
+                         eval_prompts=128, eval_samples=4)
+_BODY_RE = re.compile(r"```python\ndef f\(x\):return x\*(\d+)\+(\d+)\n```\s*$")
+
+
+def build_code_tokenizer():
+    """A `PreTrainedTokenizerFast` for the toy code task (nothing read or fetched)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(CODE_VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(re.escape(HEAD) + "|" + re.escape(CLOSE) + r"|."),
+                                             behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|im_end|>",
+                                 pad_token="<|pad|>", unk_token="<unk>", padding_side="right", model_max_length=64,
+                                 clean_up_tokenization_spaces=False)
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def correct(response: str, p: code_task.CodeProblem) -> bool:
+    m = _BODY_RE.search(response)
+    return m is not None and (int(m.group(1)), int(m.group(2))) == (p.a, p.b)
+
+
+def evaluate(model, tokenizer, problems, *, samples: int, seed: int) -> dict:
+    from erpd_megatron.toy.sampling import generate
+
+    model.eval()
+    prompts = [_prompt_ids(tokenizer, p.problem) for p in problems]
+    eos = tokenizer.eos_token_id
+    t1 = generate(model, prompts * samples, eos_id=eos, temperature=1.0, max_new_tokens=16,
+                  generator=torch.Generator().manual_seed(seed))
+    gr = generate(model, prompts, eos_id=eos, temperature=0.0, max_new_tokens=16)
+    dec = [tokenizer.decode(r, skip_special_tokens=True) for r in t1]
+    acc_t1 = sum(correct(d, p) for d, p in zip(dec, problems * samples)) / len(dec)
+    acc_gr = sum(correct(tokenizer.decode(r, skip_special_tokens=True), p) for r, p in zip(gr, problems)) / len(gr)
+    model.train()
+    return {"acc_t1": acc_t1, "acc_greedy": acc_gr, "n_prompts": len(problems), "samples_t1": samples}
+
+
+def warmup_code_base(out_dir: str | Path, cfg: WarmupConfig = CODE_BASE, log=print) -> Path:
+    """Train (or find cached) the toy code base in `out_dir` (HF checkpoint + tokenizer + warmup.json)."""
+    out = Path(out_dir)
+    if _cached(out, cfg) is not None:
+        return out
+    t0 = time.perf_counter()
+    tokenizer = build_code_tokenizer()
+    model_cfg = toy_model_config(**cfg.model)
+    pool = code_task.train_problems(len([p for p in code_task.all_problems() if not code_task.is_heldout(p)]),
+                                    seed=cfg.seed)
+    heldout = code_task.validation_problems(min(cfg.eval_prompts, 100), seed=cfg.seed)
+    rng = random.Random(f"toy-code-warmup-{cfg.seed}")
+    with deterministic_cpu():
+        model = build_model(model_cfg, seed=cfg.seed)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay,
+                                foreach=False)
+        for step in range(cfg.steps):
+            batch = [pool[rng.randrange(len(pool))] for _ in range(cfg.batch_size)]
+            prompts = [_prompt_ids(tokenizer, p.problem) for p in batch]
+            resp = [tokenizer.encode(p.target, add_special_tokens=False) + [tokenizer.eos_token_id] for p in batch]
+            ids, attn, mask = _batch(prompts, resp, tokenizer.pad_token_id)
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, cfg)
+            loss = sft_loss(model, ids, attn, mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if step % 100 == 0 or step == cfg.steps - 1:
+                log(f"[toy.code_base] step {step} loss {loss.item():.4f} t {time.perf_counter() - t0:.1f}s")
+        final = evaluate(model, tokenizer, heldout, samples=cfg.eval_samples, seed=cfg.seed)
+    _save(model, tokenizer, out)
+    result = {"config": json.loads(json.dumps(dataclasses.asdict(cfg))), "model_config": model_cfg, "final": final,
+              "final_loss": float(loss.item()), "wall_s": round(time.perf_counter() - t0, 2),
+              "note": "validation functions; a response counts when it is exactly def f(x):return x*A+B with the "
+                      "right A, B (no program is run here); the pipeline scores in the sandbox"}
+    (out / WARMUP_JSON).write_text(json.dumps(result, indent=2) + "\n")
+    log(f"[toy.code_base] saved {out}: T=1 {final['acc_t1']:.3f}, greedy {final['acc_greedy']:.3f}, "
+        f"{result['wall_s']:.0f} s")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m erpd_megatron.toy.code_base", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=CODE_BASE.steps)
+    ap.add_argument("--seed", type=int, default=CODE_BASE.seed)
+    ap.add_argument("--lr", type=float, default=CODE_BASE.lr)
+    a = ap.parse_args(argv)
+    warmup_code_base(a.out, dataclasses.replace(CODE_BASE, steps=a.steps, seed=a.seed, lr=a.lr))
+
+
+if __name__ == "__main__":
+    main()
