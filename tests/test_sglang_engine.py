@@ -605,7 +605,7 @@ def test_cpu_launch_flags():
                       cpu_max_total_tokens=2048)
     argv = spec.argv(0)
     assert " ".join(CPU_FLAGS) in " ".join(argv) and argv[argv.index("--max-total-tokens") + 1] == "2048"
-    assert "--mem-fraction-static" in argv
+    assert "--mem-fraction-static" in argv and argv[argv.index("--dtype") + 1] == "float32"
     assert "--enable-memory-saver" not in argv and "--enable-deterministic-inference" not in argv
     assert spec.child_env({"PATH": "/bin"}) == {"PATH": "/bin", "SGLANG_USE_CPU_ENGINE": "1"}
     assert "SGLANG_USE_CPU_ENGINE" not in LaunchSpec(model_path="/m", device="cuda").child_env({})
