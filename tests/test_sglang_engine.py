@@ -609,6 +609,16 @@ def test_cpu_launch_flags():
     assert "--enable-memory-saver" not in argv and "--enable-deterministic-inference" not in argv
     assert spec.child_env({"PATH": "/bin"}) == {"PATH": "/bin", "SGLANG_USE_CPU_ENGINE": "1"}
     assert "SGLANG_USE_CPU_ENGINE" not in LaunchSpec(model_path="/m", device="cuda").child_env({})
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:  # the guard's tolerance follows the dtype the engine fixed
+        eng = SGLangEngine.__new__(SGLangEngine)
+        eng.launch = LaunchSpec(model_path="/m", device="cpu", log_dir=d)
+        assert eng.dtype == torch.float32
+        eng.launch = LaunchSpec(model_path="/m", device="cpu", log_dir=d, extra_args=("--dtype", "bfloat16"))
+        assert eng.dtype == torch.bfloat16
+        eng.launch = LaunchSpec(model_path="/m", device="cuda", log_dir=d)
+        assert eng.dtype is None
     with pytest.raises(ValueError, match="device"):
         LaunchSpec(model_path="/m", device="tpu")
 
