@@ -1,8 +1,9 @@
 """SGLangEngine against tests/fake_sglang_server.py, a subprocess speaking SGLang 0.5.x's wire format.
 
-No real SGLang server runs here (no GPU / sglang kernels on CI). What is real: the HTTP requests and
-their field names, the base64 ForkingPickler payloads with flattened-bucket metadata (decoded by
-sglang's own MultiprocessingSerializer / FlattenedTensorBucket when sglang is importable -- see
+The fast half: the real server runs in tests/test_sglang_real.py (minutes per start on a loaded machine),
+and what it taught is mirrored by the in-test server. What is real here: the HTTP requests and their
+field names, the base64 ForkingPickler payloads with flattened-bucket metadata (decoded by sglang's own
+MultiprocessingSerializer / FlattenedTensorBucket from the CPU SGLang environment --
 ``test_payloads_decode_with_real_sglang``), the gloo broadcast group built like sglang's, process
 restarts.
 """
@@ -604,10 +605,20 @@ def test_cpu_launch_flags():
                       cpu_max_total_tokens=2048)
     argv = spec.argv(0)
     assert " ".join(CPU_FLAGS) in " ".join(argv) and argv[argv.index("--max-total-tokens") + 1] == "2048"
-    assert "--mem-fraction-static" in argv
+    assert "--mem-fraction-static" in argv and argv[argv.index("--dtype") + 1] == "float32"
     assert "--enable-memory-saver" not in argv and "--enable-deterministic-inference" not in argv
     assert spec.child_env({"PATH": "/bin"}) == {"PATH": "/bin", "SGLANG_USE_CPU_ENGINE": "1"}
     assert "SGLANG_USE_CPU_ENGINE" not in LaunchSpec(model_path="/m", device="cuda").child_env({})
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:  # the guard's tolerance follows the dtype the engine fixed
+        eng = SGLangEngine.__new__(SGLangEngine)
+        eng.launch = LaunchSpec(model_path="/m", device="cpu", log_dir=d)
+        assert eng.dtype == torch.float32
+        eng.launch = LaunchSpec(model_path="/m", device="cpu", log_dir=d, extra_args=("--dtype", "bfloat16"))
+        assert eng.dtype == torch.bfloat16
+        eng.launch = LaunchSpec(model_path="/m", device="cuda", log_dir=d)
+        assert eng.dtype is None
     with pytest.raises(ValueError, match="device"):
         LaunchSpec(model_path="/m", device="tpu")
 

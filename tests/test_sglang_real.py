@@ -1,8 +1,8 @@
 """The rollout half against real sglang 0.5.23 servers on CPU (the environment `make sglang-env` builds).
 
 Real here: sglang's HTTP server, tokenizer manager, scheduler and model runner, serving tiny random Qwen3 /
-Llama models saved with ``save_pretrained`` (torch-native layers in place of sglang's kernels, fp32 via
-``--dtype float32`` so that log-probs compare tightly). One server per model for the whole module (each
+Llama models saved with ``save_pretrained`` (torch-native layers in place of sglang's kernels, fp32: the
+CPU launch passes ``--dtype float32``). One server per model for the whole module (each
 start is 17-45 s on idle cores, minutes on loaded ones, ~2.4 GB); the tests run in file order because the
 weight-update tests change what the Qwen3 server holds. Skipped without the environment, failed under
 ``ERPD_REQUIRE_SGLANG=1`` (CI). The in-test server (tests/fake_sglang_server.py) follows what these taught.
@@ -36,12 +36,11 @@ from erpd_megatron.rollout.sglang_engine import LaunchSpec, SGLangEngine, http_j
 pytestmark = pytest.mark.slow
 ATOL = 1e-4
 PROMPTS = [[1, 4, 7, 8, 9], [1, 4, 12], [1, 4, 10, 11, 13, 14, 20]]
-FP32 = ("--dtype", "float32")
 
 
 def launch(model: Path, log_dir: Path, **kw) -> SGLangEngine:
     spec = LaunchSpec(model_path=str(model), python=require_sglang(), base_port=free_port(), log_dir=str(log_dir),
-                      extra_args=FP32, cpu_max_total_tokens=4096)
+                      cpu_max_total_tokens=4096)
     return SGLangEngine(launch=spec, request_timeout=600, control_timeout=600, **kw)
 
 
@@ -116,11 +115,23 @@ def test_scoring_prefill_equals_transformers(qwen3, models):
 
 
 # ---------------------------------------------------------------------- weight updates
+def _guarded(fn) -> dict:
+    from erpd_megatron.rollout.weight_check import WeightSyncMismatch
+
+    try:
+        return {"ok": fn()}
+    except WeightSyncMismatch as e:
+        return {"error": str(e)}
+
+
 def _tp2_push(rank, url, seqs):
-    """TP=2 Megatron (random init, not the served weights) -> the real server through the tensor transport."""
+    """TP=2 Megatron (random init, not the served weights) -> the real server through the tensor transport;
+    then the weights-arrived guard (rollout/weight_check.py) on that server: a correct sync passes, a sync with
+    one tensor altered in flight stops both ranks."""
     from erpd_megatron.megatron.engine import PolicyEngine
     from erpd_megatron.megatron.parallel import ParallelConfig, init_parallel
-    from erpd_megatron.rollout.weight_sync import sync_weights
+    from erpd_megatron.rollout.weight_check import Probe, check_sync
+    from erpd_megatron.rollout.weight_sync import iter_hf_buckets, sync_weights
 
     par = ParallelConfig(tp=2)
     init_parallel(par, seed=11)
@@ -133,24 +144,50 @@ def _tp2_push(rank, url, seqs):
     before = scored(url, seqs) if rank == 0 else None
     t0 = time.perf_counter()
     sync_weights(policy, eng, version=3, receivers="rank0", bucket_bytes=16 * 1024)  # several buckets
-    if rank != 0:
-        return None
     took = time.perf_counter() - t0
-    after = scored(url, seqs)
-    want = [mlp[b, 1:len(s)].tolist() for b, s in enumerate(seqs)]
-    gen = eng.generate(PROMPTS[:1], SamplingParams(n=1, max_new_tokens=2))
-    return {"before": max_diff(before, want), "after": max_diff(after, want), "s": took,
-            "versions": {s.weight_version for s in gen}, "server_versions": {s.info["server_weight_version"] for s in gen}}
+    out = {}
+    if rank == 0:
+        after = scored(url, seqs)
+        want = [mlp[b, 1:len(s)].tolist() for b, s in enumerate(seqs)]
+        gen = eng.generate(PROMPTS[:1], SamplingParams(n=1, max_new_tokens=2))
+        out = {"before": max_diff(before, want), "after": max_diff(after, want), "s": took,
+               "versions": {s.weight_version for s in gen},
+               "server_versions": {s.info["server_weight_version"] for s in gen}}
+    probe = Probe([list(s) for s in seqs], [2] * len(seqs))
+
+    def sync(version, alter=None):
+        buckets = iter_hf_buckets(policy, receivers="rank0", bucket_bytes=16 * 1024)
+        if rank == 0:
+            eng.update_weights((b if alter is None else [(n, alter(n, t)) for n, t in b] for b in buckets),
+                               version=version)
+        else:
+            for _ in buckets:
+                pass
+        return _guarded(lambda: check_sync(policy, eng, probe, sync=version, version=version, is_main=rank == 0,
+                                           engine_dtype=torch.float32))  # what a launched CPU engine reports
+
+    out["guard_ok"] = sync(4)
+    # a random tiny model is nearly uniform: scaling the output layer moves every log-prob
+    out["guard_bad"] = sync(5, lambda n, t: t * 10 if n == "lm_head.weight" else t)
+    out["guard_again"] = sync(6)
+    return out
 
 
 def test_tensor_update_from_tp2_megatron(qwen3):
     """The update session (pause, flush, begin, flattened buckets, end, continue) from a TP = 2 Megatron trainer
-    into the real scheduler: afterwards the served log-probs are Megatron's."""
+    into the real scheduler: afterwards the served log-probs are Megatron's. The weights-arrived guard
+    (score_logprobs through the real server's prefill, fp32 tolerance) passes on a correct sync and stops both
+    ranks on a sync with the output layer scaled in flight."""
     seqs = [p + [5, 6, 7, 3] for p in PROMPTS]
-    r = run_distributed(_tp2_push, world_size=2, args=(qwen3.servers[0].url, seqs), timeout=900)[0]
+    res = run_distributed(_tp2_push, world_size=2, args=(qwen3.servers[0].url, seqs), timeout=900)
+    r = res[0]
     assert r["before"] > 0.05, r  # the served model really was another one
     assert r["after"] < ATOL, r
     assert r["versions"] == {3} and r["server_versions"] == {"3"}, r
+    for rank_out in res:
+        assert "ok" in rank_out["guard_ok"] and "ok" in rank_out["guard_again"], rank_out
+        assert "weight sync #5 (version 5) did not arrive intact" in rank_out["guard_bad"].get("error", ""), rank_out
+    assert r["guard_ok"]["ok"]["max"] < ATOL, r["guard_ok"]
 
 
 def test_update_from_disk(qwen3, models, tmp_path):

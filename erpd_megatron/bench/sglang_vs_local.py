@@ -83,7 +83,7 @@ def run(out_dir, *, repeats: int = 3, prompts: int = 8, n: int = 4, max_new_toke
         nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
         t0 = time.perf_counter()
         spec = LaunchSpec(model_path=str(model_dir), python=python, base_port=_free_port(), log_dir=tmp,
-                          extra_args=("--dtype", "float32"), cpu_max_total_tokens=8192)
+                          cpu_max_total_tokens=8192)
         sgl = SGLangEngine(launch=spec, request_timeout=1800, control_timeout=1800)
         start_s = time.perf_counter() - t0
         local = LocalEngine.from_pretrained(model_dir, max_batch_size=prompts * n)

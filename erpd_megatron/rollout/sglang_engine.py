@@ -311,6 +311,19 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
                  timeout: float | None = None):
         return control(s.url, path, body, method=method, timeout=timeout or self.control_timeout, api_key=self.api_key)
 
+    @property
+    def dtype(self):
+        """The servers' weight dtype when this engine fixed it (``--dtype`` of launched servers: ``cpu_dtype`` on
+        CPU, or one in ``extra_args``), else None (sglang's "auto": unknown here). The weights-arrived guard
+        picks its tolerance from it (None: the loosest, bf16's)."""
+        import torch
+
+        if self.launch is None or self.launch.command is not None:
+            return None
+        args = list(self.launch.argv(0))
+        name = args[len(args) - 1 - args[::-1].index("--dtype") + 1] if "--dtype" in args else None  # the last wins
+        return getattr(torch, name, None) if name and name != "auto" else None
+
     def _server_nccl_version(self, s: _Server) -> str | None:
         """NCCL of a launched server's environment (its interpreter, asked once); None when attached."""
         if self.launch is None or self.launch.command is not None:

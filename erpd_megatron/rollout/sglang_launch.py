@@ -80,6 +80,9 @@ class LaunchSpec:
     """``--max-total-tokens`` on CPU (KV-cache slots; sglang would otherwise size the pool from host memory)."""
     cpu_mem_fraction_static: float = 0.3
     """``--mem-fraction-static`` on CPU when ``mem_fraction_static`` is not given."""
+    cpu_dtype: str | None = "float32"
+    """``--dtype`` on CPU: the trainer's CPU path is fp32, and sglang would serve an fp32 checkpoint in fp16 (its
+    "auto"), beyond the weights-arrived guard's fp32 tolerance. None = sglang's choice."""
 
     def __post_init__(self):
         if not is_loopback(self.host) and not self.api_key:
@@ -111,6 +114,8 @@ class LaunchSpec:
         mem = self.mem_fraction_static
         if self.device == "cpu":
             argv += [*CPU_FLAGS, "--max-total-tokens", str(self.cpu_max_total_tokens)]
+            if self.cpu_dtype:
+                argv += ["--dtype", self.cpu_dtype]
             mem = mem if mem is not None else self.cpu_mem_fraction_static
         if mem is not None:
             argv += ["--mem-fraction-static", str(mem)]
