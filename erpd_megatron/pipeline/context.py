@@ -378,8 +378,13 @@ def load_prompts(cfg: RunConfig, run: RunDir):
 
 def build_context(cfg: RunConfig) -> Context:
     from erpd_megatron.megatron.model import ModelConfig
-    from erpd_megatron.pipeline.checks import (check_dataset_sizes, check_memory, check_prompt_lengths,
-                                               check_tokenizer, load_tokenizer)
+    from erpd_megatron.pipeline.checks import (
+        check_dataset_sizes,
+        check_memory,
+        check_prompt_lengths,
+        check_tokenizer,
+        load_tokenizer,
+    )
 
     run = RunDir(Path(cfg.run_dir))
     if cfg.reward.custom:  # a bad spec fails in one line now, not when the first batch is scored
