@@ -92,6 +92,12 @@ def launch_spec(rollout_cfg, model_path: str, *, log_dir: str | None, api_key: s
                       device=None if g("sglang_device", "auto") == "auto" else g("sglang_device", None))
 
 
+def _set_event() -> threading.Event:
+    e = threading.Event()
+    e.set()
+    return e
+
+
 class RolloutError(RuntimeError):
     """``generate`` could not produce every requested sample."""
 
@@ -114,6 +120,9 @@ class _Server:
     in_group: bool = False
     """Its ranks are members of the current weight-update group (``distributed``)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
+    ready: threading.Event = field(default_factory=lambda: _set_event())
+    """Cleared while the server restarts: workers wait instead of sending requests that fail and use up their
+    retries (found with a real server, whose restart takes minutes on a loaded CPU)."""
 
 
 class SGLangEngine(WeightUpdates, RolloutEngine):
@@ -337,7 +346,14 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
         return [s for s in self.servers if s.alive]
 
     def _recover(self, s: _Server, epoch_seen: int) -> bool:
-        """After a failed call on incarnation ``epoch_seen``: True when the server is usable again."""
+        """After a failed call on incarnation ``epoch_seen``: True when the server is usable again. The caller
+        cleared ``s.ready`` (no worker sends to it meanwhile); it is set again whatever the outcome."""
+        try:
+            return self._recover_locked(s, epoch_seen)
+        finally:
+            s.ready.set()
+
+    def _recover_locked(self, s: _Server, epoch_seen: int) -> bool:
         with s.lock:
             if not s.alive:
                 return False
@@ -414,6 +430,9 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
 
         def worker(s: _Server) -> None:
             while True:
+                while not s.ready.wait(0.5):  # restarting: a request now would fail and count as a retry
+                    if done():
+                        return
                 with cond:
                     while not pending and not done():
                         cond.wait(0.2)
@@ -424,6 +443,7 @@ class SGLangEngine(WeightUpdates, RolloutEngine):
                 try:
                     sample = self._generate_one(s, prompt_ids[key[0]], key, sampling, call)
                 except (ServerUnreachable, RetryableGeneration) as e:
+                    s.ready.clear()  # hold this server's other workers until it is checked / restarted
                     with cond:
                         tries[key] = tries.get(key, 0) + 1
                         if tries[key] > self.max_retries:
