@@ -69,7 +69,7 @@ def test_refused_runs_leave_nothing_behind(tmp_path, demo_cache):
     short = tmp_path / "short.jsonl"
     short.write_text("".join(json.dumps({"problem": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(64)))
     one_line_exit_2(erpd("run", *SMALL, f"run_dir={run}", f"data.train={short}", "data.prompts_per_batch=16",
-                         "iterations=5"), f"data.train: {short} has 64 prompts, fewer than")  # after data/toy_eval
+                         "iterations=5", "iterate.promote=ce"), f"data.train: {short} has 64 prompts, fewer than")  # after data/toy_eval
     assert not run.exists()
     one_line_exit_2(erpd("run", *SMALL, f"run_dir={run}", "rollout.max_new_tokens=64", env=env),  # after hf_base/
                     "rollout.max_new_tokens=64 leaves no room for a prompt in the model's 64 positions")
