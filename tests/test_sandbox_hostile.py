@@ -7,6 +7,7 @@ sandbox uid is left on the host. Skipped without bwrap, except under CI (ERPD_RE
 """
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -188,6 +189,8 @@ def test_refuses_without_bwrap(monkeypatch, tmp_path):
 def test_unsandboxed_only_when_set_and_warns_every_batch(caplog):
     _need_bwrap()
     prog = fence("print(sum(map(int, input().split())))")
+    # the level explicitly: bench/code_sandbox (run earlier in the same pytest process) quiets this logger
+    caplog.set_level(logging.WARNING, logger="erpd_megatron.rewards.code")
     with CodeReward(num_workers=1, sandbox="none") as reward:
         for _ in range(2):
             assert reward.score_batch([prog], [STDIO]) == [1.0]
