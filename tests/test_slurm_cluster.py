@@ -129,18 +129,6 @@ def _submit_from_elsewhere(cwd: Path, base: str) -> tuple[Path, str]:
     return cwd / "runs" / "anywhere", json.loads(out.stderr.strip().splitlines()[-1])["job_id"]
 
 
-def test_launched_from_outside_the_checkout(cluster, jobs):
-    """The job submitted from a temporary folder runs the launcher's own code (cd + PYTHONPATH to it), finds its
-    preset by name and writes its run under the caller's folder: the micro run completes."""
-    run, job = jobs["anywhere"]
-    s = _wait(cluster, job)
-    log = "\n".join(p.read_text(errors="replace") for p in sorted(run.rglob("*.out")))
-    assert s["state"] == "COMPLETED", f"{s}\n{log[-4000:]}"
-    script = (run / "slurm" / "anywhere.sbatch").read_text()
-    assert f"cd {REPO} && exec" in script and "--config micro " in script
-    assert "ce" in json.loads((run / "summary.json").read_text())["methods"]
-
-
 def _state(job: str) -> dict:
     return slurm.job_state(job)
 
@@ -256,3 +244,17 @@ def test_two_tasks_rendezvous_over_torchrun(cluster, jobs):
     assert "--ntasks-per-node=2" in script and "--nnodes=2 --nproc-per-node=1" in script
     assert "dp=2" in log  # the trainer's parallel layout line
     assert "ce" in json.loads((Path(r.run_dir) / "summary.json").read_text())["methods"]
+
+
+# Last in the module: it waits for its own job to finish, and the requeue test must catch its job mid-teacher (run
+# before it, this test let that job finish first, and the requeue then restarted a completed job).
+def test_launched_from_outside_the_checkout(cluster, jobs):
+    """The job submitted from a temporary folder runs the launcher's own code (cd + PYTHONPATH to it), finds its
+    preset by name and writes its run under the caller's folder: the micro run completes."""
+    run, job = jobs["anywhere"]
+    s = _wait(cluster, job)
+    log = "\n".join(p.read_text(errors="replace") for p in sorted(run.rglob("*.out")))
+    assert s["state"] == "COMPLETED", f"{s}\n{log[-4000:]}"
+    script = (run / "slurm" / "anywhere.sbatch").read_text()
+    assert f"cd {REPO} && exec" in script and "--config micro " in script
+    assert "ce" in json.loads((run / "summary.json").read_text())["methods"]
