@@ -77,7 +77,7 @@ def test_refused_runs_leave_nothing_behind(tmp_path, demo_cache):
     long_.write_text("".join(json.dumps({"id": f"p{i}", "problem": "1+" * (30 if i == 3 else 1) + "1=",
                                          "answer": "1"}) + "\n" for i in range(8)))
     one_line_exit_2(erpd("run", *SMALL, f"run_dir={run}", f"data.train={long_}", env=env),
-                    "prompt 'p3' has", "exceeds the model's 64 positions")
+                    "prompt 'p3' has 65 tokens, more than 56 (the model's 64 positions")
     assert not run.exists()
     run.mkdir()
     (run / "notes.txt").write_text("mine\n")
