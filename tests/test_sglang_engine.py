@@ -643,6 +643,14 @@ def test_leftover_server_of_a_killed_trainer_is_stopped(tmp_path):
     log = str(tmp_path / "sglang_server0.log")
     env = {**os.environ, "PYTHONPATH": REPO}
     orphan = start_server(argv, log, env, "start")
+    import time
+
+    for _ in range(600):  # listening: the child has exec'd (before, /proc/<pid>/cmdline is still the parent's)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
     assert stop_leftover(log) and orphan.wait(timeout=30) == -signal.SIGKILL
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
     try:
