@@ -4,7 +4,6 @@ test_checkpoint_integrity, test_prompts, test_data_checks, test_cli)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -45,13 +44,13 @@ def demo_cache(tmp_path_factory, toy_base) -> Path:
     """An ERPD_CACHE whose entry for the demo base (`model.base: toy`) is the short test base, its files 0600 as
     a teammate's umask 077 left them: a run with `model.base=toy` copies it into `hf_base/` instead of warming
     up for minutes."""
-    from erpd_megatron.toy.warmup import DEMO_BASE, WARMUP_JSON, cache_key
+    from erpd_megatron.toy.warmup import DEMO_BASE, WARMUP_JSON, cache_key, config_dict
 
     root = tmp_path_factory.mktemp("erpd_cache")
     entry = root / f"toy_base-{cache_key(DEMO_BASE)}"
     shutil.copytree(toy_base, entry)
     meta = json.loads((entry / WARMUP_JSON).read_text())
-    meta["config"] = json.loads(json.dumps(dataclasses.asdict(DEMO_BASE)))
+    meta["config"] = config_dict(DEMO_BASE)  # what the cache lookup compares (a mismatch warms up for minutes)
     (entry / WARMUP_JSON).write_text(json.dumps(meta))
     for f in entry.iterdir():
         f.chmod(0o600)
@@ -233,6 +232,8 @@ def test_sigterm_and_sigint_stop_cleanly_and_the_run_resumes(tmp_path, demo_cach
         assert not (run / LOCK_NAME).exists()
         if at is None:
             assert "resuming from step" in err, err[-4000:]
+        else:  # the base came from demo_cache (a miss would warm the demo base up for minutes)
+            assert "copied cached base" in err, err[-4000:]
         done = C.list_checkpoints(str(ck))
         assert done and all(C.verify_checkpoint_content(p) for p in done)
         assert C.resolve_checkpoint_dir(str(ck)) == done[-1]
