@@ -12,15 +12,17 @@ from tests.test_sandbox_hostile import _need_bwrap
 
 def test_partition_and_determinism():
     allp = ct.all_problems()
-    assert len(allp) == 1800 and len(set(allp)) == 1800
+    assert len(allp) == 72_000 and len(set(allp)) == 72_000
     held = [p for p in allp if ct.is_heldout(p)]
     val = [p for p in held if ct.is_validation(p)]
-    assert 150 < len(held) < 300 and 0 < len(val) < len(held)
+    assert 8_000 < len(held) < 10_000 and 0.4 < len(val) / len(held) < 0.6
+    assert ct.pool_size("train") + ct.pool_size("validation") + ct.pool_size("eval") == len(allp)
     tr, va, ev = ct.train_problems(200, seed=3), ct.validation_problems(40, seed=3), ct.eval_problems(40, seed=3)
     assert not set(tr) & (set(va) | set(ev)) and not set(va) & set(ev)
     assert ct.train_problems(200, seed=3) == tr and ct.train_problems(200, seed=4) != tr
     p = ct.CodeProblem(3, 1)
     assert p.problem == "f(0)=1;f(1)=4;f(2)=7;" and p.shown == [0, 1, 2]
+    assert ct.CodeProblem(17, 1985).problem == "f(0)=1985;f(1)=2002;f(2)=2019;"  # every shown value has 4 digits
     assert not set(p.shown) & set(p.hidden) and extract_code(p.target) == "def f(x):return x*3+1\n"
 
 
@@ -49,6 +51,9 @@ def test_code_tokenizer_and_the_warmup_scorer():
     p = ct.CodeProblem(3, 1)
     ids = tok.encode(p.target, add_special_tokens=False)
     assert tok.decode(ids) == p.target and len(ids) == 7  # HEAD x * 3 + 1 CLOSE
+    big = ct.CodeProblem(19, 4999)  # the longest program and prompt
+    assert tok.decode(tok.encode(big.target, add_special_tokens=False)) == big.target
+    assert len(tok.encode(big.target, add_special_tokens=False)) == 10
     assert len(tok.encode(p.problem, add_special_tokens=False)) == len(p.problem)
     assert CODE_VOCAB[:6] == VOCAB[:6] and len(CODE_VOCAB) <= VOCAB_SIZE  # same special ids as the math toy
     assert correct(p.target, p) and not correct(p.target.replace("+1", "+2"), p) and not correct("x*3+1", p)
