@@ -98,13 +98,36 @@ def evaluate(model, tokenizer, problems, *, samples: int, seed: int) -> dict:
     return {"acc_t1": acc_t1, "acc_greedy": acc_gr, "n_prompts": len(problems), "samples_t1": samples}
 
 
-def warmup_code_base(out_dir: str | Path, cfg: WarmupConfig = CODE_BASE, log=print) -> Path:
+def headroom(model, tokenizer, problems, *, samples: int = 8, seed: int = 0) -> dict:
+    """What RL can use: accuracy at T = 1 and greedy, and the fraction of prompts whose `samples` samples at T = 1 are
+    mixed (some right, some wrong: the prompts where GRPO's group advantage is not 0). Scored as `evaluate`."""
+    from erpd_megatron.toy.sampling import generate
+
+    model.eval()
+    prompts = [_prompt_ids(tokenizer, p.problem) for p in problems]
+    with torch.no_grad():
+        t1 = generate(model, prompts * samples, eos_id=tokenizer.eos_token_id, temperature=1.0, max_new_tokens=16,
+                      generator=torch.Generator().manual_seed(seed))
+        gr = generate(model, prompts, eos_id=tokenizer.eos_token_id, temperature=0.0, max_new_tokens=16)
+    model.train()
+    ok = [correct(tokenizer.decode(r, skip_special_tokens=True), p) for r, p in zip(t1, problems * samples)]
+    right = [sum(ok[i::len(problems)]) for i in range(len(problems))]
+    return {"t1": sum(ok) / len(ok),
+            "greedy": sum(correct(tokenizer.decode(r, skip_special_tokens=True), p) for r, p in zip(gr, problems))
+            / len(problems),
+            "mixed": sum(0 < r < samples for r in right) / len(problems)}
+
+
+def warmup_code_base(out_dir: str | Path, cfg: WarmupConfig = CODE_BASE, log=print, curve_every: int = 0) -> Path:
     """Train (or find cached) the toy code base in `out_dir` (HF checkpoint + tokenizer + warmup.json); also kept in
-    the demo's shared cache (`warmup.ensure_base_model`: `~/.cache/erpd/toy_base-<key>`, `$ERPD_CACHE`)."""
-    return ensure_base_model(out_dir, cfg, log=log, build=_train_code_base)
+    the demo's shared cache (`warmup.ensure_base_model`: `~/.cache/erpd/toy_base-<key>`, `$ERPD_CACHE`).
+    `curve_every` > 0 also measures `headroom` on 128 validation and 128 train functions every k steps (into
+    warmup.json's "curve"; generation has its own generator, so the weights do not change)."""
+    return ensure_base_model(out_dir, cfg, log=log,
+                             build=lambda o, c, log: _train_code_base(o, c, log=log, curve_every=curve_every))
 
 
-def _train_code_base(out_dir: str | Path, cfg: WarmupConfig, log=print) -> Path:
+def _train_code_base(out_dir: str | Path, cfg: WarmupConfig, log=print, curve_every: int = 0) -> Path:
     out = Path(out_dir)
     if _cached(out, cfg) is not None:
         return out
@@ -115,6 +138,8 @@ def _train_code_base(out_dir: str | Path, cfg: WarmupConfig, log=print) -> Path:
                                     seed=cfg.seed)
     heldout = code_task.validation_problems(cfg.eval_prompts, seed=cfg.seed)
     rng = random.Random(f"toy-code-warmup-{cfg.seed}")
+    curve, probe = [], {"validation": code_task.validation_problems(128, seed=cfg.seed),
+                        "train": code_task.train_problems(128, seed=7)}
     with deterministic_cpu():
         model = build_model(model_cfg, seed=cfg.seed)
         model.train()
@@ -134,10 +159,14 @@ def _train_code_base(out_dir: str | Path, cfg: WarmupConfig, log=print) -> Path:
             opt.step()
             if step % 100 == 0 or step == cfg.steps - 1:
                 log(f"[toy.code_base] step {step} loss {loss.item():.4f} t {time.perf_counter() - t0:.1f}s")
+            if curve_every and (step + 1) % curve_every == 0:
+                curve.append({"step": step + 1, "loss": float(loss.item()),
+                              **{k: headroom(model, tokenizer, v) for k, v in probe.items()}})
+                log(f"[toy.code_base] curve {curve[-1]}")
         final = evaluate(model, tokenizer, heldout, samples=cfg.eval_samples, seed=cfg.seed)
     _save(model, tokenizer, out)
     result = {"config": config_dict(cfg), "model_config": model_cfg, "final": final,
-              "final_loss": float(loss.item()), "wall_s": round(time.perf_counter() - t0, 2),
+              "final_loss": float(loss.item()), "wall_s": round(time.perf_counter() - t0, 2), "curve": curve,
               "note": "validation functions; a response counts when it is exactly def f(x):return x*A+B with the "
                       "right A, B (no program is run here); the pipeline scores in the sandbox"}
     (out / WARMUP_JSON).write_text(json.dumps(result, indent=2) + "\n")
@@ -152,8 +181,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=CODE_BASE.steps)
     ap.add_argument("--seed", type=int, default=CODE_BASE.seed)
     ap.add_argument("--lr", type=float, default=CODE_BASE.lr)
+    ap.add_argument("--schedule", choices=("cosine", "constant"), default=CODE_BASE.schedule)
+    ap.add_argument("--curve-every", type=int, default=0,
+                    help="also measure headroom (T=1, greedy, mixed groups; validation and train) every k steps")
     a = ap.parse_args(argv)
-    warmup_code_base(a.out, dataclasses.replace(CODE_BASE, steps=a.steps, seed=a.seed, lr=a.lr))
+    warmup_code_base(a.out, dataclasses.replace(CODE_BASE, steps=a.steps, seed=a.seed, lr=a.lr, schedule=a.schedule),
+                     curve_every=a.curve_every)
 
 
 if __name__ == "__main__":
