@@ -53,7 +53,7 @@ def test_code_tokenizer_and_the_warmup_scorer():
     assert tok.decode(ids) == p.target and len(ids) == 7  # HEAD x * 3 + 1 CLOSE
     big = ct.CodeProblem(19, 4999)  # the longest program and prompt
     assert tok.decode(tok.encode(big.target, add_special_tokens=False)) == big.target
-    assert len(tok.encode(big.target, add_special_tokens=False)) == 10
+    assert len(tok.encode(big.target, add_special_tokens=False)) == 11  # HEAD x * 1 9 + 4 9 9 9 CLOSE
     assert len(tok.encode(p.problem, add_special_tokens=False)) == len(p.problem)
     assert CODE_VOCAB[:6] == VOCAB[:6] and len(CODE_VOCAB) <= VOCAB_SIZE  # same special ids as the math toy
     assert correct(p.target, p) and not correct(p.target.replace("+1", "+2"), p) and not correct("x*3+1", p)
