@@ -94,3 +94,22 @@ def test_collect_stage_scores_code_in_the_sandbox(tmp_path):
     assert batch["rewards"].numel() == 16 and set(batch["rewards"].tolist()) <= {0.0, 1.0}
     (res,) = [json.loads(p.read_text()) for p in (run / "eval").rglob("step_*.json")]
     assert res["reward_stats"]["kinds"] == {"code": 6} and sum(res["reward_stats"]["reasons"].values()) == 6
+
+
+def test_code_base_is_cached_per_config_and_task(tmp_path, monkeypatch):
+    """A second run dir copies the warmed code base from the shared cache, and the run dir itself is found cached
+    (its warmup.json holds the config as the cache check builds it); the task's ranges are part of the key."""
+    import dataclasses
+
+    from erpd_megatron.toy.code_base import CODE_BASE, CODE_TASK_NAME, warmup_code_base
+    from erpd_megatron.toy.warmup import _cached, cache_key
+
+    monkeypatch.setenv("ERPD_CACHE", str(tmp_path / "cache"))
+    cfg = dataclasses.replace(CODE_BASE, steps=2, batch_size=8, eval_prompts=4, eval_samples=1)
+    warmup_code_base(tmp_path / "a", cfg, log=lambda *_: None)
+    assert _cached(tmp_path / "a", cfg) is not None
+    msgs = []
+    warmup_code_base(tmp_path / "b", cfg, log=msgs.append)
+    assert any("copied cached base" in m for m in msgs) and not any("saved" in m for m in msgs)
+    assert "a2-19,b1000-4999" in CODE_TASK_NAME
+    assert cache_key(cfg) != cache_key(dataclasses.replace(cfg, task="toy_code:a2-19,b0-99"))
