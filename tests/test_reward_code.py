@@ -5,6 +5,7 @@ import base64
 import json
 import pickle
 import zlib
+from collections import Counter
 
 import pytest
 
@@ -128,3 +129,26 @@ def test_large_inputs_pass_within_the_limits():
     with CodeReward(num_workers=2, timeout_per_test_s=6, timeout_per_sample_s=30) as r:
         assert r.score_batch(progs, [call, stdio, call]) == [1.0, 1.0, 0.0]
         assert r.last_reasons == ["passed", "passed", "timeout"]
+
+
+def test_duplicates_run_once_and_share_the_result():
+    """Within one score_batch each distinct (program, tests) pair runs once (counted at the sandbox); duplicates get
+    their twin's reward and reason, in order; the same program against other tests runs again; a hostile duplicate
+    still scores 0."""
+    _need_bwrap()
+    call, other = parse_tests(APPS_CALL), parse_tests(LCB_FUNC)
+    hostile = "```python\nimport os\nos._exit(0)\ndef append(xs, x):\n    return xs + [x]\n```"
+    right_chatty = "Here it is:\n" + RIGHT_FN + "\ndone"  # same program, other text around it
+    items = [(RIGHT_FN, call), (hostile, call), (WRONG_FN, call), (right_chatty, call), (hostile, call),
+             (RIGHT_FN, other), (RIGHT_FN, call), ("no code", call), (WRONG_FN, call)]
+    with CodeReward(num_workers=2, timeout_per_test_s=3) as r:
+        runs = []
+        real = r.sandbox.run
+        r.sandbox.run = lambda job, program, **kw: (runs.append(program), real(job, program, **kw))[1]
+        got = r.score_batch([x for x, _ in items], [t for _, t in items])
+        assert got == [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+        assert r.last_reasons == ["passed", "exited", "wrong_answer", "passed", "exited", "passed", "passed",
+                                  "no_code", "wrong_answer"]
+        assert len(runs) == r.last_runs == 4  # right x call, hostile, wrong, right x other; no_code never runs
+        assert Counter(runs) == {extract_code(RIGHT_FN): 2, extract_code(hostile): 1, extract_code(WRONG_FN): 1}
+        assert r.last_stats.items == len(items)

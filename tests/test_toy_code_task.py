@@ -12,15 +12,17 @@ from tests.test_sandbox_hostile import _need_bwrap
 
 def test_partition_and_determinism():
     allp = ct.all_problems()
-    assert len(allp) == 1800 and len(set(allp)) == 1800
+    assert len(allp) == 72_000 and len(set(allp)) == 72_000
     held = [p for p in allp if ct.is_heldout(p)]
     val = [p for p in held if ct.is_validation(p)]
-    assert 150 < len(held) < 300 and 0 < len(val) < len(held)
+    assert 8_000 < len(held) < 10_000 and 0.4 < len(val) / len(held) < 0.6
+    assert ct.pool_size("train") + ct.pool_size("validation") + ct.pool_size("eval") == len(allp)
     tr, va, ev = ct.train_problems(200, seed=3), ct.validation_problems(40, seed=3), ct.eval_problems(40, seed=3)
     assert not set(tr) & (set(va) | set(ev)) and not set(va) & set(ev)
     assert ct.train_problems(200, seed=3) == tr and ct.train_problems(200, seed=4) != tr
     p = ct.CodeProblem(3, 1)
     assert p.problem == "f(0)=1;f(1)=4;f(2)=7;" and p.shown == [0, 1, 2]
+    assert ct.CodeProblem(17, 1985).problem == "f(0)=1985;f(1)=2002;f(2)=2019;"  # every shown value has 4 digits
     assert not set(p.shown) & set(p.hidden) and extract_code(p.target) == "def f(x):return x*3+1\n"
 
 
@@ -49,6 +51,9 @@ def test_code_tokenizer_and_the_warmup_scorer():
     p = ct.CodeProblem(3, 1)
     ids = tok.encode(p.target, add_special_tokens=False)
     assert tok.decode(ids) == p.target and len(ids) == 7  # HEAD x * 3 + 1 CLOSE
+    big = ct.CodeProblem(19, 4999)  # the longest program and prompt
+    assert tok.decode(tok.encode(big.target, add_special_tokens=False)) == big.target
+    assert len(tok.encode(big.target, add_special_tokens=False)) == 11  # HEAD x * 1 9 + 4 9 9 9 CLOSE
     assert len(tok.encode(p.problem, add_special_tokens=False)) == len(p.problem)
     assert CODE_VOCAB[:6] == VOCAB[:6] and len(CODE_VOCAB) <= VOCAB_SIZE  # same special ids as the math toy
     assert correct(p.target, p) and not correct(p.target.replace("+1", "+2"), p) and not correct("x*3+1", p)
@@ -81,10 +86,30 @@ def test_collect_stage_scores_code_in_the_sandbox(tmp_path):
     run = tmp_path / "run"
     rc = main_collect(["--config", "toy_code", f"run_dir={run}", f"model.base={base}", "data.prompts_per_batch=8",
                        "rollout.n_samples=2", "data.eval_prompts=6", "eval.k=1", "teachers.ce.mini_batch_size=16",
-                       "teachers.mse.mini_batch_size=16", "students.s1_ce.mini_batch_size=16",
-                       "students.s2_mse.mini_batch_size=16", "students.s1_ce.steps=1", "students.s2_mse.steps=1"])
+                       "teachers.ce3.mini_batch_size=16", "teachers.mse.mini_batch_size=16",
+                       "students.s1_ce3.mini_batch_size=16", "students.s2_mse.mini_batch_size=16",
+                       "students.s1_ce3.steps=1", "students.s2_mse.steps=1"])
     assert rc in (0, None)
     batch = RolloutStore(run / "rollouts").load_tensors(0)
     assert batch["rewards"].numel() == 16 and set(batch["rewards"].tolist()) <= {0.0, 1.0}
     (res,) = [json.loads(p.read_text()) for p in (run / "eval").rglob("step_*.json")]
     assert res["reward_stats"]["kinds"] == {"code": 6} and sum(res["reward_stats"]["reasons"].values()) == 6
+
+
+def test_code_base_is_cached_per_config_and_task(tmp_path, monkeypatch):
+    """A second run dir copies the warmed code base from the shared cache, and the run dir itself is found cached
+    (its warmup.json holds the config as the cache check builds it); the task's ranges are part of the key."""
+    import dataclasses
+
+    from erpd_megatron.toy.code_base import CODE_BASE, CODE_TASK_NAME, warmup_code_base
+    from erpd_megatron.toy.warmup import _cached, cache_key
+
+    monkeypatch.setenv("ERPD_CACHE", str(tmp_path / "cache"))
+    cfg = dataclasses.replace(CODE_BASE, steps=2, batch_size=8, eval_prompts=4, eval_samples=1)
+    warmup_code_base(tmp_path / "a", cfg, log=lambda *_: None)
+    assert _cached(tmp_path / "a", cfg) is not None
+    msgs = []
+    warmup_code_base(tmp_path / "b", cfg, log=msgs.append)
+    assert any("copied cached base" in m for m in msgs) and not any("saved" in m for m in msgs)
+    assert "a2-19,b1000-4999" in CODE_TASK_NAME
+    assert cache_key(cfg) != cache_key(dataclasses.replace(cfg, task="toy_code:a2-19,b0-99"))

@@ -13,6 +13,9 @@
 - A pool of ``num_workers`` threads, each driving one sandbox at a time (bounded concurrency), a wall limit per
   test (inside the sandbox) and per sample (the parent kills the sandbox). Every zero is counted by reason in
   ``last_stats`` (like the math judge's ``BatchStats``).
+- De-duplication: within one ``score_batch`` call each distinct (extracted program, tests) pair runs once; every
+  duplicate inherits its twin's reward, reason and detail (the harness is deterministic up to timeouts: a duplicate
+  of a program that timed out also scores ``timeout``). ``last_runs`` counts the sandboxed runs.
 
 Reasons: passed, wrong_answer, no_code, no_tests, runtime_error, timeout, memory, output_limit, file_limit, exited
 (the program ended before the tests finished: sys.exit / os._exit / a crash), bad_value (call-based: returned
@@ -22,6 +25,7 @@ failing test's.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import queue
@@ -119,6 +123,14 @@ class CodeStats:
         return {k: v for k, v in sorted(self.reasons.items()) if k != "passed"}
 
 
+def _dedup_key(response: Any, task: CodeTask | None, language: str) -> tuple:
+    """Two items with equal keys get the same result: same extracted program (None: no code) and same tests (the
+    task's every field; `id` of a missing task is None). Responses differing only outside the code block share."""
+    tk = None if task is None else json.dumps([task.mode, task.inputs, task.expected, task.fn_name, task.setup],
+                                              sort_keys=True, default=repr)
+    return extract_code(response, language), tk
+
+
 class CodeReward:
     """Executes programs against tests in the sandbox; `score_batch(responses, tasks)` -> rewards in [0, 1]."""
 
@@ -137,6 +149,7 @@ class CodeReward:
         self.last_stats = CodeStats()
         self.last_reasons: list[str] = []
         self.last_details: list[str] = []
+        self.last_runs = 0  # sandboxed runs of the last score_batch (duplicates share one)
         self._slots: queue.Queue[int] = queue.Queue()
         for s in range(num_workers):
             self._slots.put(s)
@@ -165,13 +178,23 @@ class CodeReward:
         if len(responses) != len(tasks):
             raise ValueError(f"score_batch: {len(responses)} responses but {len(tasks)} tasks")
         if not responses:
-            self.last_stats, self.last_reasons, self.last_details = CodeStats(), [], []
+            self.last_stats, self.last_reasons, self.last_details, self.last_runs = CodeStats(), [], [], 0
             return []
         self.start()
         if self.sandbox.mode == "none":
             log.warning("code reward: running %d model-written programs UNSANDBOXED (reward.sandbox=none): they can "
                         "read, write and kill whatever this user can", len(responses))
-        out = list(self._pool.map(self._score_one, responses, tasks))
+        # De-duplication: the harness is deterministic up to timeouts, so each distinct (program, tests) pair runs
+        # once and every duplicate inherits its twin's (reward, reason, detail). RL groups (n_samples per prompt)
+        # and evaluation repeat programs often; a tiny policy's group is mostly one or two distinct programs.
+        keys = [_dedup_key(r, t, self.language) for r, t in zip(responses, tasks)]
+        first: dict = {}
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
+        uniq = list(first.values())
+        ran = dict(zip(uniq, self._pool.map(self._score_one, [responses[i] for i in uniq], [tasks[i] for i in uniq])))
+        out = [ran[first[k]] for k in keys]
+        self.last_runs = sum(keys[i][0] is not None and tasks[i] is not None and len(tasks[i]) > 0 for i in uniq)
         self.last_reasons = [r for _, r, _ in out]
         self.last_details = [d for _, _, d in out]
         self.last_stats = CodeStats(items=len(out), reasons=Counter(self.last_reasons))

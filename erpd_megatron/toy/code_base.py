@@ -7,8 +7,10 @@ head "```python\\ndef f(x):return " and its closing fence "\\n```". A response i
 `[HEAD] x * 3 + 1 [CLOSE] <|im_end|>`: the model writes the function body, the sandbox runs the whole program.
 Same special tokens, ids and chat template as the math toy.
 
-Base: the demo's model shape (3 layers, hidden 128) warmed by supervised fine-tuning on train functions at a
-constant lr (`WarmupConfig`, the math toy's recipe and determinism), stopped early enough to leave headroom.
+Base: the demo's model shape (3 layers, hidden 128) warmed by supervised fine-tuning on train functions, 600 steps
+of batch 128 with a cosine lr 2e-3 -> 1e-4 (`CODE_BASE`; the math toy's determinism). At a constant 2e-3 the model
+copies b at once but stays at chance on a (~5.5 %, 400 steps measured): the subtraction is learnt only once the lr
+decays. Kept in the demo's shared cache (`warmup.ensure_base_model`), keyed by the config and the task's ranges.
 Its accuracy here is measured WITHOUT running programs: a response counts when it is exactly
 "def f(x):return x*A+B" with the right A and B (for this grammar what the hidden tests decide; an equivalent
 program written another way would count 0 here and 1 in the sandbox, so this is a lower bound). The pipeline
@@ -38,6 +40,8 @@ from erpd_megatron.toy.warmup import (
     _lr_at,
     _prompt_ids,
     _save,
+    config_dict,
+    ensure_base_model,
     build_model,
     deterministic_cpu,
     sft_loss,
@@ -48,8 +52,11 @@ HEAD = "```python\ndef f(x):return "
 CLOSE = "\n```"
 CODE_VOCAB = SPECIAL_TOKENS + list("0123456789") + list("f()=;x*+") + [HEAD, CLOSE]
 VOCAB_SIZE = 32  # padded to a multiple of 8 (TP-friendly), as the math toy's 24
-CODE_BASE = WarmupConfig(steps=300, lr=2e-3, schedule="constant", model={**DEMO_MODEL, "vocab_size": VOCAB_SIZE},
-                         eval_prompts=128, eval_samples=4)
+# `task` names the function space, so the cache key (warmup.config_dict) changes when the task's ranges do
+CODE_TASK_NAME = (f"toy_code:a{code_task.A_RANGE.start}-{code_task.A_RANGE.stop - 1},"
+                  f"b{code_task.B_RANGE.start}-{code_task.B_RANGE.stop - 1}")
+CODE_BASE = WarmupConfig(steps=600, lr=2e-3, schedule="cosine", model={**DEMO_MODEL, "vocab_size": VOCAB_SIZE},
+                         eval_prompts=128, eval_samples=4, task=CODE_TASK_NAME)
 _BODY_RE = re.compile(r"```python\ndef f\(x\):return x\*(\d+)\+(\d+)\n```\s*$")
 
 
@@ -91,8 +98,36 @@ def evaluate(model, tokenizer, problems, *, samples: int, seed: int) -> dict:
     return {"acc_t1": acc_t1, "acc_greedy": acc_gr, "n_prompts": len(problems), "samples_t1": samples}
 
 
-def warmup_code_base(out_dir: str | Path, cfg: WarmupConfig = CODE_BASE, log=print) -> Path:
-    """Train (or find cached) the toy code base in `out_dir` (HF checkpoint + tokenizer + warmup.json)."""
+def headroom(model, tokenizer, problems, *, samples: int = 8, seed: int = 0) -> dict:
+    """What RL can use: accuracy at T = 1 and greedy, and the fraction of prompts whose `samples` samples at T = 1 are
+    mixed (some right, some wrong: the prompts where GRPO's group advantage is not 0). Scored as `evaluate`."""
+    from erpd_megatron.toy.sampling import generate
+
+    model.eval()
+    prompts = [_prompt_ids(tokenizer, p.problem) for p in problems]
+    with torch.no_grad():
+        t1 = generate(model, prompts * samples, eos_id=tokenizer.eos_token_id, temperature=1.0, max_new_tokens=16,
+                      generator=torch.Generator().manual_seed(seed))
+        gr = generate(model, prompts, eos_id=tokenizer.eos_token_id, temperature=0.0, max_new_tokens=16)
+    model.train()
+    ok = [correct(tokenizer.decode(r, skip_special_tokens=True), p) for r, p in zip(t1, problems * samples)]
+    right = [sum(ok[i::len(problems)]) for i in range(len(problems))]
+    return {"t1": sum(ok) / len(ok),
+            "greedy": sum(correct(tokenizer.decode(r, skip_special_tokens=True), p) for r, p in zip(gr, problems))
+            / len(problems),
+            "mixed": sum(0 < r < samples for r in right) / len(problems)}
+
+
+def warmup_code_base(out_dir: str | Path, cfg: WarmupConfig = CODE_BASE, log=print, curve_every: int = 0) -> Path:
+    """Train (or find cached) the toy code base in `out_dir` (HF checkpoint + tokenizer + warmup.json); also kept in
+    the demo's shared cache (`warmup.ensure_base_model`: `~/.cache/erpd/toy_base-<key>`, `$ERPD_CACHE`).
+    `curve_every` > 0 also measures `headroom` on 128 validation and 128 train functions every k steps (into
+    warmup.json's "curve"; generation has its own generator, so the weights do not change)."""
+    return ensure_base_model(out_dir, cfg, log=log,
+                             build=lambda o, c, log: _train_code_base(o, c, log=log, curve_every=curve_every))
+
+
+def _train_code_base(out_dir: str | Path, cfg: WarmupConfig, log=print, curve_every: int = 0) -> Path:
     out = Path(out_dir)
     if _cached(out, cfg) is not None:
         return out
@@ -101,8 +136,10 @@ def warmup_code_base(out_dir: str | Path, cfg: WarmupConfig = CODE_BASE, log=pri
     model_cfg = toy_model_config(**cfg.model)
     pool = code_task.train_problems(len([p for p in code_task.all_problems() if not code_task.is_heldout(p)]),
                                     seed=cfg.seed)
-    heldout = code_task.validation_problems(min(cfg.eval_prompts, 100), seed=cfg.seed)
+    heldout = code_task.validation_problems(cfg.eval_prompts, seed=cfg.seed)
     rng = random.Random(f"toy-code-warmup-{cfg.seed}")
+    curve, probe = [], {"validation": code_task.validation_problems(128, seed=cfg.seed),
+                        "train": code_task.train_problems(128, seed=7)}
     with deterministic_cpu():
         model = build_model(model_cfg, seed=cfg.seed)
         model.train()
@@ -122,10 +159,14 @@ def warmup_code_base(out_dir: str | Path, cfg: WarmupConfig = CODE_BASE, log=pri
             opt.step()
             if step % 100 == 0 or step == cfg.steps - 1:
                 log(f"[toy.code_base] step {step} loss {loss.item():.4f} t {time.perf_counter() - t0:.1f}s")
+            if curve_every and (step + 1) % curve_every == 0:
+                curve.append({"step": step + 1, "loss": float(loss.item()),
+                              **{k: headroom(model, tokenizer, v) for k, v in probe.items()}})
+                log(f"[toy.code_base] curve {curve[-1]}")
         final = evaluate(model, tokenizer, heldout, samples=cfg.eval_samples, seed=cfg.seed)
     _save(model, tokenizer, out)
-    result = {"config": json.loads(json.dumps(dataclasses.asdict(cfg))), "model_config": model_cfg, "final": final,
-              "final_loss": float(loss.item()), "wall_s": round(time.perf_counter() - t0, 2),
+    result = {"config": config_dict(cfg), "model_config": model_cfg, "final": final,
+              "final_loss": float(loss.item()), "wall_s": round(time.perf_counter() - t0, 2), "curve": curve,
               "note": "validation functions; a response counts when it is exactly def f(x):return x*A+B with the "
                       "right A, B (no program is run here); the pipeline scores in the sandbox"}
     (out / WARMUP_JSON).write_text(json.dumps(result, indent=2) + "\n")
@@ -140,8 +181,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=CODE_BASE.steps)
     ap.add_argument("--seed", type=int, default=CODE_BASE.seed)
     ap.add_argument("--lr", type=float, default=CODE_BASE.lr)
+    ap.add_argument("--schedule", choices=("cosine", "constant"), default=CODE_BASE.schedule)
+    ap.add_argument("--curve-every", type=int, default=0,
+                    help="also measure headroom (T=1, greedy, mixed groups; validation and train) every k steps")
     a = ap.parse_args(argv)
-    warmup_code_base(a.out, dataclasses.replace(CODE_BASE, steps=a.steps, seed=a.seed, lr=a.lr))
+    warmup_code_base(a.out, dataclasses.replace(CODE_BASE, steps=a.steps, seed=a.seed, lr=a.lr, schedule=a.schedule),
+                     curve_every=a.curve_every)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,18 @@
 """Toy code task (data only): write a one-line Python function from input/output examples; hidden tests judge it.
 
-    problem  f(0)=1;f(1)=4;f(2)=7;
+    problem  f(0)=1985;f(1)=2002;f(2)=2019;
     target   ```python
-             def f(x):return x*3+1
+             def f(x):return x*17+1985
              ```
 
-A function is `f(x) = x*a+b` (a in 2-19, b in 0-99: 1,800 functions). The prompt shows it at x = 0, 1, 2 (so b is
-read off and a is one subtraction away: a tiny model can learn it, not perfectly); the record's hidden tests call it
-at 4 other inputs (APPS / verl call-based `input_output` with `fn_name` "f"), so a program
-that only memorises the shown examples (`if x == 3: return 10 ...`) fails them. Records are code records as
+A function is `f(x) = x*a+b` (a in 2-19, b in 1000-4999: 72,000 functions, so the base's warm-up sees each train
+function about once and cannot memorise them; every shown value has 4 digits). The prompt shows it at x = 0, 1, 2
+(b is read off; a is a subtraction of the last two digits away: a tiny model learns it slowly and not perfectly); the
+record's hidden tests call it at 4 other inputs (APPS / verl call-based `input_output` with `fn_name` "f"), so a
+program that only memorises the shown examples (`if x == 3: return 10 ...`) fails them. Records are code records as
 `data/prompts.py` reads them (`question`, `input_output`, `id`, `data_source: "toy_code"`) and are scored by the
-sandboxed code reward (`rewards/code.py`).
+sandboxed code reward (`rewards/code.py`). (Before: a 2-19, b 0-99, 1,800 functions; the base memorised the train
+functions, docs/code_tasks.md.)
 
 Train / validation / test come from a fixed partition of the FUNCTIONS (crc32 of "a,b" mod 8 == 0 is held out,
 split again by hash into validation and test halves), as in `toy/task.py`: a held-out function is never shown in
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 A_RANGE = range(2, 20)
-B_RANGE = range(0, 100)
+B_RANGE = range(1000, 5000)
 SHOWN_X = (0, 1, 2)  # inputs shown in the prompt
 HIDDEN_X = range(21, 61)  # inputs of the hidden tests: never shown, so memorising examples cannot pass
 N_HIDDEN = 4

@@ -346,11 +346,12 @@ def cache_key(cfg: WarmupConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def ensure_base_model(out_dir: str | Path, cfg: WarmupConfig = DEMO_BASE, log=_print) -> Path:
+def ensure_base_model(out_dir: str | Path, cfg: WarmupConfig = DEMO_BASE, log=_print, build=None) -> Path:
     """The demo's entry point: the warmed-up base model dir, trained on first use and cached after.
 
     Besides ``out_dir`` itself, a shared cache (``cache_root()/toy_base-<key>``) keyed by the whole
     ``WarmupConfig`` lets a second run directory reuse the base instead of warming it up again.
+    ``build(out, cfg, log=...)`` trains one (default: ``warmup``; the toy code task passes its own).
     """
     out = Path(out_dir)
     root = cache_root()
@@ -361,7 +362,7 @@ def ensure_base_model(out_dir: str | Path, cfg: WarmupConfig = DEMO_BASE, log=_p
             if f.is_file():
                 copy_file(f, out / f.name)  # this process's umask, not the cache's modes
         log(f"[toy.warmup] copied cached base {shared} -> {out}")
-    warmup(out, cfg, log=log)
+    (build or warmup)(out, cfg, log=log)
     if shared is not None and _cached(shared, cfg) is None:
         try:
             tmp = shared.with_name(shared.name + f".tmp{os.getpid()}")
