@@ -136,3 +136,17 @@ def test_long_data_names_write_the_chain_splits(tmp_path):
         assert len(rows) == 6 and all(check(by_problem[r["problem"]]) for r in rows)
         train = (tmp_path / spec / "data" / "long_train.jsonl").read_text().splitlines()
         assert all(r["id"].startswith("chain-") for r in map(json.loads, train))
+
+
+def test_default_task_is_plus_minus_with_three_digit_values():
+    """The `long` preset's task (LONG_OPS): + and - only, every running value three-digit (a fixed-format step);
+    the operator set is validated and * still draws when asked for."""
+    for p in chain.train_problems(200, seed=7):
+        assert {op for op, _ in p.steps} <= {"+", "-"}
+        assert all(100 <= v <= 999 for v in [p.start, *p.values])
+    with pytest.raises(ValueError, match="ops"):
+        chain.ChainTask(ops=("/",))
+    import random
+
+    t = chain.ChainTask(ops=chain.OPS)
+    assert any(op == "*" for _ in range(20) for op, _ in chain.random_problem(random.Random(_), t).steps)

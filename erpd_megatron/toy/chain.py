@@ -1,11 +1,12 @@
 """The long-reasoning toy task: chained arithmetic worked out step by step, with a \\boxed{} answer.
 
-A problem is a three-digit start value and 8-10 numbered operations applied in order, each an operator in ``+ - *``
-and one digit 2-9. The supervised target writes every step (its number, the running value, the operation, the result),
-then boxes the last value::
+A problem is a three-digit start value (190-909) and 8-10 numbered operations applied in order, each an operator in
+``+ -`` and one digit 2-9, so every running value stays three-digit (``*`` is supported, ``ChainTask(ops=OPS)``, but the
+`long` preset leaves it out: see LONG_OPS). The supervised target writes every step (its number, the running value, the
+operation, the result), then boxes the last value::
 
-    problem  147 01+3 02*2 03-5 04+8 ...=
-    target   01 147+3=150;02 150*2=300;03 300-5=295;04 295+8=303;...;\\boxed{...}
+    problem  621 01+8 02+8 03-2 04+4 ...=
+    target   01 621+8=629;02 629+8=637;03 637-2=635;04 635+4=639;...;\\boxed{...}
 
 The step numbers make the next operation a content lookup (" 03" in the prompt) instead of a position count, which a
 3-layer model learns far faster (an unnumbered chain did not leave 0 % in 150 warm-up steps, measured under load).
@@ -32,6 +33,9 @@ from pathlib import Path
 
 HELDOUT_MODULUS = 8
 OPS = ("+", "-", "*")
+# The `long` preset's operators: + and - only (docs/toy_task.md, "The long task": with * a warmed 3-layer base stayed
+# near 0 % after 200 steps, too slow for the 20-minute budget; a 3-digit +/- step is learned within it).
+LONG_OPS = ("+", "-")
 
 
 @dataclass(frozen=True)
@@ -40,11 +44,12 @@ class ChainTask:
 
     min_ops: int = 8
     max_ops: int = 10
-    start_min: int = 100
-    start_max: int = 999
+    start_min: int = 190  # with 10 steps of at most 9, every value stays three-digit: a fixed-format step
+    start_max: int = 909
     digit_min: int = 2
     digit_max: int = 9
     value_max: int = 999  # every intermediate result stays in [0, value_max]
+    ops: tuple[str, ...] = LONG_OPS  # the operators a step may use (a subset of OPS)
 
     def __post_init__(self):
         if not 1 <= self.min_ops <= self.max_ops <= 99:
@@ -53,6 +58,8 @@ class ChainTask:
             raise ValueError(f"ChainTask: bad start range [{self.start_min}, {self.start_max}]")
         if not 1 <= self.digit_min <= self.digit_max <= 9:
             raise ValueError(f"ChainTask: operands must be digits, got [{self.digit_min}, {self.digit_max}]")
+        if not self.ops or not set(self.ops) <= set(OPS):
+            raise ValueError(f"ChainTask: ops must be a non-empty subset of {OPS}, got {self.ops}")
 
     @property
     def max_response_tokens(self) -> int:
@@ -111,7 +118,7 @@ def random_problem(rng: random.Random, task: ChainTask = ChainTask()) -> ChainPr
     start = v = rng.randint(task.start_min, task.start_max)
     steps = []
     for _ in range(rng.randint(task.min_ops, task.max_ops)):
-        choices = [(op, d) for op in OPS for d in range(task.digit_min, task.digit_max + 1)
+        choices = [(op, d) for op in task.ops for d in range(task.digit_min, task.digit_max + 1)
                    if 0 <= _apply(v, op, d) <= task.value_max]
         op = rng.choice(sorted({op for op, _ in choices}))
         d = rng.choice([d for o, d in choices if o == op])

@@ -144,7 +144,8 @@ def _long_train(rng: random.Random, n: int):
 
 TASKS = {
     "toy": (_toy_train, toy_task.eval_problems, 40),
-    "long": (_long_train, chain_task.eval_problems, chain_task.ChainTask().max_response_tokens),
+    # the long base's recipe was chosen on its validation split (the toy's predates the split: kept for its cache)
+    "long": (_long_train, chain_task.validation_problems, chain_task.ChainTask().max_response_tokens),
 }
 
 
@@ -155,9 +156,13 @@ DEMO_MODEL = {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads
               "intermediate_size": 384}
 DEMO_BASE = WarmupConfig(steps=300, lr=2e-3, schedule="constant", model=DEMO_MODEL)
 # The long task's base (docs/toy_task.md, "The long task"): the demo's architecture with room for ~170-token
-# sequences, warmed at a constant lr and stopped mid-curve, where T = 1 accuracy is well below greedy.
+# sequences, warmed at a constant lr and stopped mid-curve, where T = 1 accuracy is well below greedy: 400 steps,
+# 39.8 % at T = 1 / 57.8 % greedy on 64 validation problems (step 350: 21.9 / 48.4 %), ~11 CPU-minutes.
 LONG_MODEL = {**DEMO_MODEL, "max_position_embeddings": 256}
-LONG_BASE = WarmupConfig(steps=300, lr=2e-3, schedule="constant", model=LONG_MODEL, batch_size=64, task="long")
+# recipe_version 2: the +/- task of LONG_OPS (the config does not name the task's operators; a base cached for the
+# earlier + - * task must not be reused)
+LONG_BASE = WarmupConfig(steps=400, lr=2e-3, schedule="constant", model=LONG_MODEL, batch_size=64, task="long",
+                         recipe_version=2)
 
 
 def _lr_at(step: int, cfg: WarmupConfig) -> float:
