@@ -40,10 +40,10 @@ from erpd_megatron.toy.warmup import (
     _lr_at,
     _prompt_ids,
     _save,
-    config_dict,
-    ensure_base_model,
     build_model,
+    config_dict,
     deterministic_cpu,
+    ensure_base_model,
     sft_loss,
     toy_model_config,
 )
