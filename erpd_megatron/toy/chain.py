@@ -25,11 +25,11 @@ toy tokenizer's (digits, ``+ - * = ;``, ``\\boxed{``, ``}``), so the toy tokeniz
 
 from __future__ import annotations
 
-import json
 import random
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
+
+from erpd_megatron.toy.task import write_jsonl  # noqa: F401  (the pipeline calls <task module>.write_jsonl)
 
 HELDOUT_MODULUS = 8
 OPS = ("+", "-", "*")
@@ -164,13 +164,3 @@ def eval_problems(n: int, seed: int = 0, task: ChainTask = ChainTask()) -> list[
 def validation_problems(n: int, seed: int = 0, task: ChainTask = ChainTask()) -> list[ChainProblem]:
     """``n`` distinct held-out validation problems (for tuning; disjoint from ``eval_problems`` and train)."""
     return _draw(n, random.Random(f"chain-val-{seed}"), is_validation, task)
-
-
-def write_jsonl(problems: list[ChainProblem], path: str | Path) -> Path:
-    """Rows ``{"problem", "answer", "id"}`` (the fields the dataset loader reads)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for p in problems:
-            f.write(json.dumps(p.row()) + "\n")
-    return path

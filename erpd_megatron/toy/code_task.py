@@ -28,7 +28,8 @@ import json
 import random
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
+
+from erpd_megatron.toy.task import write_jsonl  # noqa: F401  (the pipeline calls <task module>.write_jsonl)
 
 A_RANGE = range(2, 20)
 B_RANGE = range(1000, 5000)
@@ -117,14 +118,3 @@ def validation_problems(n: int, seed: int = 0) -> list[CodeProblem]:
 def eval_problems(n: int, seed: int = 0) -> list[CodeProblem]:
     """The test half of the held-out functions (named as in toy/task.py)."""
     return _draw([p for p in all_problems() if is_heldout(p) and not is_validation(p)], n, seed, "eval")
-
-
-def write_jsonl(problems: list[CodeProblem], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(p.row()) + "\n" for p in problems))
-    return path
-
-
-def sft_pairs(problems: list[CodeProblem]) -> list[tuple[str, str]]:
-    return [(p.problem, p.target) for p in problems]

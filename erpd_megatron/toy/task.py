@@ -142,8 +142,9 @@ def validation_problems(n: int, seed: int = 0, task: ToyTask = ToyTask()) -> lis
     return _sample(val, n, random.Random(f"toy-val-{seed}"), "validation_problems")
 
 
-def write_jsonl(problems: list[Problem], path: str | Path) -> Path:
-    """Write rows ``{"problem", "answer", "id"}`` (the fields the dataset loader reads)."""
+def write_jsonl(problems: list, path: str | Path) -> Path:
+    """Write one ``p.row()`` per line (here ``{"problem", "answer", "id"}``, the fields the dataset loader reads);
+    the long and code tasks (`toy/chain.py`, `toy/code_task.py`) write their rows with this too."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
