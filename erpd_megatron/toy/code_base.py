@@ -44,7 +44,7 @@ from erpd_megatron.toy.warmup import (
     config_dict,
     deterministic_cpu,
     ensure_base_model,
-    sft_loss,
+    sft_step,
     toy_model_config,
 )
 
@@ -150,13 +150,7 @@ def _train_code_base(out_dir: str | Path, cfg: WarmupConfig, log=print, curve_ev
             prompts = [_prompt_ids(tokenizer, p.problem) for p in batch]
             resp = [tokenizer.encode(p.target, add_special_tokens=False) + [tokenizer.eos_token_id] for p in batch]
             ids, attn, mask = _batch(prompts, resp, tokenizer.pad_token_id)
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, cfg)
-            loss = sft_loss(model, ids, attn, mask)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            loss = sft_step(model, opt, ids, attn, mask, _lr_at(step, cfg))
             if step % 100 == 0 or step == cfg.steps - 1:
                 log(f"[toy.code_base] step {step} loss {loss.item():.4f} t {time.perf_counter() - t0:.1f}s")
             if curve_every and (step + 1) % curve_every == 0:

@@ -208,6 +208,18 @@ def sft_loss(model, ids, attn, resp) -> torch.Tensor:
     return (nll * mask).sum() / mask.sum()
 
 
+def sft_step(model, opt, ids, attn, resp, lr: float) -> torch.Tensor:
+    """One warm-up update at ``lr`` (grad-norm clip 1.0); returns the loss. Shared by the toy bases' warm-ups."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loss = sft_loss(model, ids, attn, resp)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss
+
+
 def evaluate(model, tokenizer, problems, *, samples: int = 4, seed: int = 0, max_new_tokens: int = 40) -> dict:
     """Accuracy on ``problems``: mean over ``samples`` draws at T=1 and greedy (math_verify scored)."""
     quiet_math_verify()
@@ -283,13 +295,7 @@ def warmup(out_dir: str | Path, cfg: WarmupConfig = WarmupConfig(), *, force: bo
                 log(f"[toy.warmup] {curve[-1]}")
             batch = draw_train(rng, cfg.batch_size)
             ids, attn, resp = _batch(*_encode_pairs(tokenizer, batch), tokenizer.pad_token_id)
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, cfg)
-            loss = sft_loss(model, ids, attn, resp)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            loss = sft_step(model, opt, ids, attn, resp, _lr_at(step, cfg))
             if step % 100 == 0 or step == cfg.steps - 1:
                 log(f"[toy.warmup] step {step} loss {loss.item():.4f} lr {_lr_at(step, cfg):.2e} "
                     f"t {time.perf_counter() - t0:.1f}s cpu {time.process_time() - c0:.1f}s")
