@@ -2,6 +2,7 @@
 Parquet, errors naming file and row), `erpd reward`, and `erpd eval`'s AVG@K / pass@K on code records."""
 
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -175,3 +176,17 @@ def test_eval_avg_and_pass_at_k_on_code(tmp_path):
     assert res["total"]["pass_at"]["1"] == pytest.approx((pass_at_k(4, 2, 1) + pass_at_k(4, 1, 1)) / 3)
     assert res["total"]["pass_at_k"] == pytest.approx(2 / 3)
     assert res["total"]["reasons"] == {"no_code": 5, "passed": 3, "wrong_answer": 4}
+
+
+def test_erpd_reward_responses_bad_json_is_one_message(tmp_path):
+    """The responses file is read like a data set (data/prompts.parse_json_line): malformed or absurdly nested
+    JSON is an error naming file and line (deep nesting was a RecursionError traceback)."""
+    from erpd_megatron.rewards.score_cli import UsageError, read_responses
+
+    path = tmp_path / "resp.jsonl"
+    path.write_text(json.dumps({"id": 1, "prompt_id": "p", "response": "x"}) + "\n" + "[" * 100_000 + "\n")
+    with pytest.raises(UsageError, match=re.escape(f"{path}:2: invalid JSON: nested too deeply")):
+        read_responses(path, {"p"})
+    path.write_text('{"id": 1, "prompt_id": "p", "response": \n')
+    with pytest.raises(UsageError, match=re.escape(f"{path}:1: invalid JSON: Expecting value")):
+        read_responses(path, {"p"})

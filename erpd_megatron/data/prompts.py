@@ -156,6 +156,18 @@ def _check_record(rec: Any, where: str, auto_id: str, prompt_key: str = "", answ
     return Prompt(id=str(pid), problem=problem, answer=answer, meta=meta, messages=messages)
 
 
+def parse_json_line(line: str, where: str, error: type[Exception] | None = None) -> Any:
+    """``json.loads(line)``; a bad line raises ``error`` (default PromptDataError) as one message naming ``where``.
+    Also used for `erpd reward`'s responses file (rewards/score_cli.py)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise (error or PromptDataError)(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:  # json's parser recurses once per nesting level
+        raise (error or PromptDataError)(f"{where}: invalid JSON: nested too deeply (arrays / objects more than "
+                                         f"~{sys.getrecursionlimit()} levels deep)") from None
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, str, Any]]:
     with open(path, encoding="utf-8") as f:
         try:
@@ -163,14 +175,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, str, Any]]:
                 if not line.strip():
                     continue
                 where = f"{path}:{lineno} (line {lineno})"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PromptDataError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
-                except RecursionError:  # json's parser recurses once per nesting level
-                    raise PromptDataError(f"{where}: invalid JSON: nested too deeply (arrays / objects more than "
-                                          f"~{sys.getrecursionlimit()} levels deep)") from None
-                yield where, f"{path.stem}-{lineno}", rec
+                yield where, f"{path.stem}-{lineno}", parse_json_line(line, where)
         except UnicodeDecodeError as e:
             raise PromptDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a line)") from None
 

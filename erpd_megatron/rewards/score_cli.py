@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_responses(path: Path, prompt_ids: set[str]) -> list[dict]:
     """Validated response rows; errors name the file and line."""
+    from erpd_megatron.data.prompts import parse_json_line
+
     rows: list[dict] = []
     seen: dict[str, int] = {}
     try:
@@ -54,10 +56,7 @@ def read_responses(path: Path, prompt_ids: set[str]) -> list[dict]:
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
+        rec = parse_json_line(line, where, UsageError)
         if not isinstance(rec, dict):
             raise UsageError(f"{where}: expected an object with id, prompt_id, response")
         for key in ("id", "prompt_id", "response"):
