@@ -409,6 +409,8 @@ def test_strategy2_report_names_both_ends_and_the_choice(tmp_path):
     """The report's strategy-2 section: each student's pi_T / pi_U (run@step, lr, negative weight), the student with
     the best last-step accuracy marked, and the split named (a selection only on a *_val split)."""
     from erpd_megatron.config import load_config
+    import json
+
     from erpd_megatron.pipeline.report import strategy2_lines, strategy2_summary
     from erpd_megatron.pipeline.rundir import RunDir
 
@@ -425,5 +427,11 @@ def test_strategy2_report_names_both_ends_and_the_choice(tmp_path):
     assert s2["students"]["s2b"]["teacher"] == "mse@12" and s2["students"]["s2b"]["unlearned"] == "u@4"
     text = "\n".join(strategy2_lines(s2))
     assert "| s2b (chosen) | mse@12 | u@4 |" in text and "toy_val" in text
+    (tmp_path / "iter_0").mkdir(exist_ok=True)  # the Fig. 9 lines list the checkpoints by step, not as strings sort
+    (tmp_path / "iter_0" / "logprobs_mse.json").write_text(json.dumps({
+        "loss": "mse", "lr": 3e-4, "negative_weight": 8.0,
+        "curve": {str(k): {"pos": -k / 100, "neg": -1.0} for k in (0, 12, 16, 4, 8)}}))
+    text = "\n".join(strategy2_lines(strategy2_summary(run, cfg)))
+    assert "0: 0.0000 / -1.0000, 4: -0.0400 / -1.0000, 8: -0.0800 / -1.0000, 12: -0.1200" in text
     cfg.data.eval = "toy"
     assert "NOT a validation split" in "\n".join(strategy2_lines(strategy2_summary(run, cfg)))

@@ -254,7 +254,8 @@ def strategy2_lines(s2: dict) -> list[str]:
         lines += ["", "Mean token log-prob of the fixed batch's positive / negative samples per checkpoint (paper "
                       "Fig. 9; step 0 = the base):", ""]
         for run, c in s2["logprob_curves"].items():
-            pts = ", ".join(f"{k}: {_f(v['pos'])} / {_f(v['neg'])}" for k, v in c["curve"].items())
+            pts = ", ".join(f"{k}: {_f(v['pos'])} / {_f(v['neg'])}"  # by step: the JSON's keys are strings
+                            for k, v in sorted(c["curve"].items(), key=lambda kv: int(kv[0])))
             lines.append(f"- **{run}** ({c['loss']}, lr {c['lr']:g}, negative weight {c['negative_weight']:g}): {pts}")
     return lines
 
