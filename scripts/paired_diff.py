@@ -52,7 +52,7 @@ def main(argv=None):
         for x, y in a.pair:
             ex, ey = load(run, x.replace("{run}", str(run))), load(run, y.replace("{run}", str(run)))
             diff, se, n = paired(ex, ey)
-            x, y = x.split("::")[-1], y.split("::")[-1]
+            x, y = (r.split("::")[-1].partition("@")[0] for r in (x, y))
             print(f"{run.name}: {x}@{ex['step']} {100 * ex['avg_at_k']:.1f} (KL {ex.get('kl') or 0:.3f}) - "
                   f"{y}@{ey['step']} {100 * ey['avg_at_k']:.1f} (KL {ey.get('kl') or 0:.3f}) = "
                   f"{diff:+.1f} (se {se:.2f}, {n} problems)")
