@@ -55,7 +55,7 @@ VOCAB_SIZE = 32  # padded to a multiple of 8 (TP-friendly), as the math toy's 24
 # `task` names the function space, so the cache key (warmup.config_dict) changes when the task's ranges do
 CODE_TASK_NAME = (f"toy_code:a{code_task.A_RANGE.start}-{code_task.A_RANGE.stop - 1},"
                   f"b{code_task.B_RANGE.start}-{code_task.B_RANGE.stop - 1}")
-CODE_BASE = WarmupConfig(steps=600, lr=2e-3, schedule="cosine", model={**DEMO_MODEL, "vocab_size": VOCAB_SIZE},
+CODE_BASE = WarmupConfig(steps=1200, lr=1e-3, schedule="cosine", model={**DEMO_MODEL, "vocab_size": VOCAB_SIZE},
                          eval_prompts=128, eval_samples=4, task=CODE_TASK_NAME)
 _BODY_RE = re.compile(r"```python\ndef f\(x\):return x\*(\d+)\+(\d+)\n```\s*$")
 
