@@ -7,10 +7,13 @@ head "```python\\ndef f(x):return " and its closing fence "\\n```". A response i
 `[HEAD] x * 3 + 1 [CLOSE] <|im_end|>`: the model writes the function body, the sandbox runs the whole program.
 Same special tokens, ids and chat template as the math toy.
 
-Base: the demo's model shape (3 layers, hidden 128) warmed by supervised fine-tuning on train functions, 600 steps
-of batch 128 with a cosine lr 2e-3 -> 1e-4 (`CODE_BASE`; the math toy's determinism). At a constant 2e-3 the model
-copies b at once but stays at chance on a (~5.5 %, 400 steps measured): the subtraction is learnt only once the lr
-decays. Kept in the demo's shared cache (`warmup.ensure_base_model`), keyed by the config and the task's ranges.
+Base: the demo's model shape (3 layers, hidden 128) warmed by supervised fine-tuning on train functions, batch 128,
+with the schedule of a 1200-step cosine lr 1e-3 -> 5e-5, STOPPED at the first point (every 25 steps from step 600)
+where 128 validation functions x 8 samples reach 25 % at T=1 (`CODE_BASE`; the math toy's determinism; it stopped at
+step 725 with 39 % T=1 / 50 % greedy here). The learning of a is a sudden jump (11 % at step 600, 69 % at 800, 99 %
+at 1000 on this schedule): a fixed step count lands either below the range RL can use or above it. At a constant
+2e-3 the model copies b at once but stays at chance on a (~5.5 %, 400 steps measured). Kept in the demo's shared
+cache (`warmup.ensure_base_model`), keyed by the config and the task's ranges.
 Its accuracy here is measured WITHOUT running programs: a response counts when it is exactly
 "def f(x):return x*A+B" with the right A and B (for this grammar what the hidden tests decide; an equivalent
 program written another way would count 0 here and 1 in the sandbox, so this is a lower bound). The pipeline
