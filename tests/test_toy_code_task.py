@@ -86,9 +86,8 @@ def test_collect_stage_scores_code_in_the_sandbox(tmp_path):
     run = tmp_path / "run"
     rc = main_collect(["--config", "toy_code", f"run_dir={run}", f"model.base={base}", "data.prompts_per_batch=8",
                        "rollout.n_samples=2", "data.eval_prompts=6", "eval.k=1", "teachers.ce.mini_batch_size=16",
-                       "teachers.ce3.mini_batch_size=16", "teachers.mse.mini_batch_size=16",
-                       "students.s1_ce3.mini_batch_size=16", "students.s2_mse.mini_batch_size=16",
-                       "students.s1_ce3.steps=1", "students.s2_mse.steps=1"])
+                       "teachers.ce3.mini_batch_size=16", "students.s1_ce3.mini_batch_size=16",
+                       "students.s1_ce3.steps=1"])
     assert rc in (0, None)
     batch = RolloutStore(run / "rollouts").load_tensors(0)
     assert batch["rewards"].numel() == 16 and set(batch["rewards"].tolist()) <= {0.0, 1.0}
@@ -113,3 +112,28 @@ def test_code_base_is_cached_per_config_and_task(tmp_path, monkeypatch):
     assert any("copied cached base" in m for m in msgs) and not any("saved" in m for m in msgs)
     assert "a2-19,b1000-4999" in CODE_TASK_NAME
     assert cache_key(cfg) != cache_key(dataclasses.replace(cfg, task="toy_code:a2-19,b0-99"))
+
+
+def test_code_base_stop_rule_stops_at_first_point_reaching_the_threshold(tmp_path, monkeypatch):
+    """`stop_t1`: the warm-up ends at the first stop point (every `eval_every` steps from `stop_from`) whose
+    validation T=1 reaches the threshold. The measurement is replaced (1.0 from step 4 on, 0 before), so where it
+    stops holds by construction; with the rule off the cache key is the one from before the rule existed."""
+    import dataclasses
+
+    from erpd_megatron.toy import code_base
+    from erpd_megatron.toy.warmup import WarmupConfig, config_dict
+
+    monkeypatch.setenv("ERPD_CACHE", str(tmp_path / "cache"))
+    seen = []
+
+    def fake_headroom(model, tokenizer, problems, **kw):
+        seen.append(1)
+        return {"t1": 1.0 if len(seen) >= 2 else 0.0, "greedy": 0.0, "mixed": 0.0}
+
+    monkeypatch.setattr(code_base, "headroom", fake_headroom)
+    cfg = dataclasses.replace(code_base.CODE_BASE, steps=10, batch_size=4, eval_prompts=2, eval_samples=1,
+                              eval_every=2, stop_from=2, stop_t1=0.5)
+    out = code_base.warmup_code_base(tmp_path / "b", cfg, log=lambda *_: None)
+    rec = json.loads((out / "warmup.json").read_text())
+    assert rec["steps_trained"] == 4 and [c["step"] for c in rec["curve"]] == [2, 4]
+    assert "stop_t1" not in config_dict(WarmupConfig()) and config_dict(cfg)["stop_t1"] == 0.5

@@ -76,14 +76,15 @@ def test_answers_score_one_under_the_reward():
 
 
 def test_toy_cache_key_unchanged_by_the_task_field():
-    """Adding WarmupConfig.task must not invalidate bases cached before it: the toy's key is computed as before."""
+    """Adding WarmupConfig.task (and the code base's stop rule, off by default) must not invalidate bases cached
+    before them: the toy's key is computed as before."""
     import hashlib
     import json
     from dataclasses import asdict
 
     from erpd_megatron.toy import warmup as W
 
-    old = {k: v for k, v in asdict(W.DEMO_BASE).items() if k != "task"}
+    old = {k: v for k, v in asdict(W.DEMO_BASE).items() if k not in ("task", "stop_t1", "stop_from")}
     blob = json.dumps({"version": W.CACHE_VERSION, **old}, sort_keys=True)
     assert W.cache_key(W.DEMO_BASE) == hashlib.sha256(blob.encode()).hexdigest()[:16]
     assert W.cache_key(W.LONG_BASE) != W.cache_key(W.DEMO_BASE) and W.config_dict(W.LONG_BASE)["task"] == "long"

@@ -7,10 +7,13 @@ head "```python\\ndef f(x):return " and its closing fence "\\n```". A response i
 `[HEAD] x * 3 + 1 [CLOSE] <|im_end|>`: the model writes the function body, the sandbox runs the whole program.
 Same special tokens, ids and chat template as the math toy.
 
-Base: the demo's model shape (3 layers, hidden 128) warmed by supervised fine-tuning on train functions, 600 steps
-of batch 128 with a cosine lr 2e-3 -> 1e-4 (`CODE_BASE`; the math toy's determinism). At a constant 2e-3 the model
-copies b at once but stays at chance on a (~5.5 %, 400 steps measured): the subtraction is learnt only once the lr
-decays. Kept in the demo's shared cache (`warmup.ensure_base_model`), keyed by the config and the task's ranges.
+Base: the demo's model shape (3 layers, hidden 128) warmed by supervised fine-tuning on train functions, batch 128,
+with the schedule of a 1200-step cosine lr 1e-3 -> 5e-5, STOPPED at the first point (every 25 steps from step 600)
+where 128 validation functions x 8 samples reach 25 % at T=1 (`CODE_BASE`; the math toy's determinism; it stopped at
+step 725 with 39 % T=1 / 50 % greedy here). The learning of a is a sudden jump (11 % at step 600, 69 % at 800, 99 %
+at 1000 on this schedule): a fixed step count lands either below the range RL can use or above it. At a constant
+2e-3 the model copies b at once but stays at chance on a (~5.5 %, 400 steps measured). Kept in the demo's shared
+cache (`warmup.ensure_base_model`), keyed by the config and the task's ranges.
 Its accuracy here is measured WITHOUT running programs: a response counts when it is exactly
 "def f(x):return x*A+B" with the right A and B (for this grammar what the hidden tests decide; an equivalent
 program written another way would count 0 here and 1 in the sandbox, so this is a lower bound). The pipeline
@@ -55,8 +58,12 @@ VOCAB_SIZE = 32  # padded to a multiple of 8 (TP-friendly), as the math toy's 24
 # `task` names the function space, so the cache key (warmup.config_dict) changes when the task's ranges do
 CODE_TASK_NAME = (f"toy_code:a{code_task.A_RANGE.start}-{code_task.A_RANGE.stop - 1},"
                   f"b{code_task.B_RANGE.start}-{code_task.B_RANGE.stop - 1}")
-CODE_BASE = WarmupConfig(steps=600, lr=2e-3, schedule="cosine", model={**DEMO_MODEL, "vocab_size": VOCAB_SIZE},
-                         eval_prompts=128, eval_samples=4, task=CODE_TASK_NAME)
+# The cosine schedule of 1200 steps, stopped at the first point (every 25 steps from step 600) where 128 validation
+# functions x 8 samples reach 25 % at T=1: run to the end, this schedule jumps from 11 % (step 600) to 69 % (800) and
+# 99 % (1000) T=1 on validation (docs/code_tasks.md), which leaves RL nothing to do
+CODE_BASE = WarmupConfig(steps=1200, lr=1e-3, schedule="cosine", model={**DEMO_MODEL, "vocab_size": VOCAB_SIZE},
+                         eval_prompts=128, eval_samples=4, task=CODE_TASK_NAME, eval_every=25, stop_t1=0.25,
+                         stop_from=600)
 _BODY_RE = re.compile(r"```python\ndef f\(x\):return x\*(\d+)\+(\d+)\n```\s*$")
 
 
@@ -153,13 +160,20 @@ def _train_code_base(out_dir: str | Path, cfg: WarmupConfig, log=print, curve_ev
             loss = sft_step(model, opt, ids, attn, mask, _lr_at(step, cfg))
             if step % 100 == 0 or step == cfg.steps - 1:
                 log(f"[toy.code_base] step {step} loss {loss.item():.4f} t {time.perf_counter() - t0:.1f}s")
-            if curve_every and (step + 1) % curve_every == 0:
+            stop_point = (cfg.stop_t1 > 0 and step + 1 >= cfg.stop_from and (step + 1) % cfg.eval_every == 0)
+            full = curve_every and (step + 1) % curve_every == 0
+            if stop_point or full:  # a stop point alone measures validation only (each probe costs ~20 s here)
                 curve.append({"step": step + 1, "loss": float(loss.item()),
-                              **{k: headroom(model, tokenizer, v) for k, v in probe.items()}})
+                              **{k: headroom(model, tokenizer, v) for k, v in probe.items()
+                                 if full or k == "validation"}})
                 log(f"[toy.code_base] curve {curve[-1]}")
+                if stop_point and curve[-1]["validation"]["t1"] >= cfg.stop_t1:
+                    log(f"[toy.code_base] stop rule: validation T=1 {curve[-1]['validation']['t1']:.3f} >= "
+                        f"{cfg.stop_t1} at step {step + 1}")
+                    break
         final = evaluate(model, tokenizer, heldout, samples=cfg.eval_samples, seed=cfg.seed)
     _save(model, tokenizer, out)
-    result = {"config": config_dict(cfg), "model_config": model_cfg, "final": final,
+    result = {"config": config_dict(cfg), "model_config": model_cfg, "final": final, "steps_trained": step + 1,
               "final_loss": float(loss.item()), "wall_s": round(time.perf_counter() - t0, 2), "curve": curve,
               "note": "validation functions; a response counts when it is exactly def f(x):return x*A+B with the "
                       "right A, B (no program is run here); the pipeline scores in the sandbox"}

@@ -116,14 +116,21 @@ class WarmupConfig:
     schedule: str = "cosine"  # "cosine" (decay to min_lr_ratio) or "constant" (after the linear warm-up)
     recipe_version: int = RECIPE_VERSION
     task: str = "toy"  # "toy" (a*b+c, toy/task.py) or "long" (chained arithmetic, toy/chain.py)
+    # > 0 (the code base only, toy/code_base.py): stop at the first curve point (every `eval_every` steps, from
+    # `stop_from` on) whose validation T=1 accuracy reaches it; the lr schedule stays the one of `steps`
+    stop_t1: float = 0.0
+    stop_from: int = 0
 
 
 def config_dict(cfg: WarmupConfig) -> dict:
-    """The cache key's content: every field, except `task` when it is "toy" (so bases cached before the long
-    task existed stay valid)."""
+    """The cache key's content: every field, except `task` when it is "toy" and the stop rule's fields when it is
+    off (so bases cached before those fields existed stay valid)."""
     d = json.loads(json.dumps(asdict(cfg)))
     if d.get("task") == "toy":
         d.pop("task")
+    if not d.get("stop_t1"):
+        d.pop("stop_t1", None)
+        d.pop("stop_from", None)
     return d
 
 
