@@ -35,7 +35,8 @@ def test_records_score_in_the_sandbox(tmp_path):
                 + "    return 0\n```" for p in probs]
     off_by_one = [f"```python\ndef f(x):return x*{p.a}+{p.b + 1}\n```" for p in probs]
     responses = [p.target for p in probs] + memorise + off_by_one
-    with RewardRouter(code_factory=lambda: CodeReward(num_workers=2, timeout_per_test_s=3)) as router:
+    # A generous per-test limit: nothing here loops, and a loaded 2-core machine once took > 3 s to start one.
+    with RewardRouter(code_factory=lambda: CodeReward(num_workers=2, timeout_per_test_s=30)) as router:
         got = router.score_batch(responses, [prompts[p.id] for p in probs * 3])
         assert set(router.last_kinds) == {"code"}
     assert got == [1.0] * 4 + [0.0] * 8
