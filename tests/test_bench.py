@@ -197,3 +197,39 @@ def test_erpd_vs_onpolicy_eval_points_kl_per_token(tmp_path):
     (d / "step_000008.json").write_text(json.dumps({"step": 8, "avg_at_k": 0.6, "kl": None, "mean_length": 20.0}))
     pts = _eval_points(tmp_path, "s1")
     assert pts[0]["kl"] == 2.0 and pts[0]["kl_token"] == pytest.approx(0.1) and pts[1]["kl_token"] is None
+
+
+def test_erpd_vs_onpolicy_merge_recomputes_the_aggregate(tmp_path):
+    """Seeds run as separate processes merge into one JSON whose aggregate is that of all their seeds; parts of
+    different presets / overrides, or a seed twice, are refused. Synthetic per-seed numbers: no pipeline run."""
+    from erpd_megatron.bench import erpd_vs_onpolicy as b
+    from erpd_megatron.bench.common import Recorder
+
+    def part(name, seeds, overrides=()):
+        per_seed = []
+        for s in seeds:
+            curves = {"s1": {"kind": "erpd", "points": [{"step": 2, "accuracy": 0.4 + 0.01 * s, "kl": 0.5,
+                                                         "rollouts": 16, "compute_s": 1.0}]},
+                      "onpolicy_grpo": {"kind": "onpolicy", "points": [{"step": 2, "accuracy": 0.4, "kl": 1.0,
+                                                                        "rollouts": 16, "compute_s": 1.0}]}}
+            methods = {n: {"kind": c["kind"], "final_accuracy": c["points"][-1]["accuracy"], "final_kl":
+                           c["points"][-1]["kl"], "final_kl_token": None, "best_accuracy": None, "gain_over_base": None,
+                           "gain_per_1k_rollouts": None, "gain_per_unit_kl": None, "compute_s_to_onpolicy_final": None,
+                           "compute_s_total": 1.0, "reaches_onpolicy_final": True, "rollouts_to_onpolicy_final": 16}
+                       for n, c in curves.items()}
+            per_seed.append({"seed": s, "base_accuracy": 0.3, "onpolicy_improved_over_base": True, "methods": methods,
+                             "curves": curves})
+        Recorder("erpd_vs_onpolicy_bench_long", {"preset": "p.yaml", "overrides": list(overrides), "seeds": seeds}
+                 ).write(b._results(per_seed, 0.0), tmp_path / name)
+        return tmp_path / name / "erpd_vs_onpolicy_bench_long.json"
+
+    res = b.merge([part("a", [2]), part("b", [3, 4])], tmp_path / "out", log=lambda m: None)
+    doc = _check_schema(tmp_path / "out" / "erpd_vs_onpolicy_bench_long.json", "erpd_vs_onpolicy_bench_long")
+    assert doc["config"]["seeds"] == [2, 3, 4] and [p["seeds"] for p in doc["config"]["merged_from"]] == [[2], [3, 4]]
+    assert res["methods"]["s1"]["final_accuracy"] == pytest.approx({"median": 0.43, "min": 0.42, "max": 0.44, "n": 3})
+    assert res["paired_erpd_minus_onpolicy"]["s1"]["kl_ratio_vs_onpolicy"]["median"] == 0.5
+    assert {(c["seed"], c["method"]) for c in res["curves"]} == {(s, m) for s in (2, 3, 4) for m in ("s1", "onpolicy_grpo")}
+    with pytest.raises(ValueError, match="differ"):
+        b.merge([part("a", [2]), part("c", [5], ["x=1"])], tmp_path / "out2")
+    with pytest.raises(ValueError, match="twice"):
+        b.merge([part("a", [2]), part("d", [2])], tmp_path / "out3")

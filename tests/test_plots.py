@@ -165,3 +165,14 @@ def test_compare_styles_distinct_bases_once_and_flat_plot_not_zoomed(tmp_path, c
     assert lo <= 0.0 and hi >= 0.1 and hi - lo < 0.2
     assert report.y_limits([0.4, 0.41]) is not None and report.y_limits([0.2, 0.5]) is None
     assert report.y_limits([1.0, 1.0])[1] >= 1.0 and report.y_limits([1.0, 1.0])[0] <= 0.9
+
+
+def test_bench_long_json_gets_its_own_plot(tmp_path, captured):
+    """`--preset bench_long` writes erpd_vs_onpolicy_bench_long.json: all_plots draws it beside the toy's, named by
+    its task, without overwriting the toy's PNG."""
+    _bench_json(tmp_path)
+    (tmp_path / "erpd_vs_onpolicy.json").rename(tmp_path / "erpd_vs_onpolicy_bench_long.json")
+    paths = plots.all_plots(tmp_path)
+    assert tmp_path / "erpd_vs_onpolicy_bench_long.png" in paths
+    assert not (tmp_path / "erpd_vs_onpolicy.png").exists()
+    assert "long-reasoning task" in captured[-1]._suptitle.get_text()

@@ -22,6 +22,7 @@ Noise: +-1 to 3 points at this eval size; a difference within the seed spread is
 
     python -m erpd_megatron.bench.erpd_vs_onpolicy [--seeds 1 2 3] [--out docs/benchmarks] [--preset bench_long]
         [overrides ...]
+    python -m erpd_megatron.bench.erpd_vs_onpolicy --merge A.json B.json ... --out DIR   (one JSON of their seeds)
 """
 
 from __future__ import annotations
@@ -389,6 +390,40 @@ def aggregate(per_seed: list[dict]) -> dict:
     return out
 
 
+def _results(per_seed: list[dict], warmup_s: float) -> dict:
+    """The JSON's `results`: the aggregate over seeds, each seed's numbers and every curve (seed, method)."""
+    return {"seeds": [s["seed"] for s in per_seed], "base_warmup_s": warmup_s, **aggregate(per_seed),
+            "per_seed": [{k: v for k, v in s.items() if k != "curves"} for s in per_seed],
+            "curves": [{"seed": s["seed"], "method": n, "kind": c["kind"], "points": c["points"]}
+                       for s in per_seed for n, c in s["curves"].items()]}
+
+
+def merge(paths, out_dir=None, log=print) -> dict:
+    """One JSON from several runs of the same preset and overrides on different seeds (e.g. one process per seed, so
+    a run stopped by a deadline keeps the seeds that finished): the aggregate is recomputed over all their seeds; the
+    config records each part's command, start, wall time and machine load."""
+    import json
+
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    key = [(d["benchmark"], d["config"]["preset"], d["config"]["overrides"]) for d in docs]
+    if len(set(map(repr, key))) != 1:
+        raise ValueError(f"merge: the parts differ in benchmark / preset / overrides: {key}")
+    per_seed = [{**ps, "curves": {c["method"]: {"kind": c["kind"], "points": c["points"]}
+                                  for c in d["results"]["curves"] if c["seed"] == ps["seed"]}}
+                for d in docs for ps in d["results"]["per_seed"]]
+    seeds = [s["seed"] for s in per_seed]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"merge: a seed appears twice: {seeds}")
+    parts = [{"path": str(p), "command": d["command"], "started": d["started"], "wall_s": d["wall_s"],
+              "seeds": d["results"]["seeds"], "loadavg_start": d["machine"].get("loadavg_start"),
+              "loadavg_end": d["machine"].get("loadavg_end")} for p, d in zip(paths, docs)]
+    rec = Recorder(docs[0]["benchmark"], {**docs[0]["config"], "seeds": seeds, "merged_from": parts})
+    results = _results(per_seed, docs[0]["results"].get("base_warmup_s", 0.0))
+    path = rec.write(results, out_dir)
+    log(f"[{NAME}] merged seeds {seeds} -> {path}")
+    return results
+
+
 def run(out_dir=None, *, seeds=(1, 2, 3), overrides: list[str] = (), work_dir: str | Path | None = None,
         log=print, preset: str | Path | None = None, teacher_only: bool = True, rft_lrs=()) -> dict:
     import torch
@@ -419,10 +454,7 @@ def run(out_dir=None, *, seeds=(1, 2, 3), overrides: list[str] = (), work_dir: s
     warmup_s = time.perf_counter() - t
     per_seed = [run_seed(s, work, base_dir, list(overrides), log=log, preset=preset, teacher_only=teacher_only)
                 for s in seeds]
-    results = {"seeds": list(seeds), "base_warmup_s": warmup_s, **aggregate(per_seed),
-               "per_seed": [{k: v for k, v in s.items() if k != "curves"} for s in per_seed],
-               "curves": [{"seed": s["seed"], "method": n, "kind": c["kind"], "points": c["points"]}
-                          for s in per_seed for n, c in s["curves"].items()]}
+    results = _results(per_seed, warmup_s)
     path = rec.write(results, out_dir)
     for n, m in results["methods"].items():
         fa = m["final_accuracy"]
@@ -444,8 +476,14 @@ def main(argv=None):
                     help="skip the control that promotes the teacher itself (no distillation; Table 2 (a) / (b))")
     ap.add_argument("--rft-lrs", type=float, nargs="*", default=(),
                     help="add one RFT control per lr (choose the RFT lr on the validation split: data.eval=toy_val)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                    help="write one JSON (to --out) from these JSONs of the same preset on different seeds; runs "
+                         "nothing")
     ap.add_argument("overrides", nargs="*", help="section.field=value on top of the preset")
     a = ap.parse_args(argv)
+    if a.merge:
+        merge(a.merge, a.out)
+        return
     run(a.out, seeds=a.seeds, overrides=a.overrides, work_dir=a.work, preset=a.preset,
         teacher_only=not a.no_teacher_only, rft_lrs=a.rft_lrs)
 

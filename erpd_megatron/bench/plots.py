@@ -115,11 +115,15 @@ def _median_spread(curves: list[list[dict]], x: str) -> dict[str, list]:
     return out
 
 
-def erpd_vs_onpolicy(out: Path) -> Path | None:
+# benchmark JSON name -> the task named in the plot's title (`--preset bench_long` writes its own JSON)
+ERPD_VS_ONPOLICY = {"erpd_vs_onpolicy": "toy task", "erpd_vs_onpolicy_bench_long": "long-reasoning task"}
+
+
+def erpd_vs_onpolicy(out: Path, name: str = "erpd_vs_onpolicy") -> Path | None:
     """Accuracy vs rollouts consumed, vs compute seconds (wall-clock without evaluation; the paper's Table 4 view)
     and vs reverse KL: per method the median over seeds (bold, with the min-max band over seeds), each seed a thin
-    line of its own style (labelled), the base marked."""
-    d = _load(out, "erpd_vs_onpolicy")
+    line of its own style (labelled), the base marked. Writes `<name>.png` from `<name>.json`."""
+    d = _load(out, name)
     if not d or not d["results"].get("curves"):
         return None
     from matplotlib.lines import Line2D
@@ -172,9 +176,9 @@ def erpd_vs_onpolicy(out: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[2].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
                    frameon=False)
-    fig.suptitle(f"ERPD vs on-policy, toy task: median of {len(seeds)} seeds (bold), each seed (thin)", fontsize=11)
+    fig.suptitle(f"ERPD vs on-policy, {ERPD_VS_ONPOLICY.get(name, name)}: median of {len(seeds)} seeds (bold), each seed (thin)", fontsize=11)
     fig.tight_layout()
-    path = out / "erpd_vs_onpolicy.png"
+    path = out / f"{name}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -182,4 +186,5 @@ def erpd_vs_onpolicy(out: Path) -> Path | None:
 
 def all_plots(out: str | Path) -> list[Path]:
     out = Path(out)
-    return [p for p in (throughput(out), weight_sync(out), erpd_vs_onpolicy(out)) if p is not None]
+    return [p for p in (throughput(out), weight_sync(out), *(erpd_vs_onpolicy(out, n) for n in ERPD_VS_ONPOLICY))
+            if p is not None]
