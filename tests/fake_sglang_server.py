@@ -116,6 +116,16 @@ class State:
         return self._model
 
 
+def _claim(marker: str) -> bool:
+    """True for exactly one process: several servers share one marker and may reach their K-th /generate at the
+    same instant (an exists-then-create check let both die, and the engine counted two restarts)."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
 def make_handler(state: State):
     args = state.args
 
@@ -209,8 +219,7 @@ def make_handler(state: State):
                 state.n_generate += 1
                 count = state.n_generate
                 state.events.append({"event": "generate", "rid": body["rid"]})
-            if args.die_after and count == args.die_after and not os.path.exists(args.die_marker):
-                open(args.die_marker, "w").close()
+            if args.die_after and count == args.die_after and _claim(args.die_marker):
                 time.sleep(args.gen_delay / 2)  # let the other in-flight requests arrive first
                 os._exit(17)
             time.sleep(args.gen_delay)
