@@ -125,7 +125,7 @@ def test_user_errors_are_one_line_exit_2(tmp_path, bench):
         (["eval", "--benchmark", bench, "--model", tmp_path], "no config.json"),
         (["run", f"run_dir={tmp_path / 'r'}", "teachers.ce.lr=-1e-4"], "teachers.ce.lr=-0.0001 is out of range"),
         (["run", f"run_dir={tmp_path / 'r'}", "eval.k=0"], "eval.k=0 is out of range: allowed [1, 65536]"),
-        (["teacher", "--config", "nope"], "--config nope: no such file and no such preset (presets: bench, bench_long, demo, long, micro"),
+        (["teacher", "--config", "nope"], "--config nope: no such file and no such preset (presets: bench, bench_long, demo, long, long_claims, micro"),
         (["run", f"run_dir={tmp_path / 'r'}", "model.base=/nonexistent", "data.eval=toy"],
          "model.base: /nonexistent is not a Hugging"),
         (["run", f"run_dir={tmp_path / 'r'}", f"model.base={model}"], "data.eval is not set: give a benchmark file"),

@@ -107,7 +107,7 @@ def test_long_warmup_runs_on_the_long_task(tmp_path):
         W.warmup(tmp_path / "c", W.WarmupConfig(steps=0, task="nope"))
 
 
-@pytest.mark.parametrize("preset", ["long", "bench_long"])
+@pytest.mark.parametrize("preset", ["long", "bench_long", "long_claims"])
 def test_long_presets_load_and_validate(preset):
     from erpd_megatron.config import load_config
     from erpd_megatron.pipeline.context import TOY_BASES, TOY_DATA
