@@ -86,9 +86,7 @@ def test_collect_stage_scores_code_in_the_sandbox(tmp_path):
                             log=lambda *a: None)
     run = tmp_path / "run"
     rc = main_collect(["--config", "toy_code", f"run_dir={run}", f"model.base={base}", "data.prompts_per_batch=8",
-                       "rollout.n_samples=2", "data.eval_prompts=6", "eval.k=1", "teachers.ce.mini_batch_size=16",
-                       "teachers.ce3.mini_batch_size=16", "students.s1_ce3.mini_batch_size=16",
-                       "students.s1_ce3.steps=1"])
+                       "rollout.n_samples=2", "data.eval_prompts=6", "eval.k=1", "teachers.ce.mini_batch_size=16"])
     assert rc in (0, None)
     batch = RolloutStore(run / "rollouts").load_tensors(0)
     assert batch["rewards"].numel() == 16 and set(batch["rewards"].tolist()) <= {0.0, 1.0}
