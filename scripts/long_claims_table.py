@@ -53,7 +53,7 @@ def dip(run: Path) -> int:
 
 
 def ref(run: Path, name: str) -> str:
-    return name.replace("@U", f"@{dip(run)}")
+    return name.replace("@U", f"@{dip(run)}") if name.endswith("@U") else name
 
 
 def main(argv=None):
