@@ -408,9 +408,9 @@ def test_strategy2_logprob_curves_per_checkpoint(tmp_path):
 def test_strategy2_report_names_both_ends_and_the_choice(tmp_path):
     """The report's strategy-2 section: each student's pi_T / pi_U (run@step, lr, negative weight), the student with
     the best last-step accuracy marked, and the split named (a selection only on a *_val split)."""
-    from erpd_megatron.config import load_config
     import json
 
+    from erpd_megatron.config import load_config
     from erpd_megatron.pipeline.report import strategy2_lines, strategy2_summary
     from erpd_megatron.pipeline.rundir import RunDir
 
